@@ -1,0 +1,50 @@
+"""absl flags shared by the entry points. Defaults are the paper's recipe for CUB-200-2011.
+
+Every flag also works in a --flagfile (one `--name=value` per line); configs/ holds one per
+dataset.
+"""
+
+from absl import flags
+
+from pnpp_tf import backbones
+from pnpp_tf.data import DATASETS
+from pnpp_tf.losses import VARIANTS
+from pnpp_tf.model import POOLINGS
+
+
+def define_data_flags():
+    """Flags naming the data and where results go."""
+    flags.DEFINE_enum("dataset", "glyphs", DATASETS, "Dataset reader.")
+    flags.DEFINE_string("data_dir", None, "Dataset directory (glyphs: rendered here on first use).")
+    flags.DEFINE_string("model_dir", None, "Where checkpoints, logs and results.json are written.")
+    flags.DEFINE_integer("image_size", 256, "Side of the square input images, in pixels.")
+    flags.DEFINE_list("eval_ks", ["1", "2", "4", "8"], "The K of Recall@K.")
+    flags.DEFINE_integer("eval_batch_size", 64, "Images per inference batch.")
+
+
+def define_model_flags():
+    """Flags shaping the embedder and the loss."""
+    flags.DEFINE_enum("backbone", "resnet50", backbones.available_backbones(), "Backbone trunk.")
+    flags.DEFINE_string("weights", "imagenet", "Backbone weights: imagenet, none, or a weights file path.")
+    flags.DEFINE_integer("embedding_dim", 2048, "Embedding size.")
+    flags.DEFINE_enum("pooling", "max", POOLINGS, "Global pooling of the last feature map.")
+    flags.DEFINE_boolean("layer_norm", True, "LayerNorm (no affine parameters) on the pooled features.")
+    flags.DEFINE_enum("loss", "proxynca_pp", VARIANTS, "proxynca_pp, or the original proxynca.")
+    flags.DEFINE_float("temperature", 1.0 / 9.0, "Softmax temperature of the loss.")
+
+
+def define_training_flags():
+    """Flags of the optimisation and the compute."""
+    flags.DEFINE_integer("batch_size", 32, "Images per batch.")
+    flags.DEFINE_integer("classes_per_batch", 8, "Distinct classes per batch (class-balanced sampling).")
+    flags.DEFINE_integer("epochs", 40, "Training epochs after the warm-up.")
+    flags.DEFINE_integer("warmup_epochs", 5, "Epochs training only the embedding layer and proxies.")
+    flags.DEFINE_float("lr", 4e-3, "Learning rate of the backbone and embedding layer.")
+    flags.DEFINE_float("proxy_lr", 4e2, "Learning rate of the proxies.")
+    flags.DEFINE_float("clip_value", 10.0, "Clip backbone and embedding gradients by value (0: off).")
+    flags.DEFINE_boolean("flip", True, "Random horizontal flips in training.")
+    flags.DEFINE_integer("eval_every", 1, "Measure Recall@K on the test split every N epochs (0: only at the end).")
+    flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for the train step; auto: on GPU only.")
+    flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_bfloat16"], "Keras dtype policy of the embedder.")
+    flags.DEFINE_integer("seed", 0, "Seed of weights, sampling and augmentation.")
+    flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")

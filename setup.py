@@ -1,0 +1,31 @@
+"""Packaging for pnpp_tf: ProxyNCA++ deep metric learning in TensorFlow/Keras 3."""
+
+import pathlib
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+
+setup(
+    name="pnpp_tf",
+    version="0.1.0",
+    description="ProxyNCA++ deep metric learning for zero-shot image retrieval, in TensorFlow/Keras 3",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pnpp_tf", "pnpp_tf.*"]),
+    install_requires=[
+        # Keras 3 ships with TF >= 2.16; 2.20-2.21 is what this package is tested on.
+        "tensorflow>=2.20,<2.22",
+        "numpy>=1.26",
+        "absl-py>=2.0",
+        "tensorboard>=2.20",  # TensorFlow 2.21 no longer installs it; the training logs need it
+        "scikit-learn>=1.3",
+        "matplotlib>=3.7",
+        "Pillow>=10.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0"],
+    },
+)

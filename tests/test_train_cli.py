@@ -1,0 +1,95 @@
+"""`python -m pnpp_tf.train` end to end on tiny folder datasets, and its one-line errors."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_folder_dataset
+
+TINY_RUN = [
+    "--dataset=folder", "--backbone=small_cnn", "--weights=none", "--image_size=32",
+    "--embedding_dim=16", "--batch_size=8", "--classes_per_batch=2", "--epochs=2",
+    "--warmup_epochs=1", "--eval_ks=1,2", "--verbose=0", "--lr=1e-3", "--proxy_lr=10",
+]
+
+
+def run_train(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(
+        [sys.executable, "-m", "pnpp_tf.train", *args],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+
+
+def test_trains_end_to_end_and_writes_results(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data")
+    model_dir = tmp_path / "run"
+    result = run_train(*TINY_RUN, f"--data_dir={data_dir}", f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    results = json.loads((model_dir / "results.json").read_text())
+    for section in ("metrics", "before_training"):
+        assert set(results[section]) >= {"recall@1", "recall@2", "map@r", "r_precision", "nmi"}
+        assert 0.0 <= results[section]["recall@1"] <= 1.0
+    assert results["flags"]["batch_size"] == 8 and results["dataset"] == "folder"
+    assert len(results["history"]["loss"]) == 3  # 1 warm-up + 2 training epochs
+    assert len(results["history"]["test_recall@1"]) == 3
+    assert results["history"]["proxy_lr"] == [10.0] * 3
+    assert results["timings"]["train_seconds"] > 0
+    assert (model_dir / "embedder.keras").is_file()
+    assert (model_dir / "checkpoints" / "last.weights.h5").is_file()
+    assert any((model_dir / "logs").rglob("*.v2"))
+
+
+def test_query_gallery_layout(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data", eval_dirs=("query", "gallery"))
+    model_dir = tmp_path / "run"
+    result = run_train(*TINY_RUN, "--epochs=1", "--warmup_epochs=0", "--eval_every=0",
+                       f"--data_dir={data_dir}", f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((model_dir / "results.json").read_text())["metrics"]
+    assert metrics["num_queries"] == 3 * 4
+
+
+def break_empty_class(data_dir):
+    os.makedirs(os.path.join(data_dir, "train", "empty_class"))
+    return "empty_class has no images"
+
+
+def break_unreadable_image(data_dir):
+    with open(os.path.join(data_dir, "test", "test_class_01", "broken.jpg"), "wb") as file:
+        file.write(b"this is not a jpeg")
+    return r"unreadable image\(s\): .*broken.jpg \(UnidentifiedImageError\)"
+
+
+def break_overlap(data_dir):
+    shutil.copytree(os.path.join(data_dir, "train", "train_class_00"),
+                    os.path.join(data_dir, "test", "train_class_00"))
+    return "train_class_00.*disjoint"
+
+
+def break_data_dir(data_dir):
+    shutil.rmtree(data_dir)
+    return "--data_dir=.* does not exist"
+
+
+@pytest.mark.parametrize("breaker, extra", [
+    (break_data_dir, []),
+    (break_empty_class, []),
+    (break_unreadable_image, []),
+    (break_overlap, []),
+    (lambda d: "--batch_size=10 is not divisible by --classes_per_batch=4", ["--batch_size=10", "--classes_per_batch=4"]),
+])
+def test_bad_input_gives_a_one_line_error(tmp_path, breaker, extra):
+    data_dir = make_folder_dataset(tmp_path / "data")
+    pattern = breaker(data_dir)
+    result = run_train(*TINY_RUN, *extra, f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pnpp_tf.train: error:")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
