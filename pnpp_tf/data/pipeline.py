@@ -1,0 +1,177 @@
+"""tf.data input: decoding, augmentation, class-balanced batches and evaluation batches.
+
+Everything XLA cannot compile (file reads, decoding, crop sampling) happens here, outside the
+compiled train step. Images leave the pipeline as float32 RGB in [0, 255]; the embedder
+normalises them for its backbone.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+# RECIPE: RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)); test: resize to 288, crop 256.
+CROP_AREA_RANGE = (0.08, 1.0)
+CROP_ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+EVAL_RESIZE_RATIO = 288.0 / 256.0
+
+# Fixed parallelism instead of tf.data's autotuner: with TF 2.21, destroying an autotuned iterator
+# that Keras' fit() or predict() has run blocks for seconds (~2 s per epoch here, measured), more
+# than the autotuner saves on these decode-and-crop pipelines.
+_PARALLEL_CALLS = os.cpu_count() or 1
+_PREFETCH_BATCHES = 2
+
+
+class ClassBalancedSampler:
+    """Draws batches of `classes_per_batch` distinct classes, `batch_size / classes_per_batch`
+    images each.
+
+    Classes are drawn uniformly without replacement within a batch. Each class's images come from
+    its own shuffled list, reshuffled when exhausted, so a class with fewer images than a batch
+    needs repeats them. An epoch has `len(labels) // batch_size` batches (at least one). Batches
+    depend only on (seed, epoch), so any epoch can be regenerated, e.g. when resuming.
+
+    Args:
+        labels: integer label of every training image.
+        batch_size: images per batch.
+        classes_per_batch: distinct classes per batch.
+        seed: integer seed.
+    """
+
+    def __init__(self, labels, batch_size, classes_per_batch, seed=0):
+        labels = np.asarray(labels)
+        if batch_size < 1 or classes_per_batch < 1:
+            raise ValueError(
+                f"--batch_size={batch_size} and --classes_per_batch={classes_per_batch} must be positive."
+            )
+        if batch_size % classes_per_batch:
+            raise ValueError(
+                f"--batch_size={batch_size} is not divisible by --classes_per_batch={classes_per_batch}; "
+                "every class in a batch gets the same number of images."
+            )
+        classes = np.unique(labels)
+        if classes_per_batch > len(classes):
+            raise ValueError(
+                f"--classes_per_batch={classes_per_batch} exceeds the {len(classes)} training classes."
+            )
+        self.batch_size = batch_size
+        self.classes_per_batch = classes_per_batch
+        self.images_per_class = batch_size // classes_per_batch
+        self.num_batches = max(1, len(labels) // batch_size)
+        self.seed = seed
+        self._members = [np.flatnonzero(labels == c) for c in classes]
+
+    def epoch_batches(self, epoch):
+        """Image indices of one epoch's batches, shape [num_batches, batch_size]."""
+        rng = np.random.default_rng([self.seed, epoch])
+        queues = [rng.permutation(members) for members in self._members]
+        cursors = np.zeros(len(queues), dtype=np.int64)
+        batches = np.empty((self.num_batches, self.batch_size), dtype=np.int64)
+        for b in range(self.num_batches):
+            chosen = rng.choice(len(queues), self.classes_per_batch, replace=False)
+            row = [self._take(queues, cursors, c, rng) for c in chosen]
+            batches[b] = np.concatenate(row)
+        return batches
+
+    def _take(self, queues, cursors, c, rng):
+        taken = []
+        while len(taken) < self.images_per_class:
+            if cursors[c] == len(queues[c]):
+                queues[c] = rng.permutation(queues[c])
+                cursors[c] = 0
+            n = min(self.images_per_class - len(taken), len(queues[c]) - cursors[c])
+            taken.extend(queues[c][cursors[c]:cursors[c] + n])
+            cursors[c] += n
+        return np.asarray(taken, dtype=np.int64)
+
+
+def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, seed=0, flip=True):
+    """Class-balanced, augmented training batches for `epochs` epochs.
+
+    Args:
+        paths: image paths.
+        labels: integer labels, aligned with paths.
+        sampler: a `ClassBalancedSampler` over `labels`.
+        image_size: output side in pixels.
+        epochs: number of epochs the dataset covers; use `steps_per_epoch=sampler.num_batches`.
+        first_epoch: epoch number of the first batch (continues the sampler across fit calls).
+        seed: seed of the augmentation (crop and flip are stateless: a function of seed and position).
+        flip: random horizontal flips (off for data where mirroring changes the class, e.g. glyphs).
+
+    Returns:
+        A `tf.data.Dataset` of (images [B, S, S, 3] float32 in [0, 255], labels [B] int32).
+    """
+    order = np.concatenate([sampler.epoch_batches(e) for e in range(first_epoch, first_epoch + epochs)])
+    first_position = first_epoch * sampler.num_batches * sampler.batch_size
+    positions = np.arange(order.size, dtype=np.int64) + first_position
+    path_table = tf.constant(list(paths))
+    label_table = tf.constant(np.asarray(labels, dtype=np.int32))
+
+    def load(position, index):
+        crop_seed, flip_seed = tf.unstack(
+            tf.random.experimental.stateless_split(tf.stack([tf.cast(seed, tf.int64), position]), 2)
+        )
+        image = random_resized_crop(decode_image(tf.gather(path_table, index)), image_size, crop_seed)
+        if flip:
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return image, tf.gather(label_table, index)
+
+    dataset = tf.data.Dataset.from_tensor_slices((positions, order.reshape(-1)))
+    dataset = dataset.map(load, num_parallel_calls=_PARALLEL_CALLS, deterministic=True)
+    dataset = dataset.batch(sampler.batch_size, drop_remainder=True).prefetch(_PREFETCH_BATCHES)
+    return dataset.with_options(_options())
+
+
+def eval_dataset(paths, image_size, batch_size=64):
+    """Batches of evaluation images (resize shorter side, center crop), in the order of `paths`.
+
+    Returns:
+        A `tf.data.Dataset` of float32 images [B, S, S, 3] in [0, 255].
+    """
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths)))
+    dataset = dataset.map(
+        lambda path: resize_and_center_crop(decode_image(path), image_size),
+        num_parallel_calls=_PARALLEL_CALLS,
+        deterministic=True,
+    )
+    return dataset.batch(batch_size).prefetch(_PREFETCH_BATCHES).with_options(_options())
+
+
+def decode_image(path):
+    """Reads and decodes an image file to float32 RGB [H, W, 3] (greyscale and alpha become RGB)."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return tf.cast(image, tf.float32)
+
+
+def random_resized_crop(image, size, seed):
+    """A random crop of 8-100% of the area, aspect ratio 3/4-4/3, resized to size x size."""
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.zeros([1, 0, 4]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=CROP_ASPECT_RATIO_RANGE,
+        area_range=CROP_AREA_RANGE,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    crop = tf.slice(image, begin, crop_size)
+    return tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
+
+
+def resize_and_center_crop(image, size):
+    """Resizes the shorter side to size·288/256, then crops the central size x size square."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = round(size * EVAL_RESIZE_RATIO) / tf.reduce_min(shape)
+    resized_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+    image = tf.image.resize(image, resized_shape, method="bilinear", antialias=True)
+    top = (resized_shape[0] - size) // 2
+    left = (resized_shape[1] - size) // 2
+    return tf.image.crop_to_bounding_box(image, top, left, size, size)
+
+
+def _options():
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
