@@ -22,10 +22,13 @@ setup(
         "absl-py>=2.0",
         "tensorboard>=2.20",  # TensorFlow 2.21 no longer installs it; the training logs need it
         "scikit-learn>=1.3",
+        "scipy>=1.10",  # reads Cars196's cars_annos.mat
         "matplotlib>=3.7",
         "Pillow>=10.0",
     ],
     extras_require={
         "test": ["pytest>=8.0"],
+        "tflite": ["ai-edge-litert>=2.0,<3"],
+        "serving": ["tensorflow-serving-api>=2.20,<2.22"],
     },
 )

@@ -18,7 +18,8 @@ def define_data_flags():
     flags.DEFINE_string("data_dir", None, "Dataset directory (glyphs: rendered here on first use).")
     flags.DEFINE_string("model_dir", None, "Where checkpoints, logs and results.json are written.")
     flags.DEFINE_integer("image_size", 256, "Side of the square input images, in pixels.")
-    flags.DEFINE_list("eval_ks", ["1", "2", "4", "8"], "The K of Recall@K.")
+    flags.DEFINE_list("eval_ks", [], "The K of Recall@K; empty: the dataset's protocol "
+                      "(1,2,4,8 for CUB/Cars/folder/glyphs, 1,10,100,1000 for SOP, 1,10,...,50 for In-Shop).")
     flags.DEFINE_integer("eval_batch_size", 64, "Images per inference batch.")
 
 
@@ -35,6 +36,15 @@ def define_model_flags():
 
 def define_training_flags():
     """Flags of the optimisation and the compute."""
+    flags.DEFINE_enum("mode", "trainval", ["trainval", "train"],
+                      "trainval: all training classes, test on the test classes. train (stage 1): first "
+                      "half of the training classes, validate on the second half, reduce the LR on plateau "
+                      "and record the schedule in <model_dir>/schedule.json.")
+    flags.DEFINE_list("lr_drop_epochs", [], "trainval: main epochs after which both LRs drop by --lr_decay.")
+    flags.DEFINE_string("lr_schedule_from", None, "trainval: a stage-1 model_dir whose schedule.json "
+                        "gives --lr_drop_epochs and --epochs (its best epoch).")
+    flags.DEFINE_float("lr_decay", 0.1, "LR multiplier at each drop (both stages).")
+    flags.DEFINE_integer("plateau_patience", 4, "train: epochs without validation improvement before a drop.")
     flags.DEFINE_integer("batch_size", 32, "Images per batch.")
     flags.DEFINE_integer("classes_per_batch", 8, "Distinct classes per batch (class-balanced sampling).")
     flags.DEFINE_integer("epochs", 40, "Training epochs after the warm-up.")

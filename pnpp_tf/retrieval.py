@@ -24,6 +24,13 @@ class RetrievalEvaluator:
         self.query = query
         self.gallery = gallery
         self.ks = tuple(int(k) for k in ks)
+        candidates = len(gallery) if gallery else len(query) - 1
+        if max(self.ks) > candidates:
+            raise ValueError(
+                f"Recall@{max(self.ks)} needs more than K candidates per query, but only {candidates} "
+                f"{'gallery images' if gallery else 'other evaluation images'} exist; "
+                "lower --eval_ks."
+            )
         self._query_images = pipeline.eval_dataset(query.paths, image_size, batch_size)
         self._gallery_images = (
             pipeline.eval_dataset(gallery.paths, image_size, batch_size) if gallery else None

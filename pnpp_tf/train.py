@@ -3,8 +3,9 @@
     python -m pnpp_tf.train --flagfile=configs/demo.flags
 
 Writes to --model_dir: checkpoints/ (weights after every epoch), logs/ (TensorBoard),
-embedder.keras (the trained embedder) and results.json (test metrics before and after training,
-the flags used and timings).
+embedder.keras (the trained embedder), results.json (test metrics before and after training,
+the flags used and timings) and, with --mode=train, schedule.json (the LR drops and best epoch
+that --mode=trainval --lr_schedule_from=<that model_dir> replays).
 """
 
 import json
@@ -16,13 +17,15 @@ import keras
 from absl import app, flags, logging
 
 from pnpp_tf import callbacks, flags as pnpp_flags
-from pnpp_tf.data import load_splits, pipeline
+from pnpp_tf.data import load_splits, pipeline, protocol
 from pnpp_tf.data.datasets import verify_images
+from pnpp_tf.data.split import class_halves
 from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile
 from pnpp_tf.optimizers import TorchAdam
 from pnpp_tf.retrieval import RetrievalEvaluator
 
 FLAGS = flags.FLAGS
+SCHEDULE_FILE = "schedule.json"
 pnpp_flags.define_data_flags()
 pnpp_flags.define_model_flags()
 pnpp_flags.define_training_flags()
@@ -39,20 +42,12 @@ def train(config):
     """
     if not config.model_dir:
         raise ValueError("--model_dir is required: checkpoints and results.json are written there.")
-    ks = _parse_ks(config.eval_ks)
-    splits = load_splits(config.dataset, config.data_dir)
-    train_split = splits["train"]
-    for split in splits.values():
-        verify_images(split.paths)
+    epochs, lr_drop_epochs = _schedule(config)
+    train_split, evaluator, evaluated_on = _data(config)
     sampler = pipeline.ClassBalancedSampler(
         train_split.labels, config.batch_size, config.classes_per_batch, seed=config.seed
     )
-    evaluator = RetrievalEvaluator(
-        splits.get("test", splits.get("query")), config.image_size, ks,
-        gallery=splits.get("gallery"), batch_size=config.eval_batch_size,
-    )
-    logging.info("Data: %s", ", ".join(
-        f"{name} {len(s)} images of {s.num_classes} classes" for name, s in splits.items()))
+    with_nmi = protocol(config.dataset).nmi
 
     os.makedirs(config.model_dir, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
@@ -67,18 +62,18 @@ def train(config):
     logging.info("XLA for the train step: %s (--jit_compile=%s)", jit_compile, config.jit_compile)
 
     start = time.perf_counter()
-    before = evaluator.measure(model, with_nmi=True)
-    logging.info("Before training: %s", _summary(before, ks))
+    before = evaluator.measure(model, with_nmi=with_nmi)
+    logging.info("Before training: %s", _summary(before))
     eval_seconds = time.perf_counter() - start
 
     history = {}
     start = time.perf_counter()
-    phases = [("warm-up", config.warmup_epochs, True), ("training", config.epochs, False)]
+    phases = [("warm-up", config.warmup_epochs, True), ("training", epochs, False)]
     first_epoch = 0
-    for phase, epochs, freeze_backbone in phases:
-        if epochs <= 0:
+    for phase, phase_epochs, freeze_backbone in phases:
+        if phase_epochs <= 0:
             continue
-        logging.info("%s: %d epochs of %d batches", phase, epochs, sampler.num_batches)
+        logging.info("%s: %d epochs of %d batches", phase, phase_epochs, sampler.num_batches)
         # A new optimiser per phase: the main training starts with fresh Adam state.
         model.compile(
             optimizer=TorchAdam(config.lr, clipvalue=config.clip_value or None),
@@ -87,34 +82,39 @@ def train(config):
             jit_compile=jit_compile,
         )
         data = pipeline.train_dataset(
-            train_split.paths, train_split.labels, sampler, config.image_size, epochs,
+            train_split.paths, train_split.labels, sampler, config.image_size, phase_epochs,
             first_epoch=first_epoch, seed=config.seed, flip=config.flip,
         )
+        phase_callbacks = _callbacks(config, evaluator, evaluated_on)
+        if not freeze_backbone:
+            phase_callbacks[2:2] = _schedule_callbacks(config, lr_drop_epochs, first_epoch)
         fit = model.fit(
             data,
-            epochs=first_epoch + epochs,
+            epochs=first_epoch + phase_epochs,
             initial_epoch=first_epoch,
             steps_per_epoch=sampler.num_batches,
             shuffle=False,  # the sampler already decides the order
-            callbacks=_callbacks(config, evaluator),
+            callbacks=phase_callbacks,
             verbose=config.verbose,
         )
         for name, values in fit.history.items():
             history.setdefault(name, []).extend(float(v) for v in values)
-        first_epoch += epochs
+        first_epoch += phase_epochs
     train_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    after = evaluator.measure(model, with_nmi=True)
+    after = evaluator.measure(model, with_nmi=with_nmi)
     eval_seconds += time.perf_counter() - start
-    logging.info("After training: %s", _summary(after, ks))
+    logging.info("After training: %s", _summary(after))
 
     embedder.save(os.path.join(config.model_dir, "embedder.keras"))
     results = {
         "dataset": config.dataset,
+        "evaluated_on": evaluated_on,
         "metrics": after,
         "before_training": before,
         "history": history,
+        "lr_drop_epochs": lr_drop_epochs,
         "timings": {
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
@@ -123,13 +123,59 @@ def train(config):
         },
         "flags": {name: getattr(config, name) for name in _flag_names()},
     }
-    _write_json(os.path.join(config.model_dir, "results.json"), results)
+    callbacks.write_json(os.path.join(config.model_dir, "results.json"), results)
     return results
 
 
-def _callbacks(config, evaluator):
+def _data(config):
+    """(training Split, evaluator, name of the evaluated split) for --dataset and --mode."""
+    splits = load_splits(config.dataset, config.data_dir)
+    for split in splits.values():
+        verify_images(split.paths)
+    logging.info("Data: %s", ", ".join(
+        f"{name} {len(s)} images of {s.num_classes} classes" for name, s in splits.items()))
+    ks = _parse_ks(config.eval_ks) or protocol(config.dataset).ks
+    if config.mode == "train":
+        train_half, val_half = class_halves(splits["train"])
+        logging.info("--mode=train: training on %d classes, validating on the other %d",
+                     train_half.num_classes, val_half.num_classes)
+        evaluator = RetrievalEvaluator(val_half, config.image_size, ks, batch_size=config.eval_batch_size)
+        return train_half, evaluator, "val_half"
+    query = splits.get("test", splits.get("query"))
+    evaluator = RetrievalEvaluator(query, config.image_size, ks, gallery=splits.get("gallery"),
+                                   batch_size=config.eval_batch_size)
+    return splits["train"], evaluator, "test" if "test" in splits else "query_gallery"
+
+
+def _schedule(config):
+    """(main epochs, LR drop epochs) from the flags, or from a stage-1 run's schedule.json."""
+    drops = _parse_ints(config.lr_drop_epochs, "--lr_drop_epochs")
+    if config.mode == "train":
+        if drops or config.lr_schedule_from:
+            raise ValueError("--lr_drop_epochs and --lr_schedule_from are for --mode=trainval; "
+                             "--mode=train finds the schedule itself.")
+        return config.epochs, []
+    if not config.lr_schedule_from:
+        return config.epochs, drops
+    path = os.path.join(config.lr_schedule_from, SCHEDULE_FILE)
+    try:
+        with open(path, encoding="utf-8") as file:
+            schedule = json.load(file)
+        epochs, drops = int(schedule["best_epoch"]), [int(e) for e in schedule["lr_drop_epochs"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--lr_schedule_from: cannot read a stage-1 schedule from {path} ({error}); "
+                         "run --mode=train with that --model_dir first.") from None
+    if epochs < 1:
+        raise ValueError(f"{path}: best_epoch is {epochs}; the stage-1 run recorded no epoch.")
+    logging.info("Schedule from %s: %d epochs, LR drops after epochs %s", path, epochs, drops)
+    return epochs, drops
+
+
+def _callbacks(config, evaluator, evaluated_on):
+    prefix = "val_" if evaluated_on == "val_half" else "test_"
+    every = 1 if config.mode == "train" else config.eval_every  # the plateau needs every epoch
     return [
-        callbacks.RecallAtK(evaluator, every_n_epochs=config.eval_every),
+        callbacks.RecallAtK(evaluator, every_n_epochs=every, prefix=prefix),
         callbacks.LearningRateLogger(),
         keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")),
         keras.callbacks.ModelCheckpoint(
@@ -138,19 +184,36 @@ def _callbacks(config, evaluator):
     ]
 
 
+def _schedule_callbacks(config, lr_drop_epochs, first_epoch):
+    """LR schedule of the main phase: after Recall@K (which it reads) and the LR logger (which
+    records the rates the epoch used)."""
+    if config.mode == "train":
+        return [callbacks.PlateauSchedule(
+            os.path.join(config.model_dir, SCHEDULE_FILE), monitor="val_recall@1",
+            factor=config.lr_decay, patience=config.plateau_patience, first_epoch=first_epoch,
+        )]
+    if lr_drop_epochs:
+        return [callbacks.MultiStepSchedule(lr_drop_epochs, config.lr_decay, first_epoch=first_epoch)]
+    return []
+
+
 def _parse_ks(values):
-    try:
-        ks = sorted({int(k) for k in values})
-    except ValueError:
-        raise ValueError(f"--eval_ks must be positive integers, got {','.join(values)}.") from None
-    if not ks or ks[0] < 1:
+    ks = sorted(set(_parse_ints(values, "--eval_ks")))
+    if ks and ks[0] < 1:
         raise ValueError(f"--eval_ks must be positive integers, got {','.join(values)}.")
-    return ks
+    return tuple(ks)
 
 
-def _summary(metrics, ks):
-    names = [f"recall@{k}" for k in ks] + ["map@r", "nmi"]
-    return " ".join(f"{name}={metrics[name]:.4f}" for name in names if name in metrics)
+def _parse_ints(values, flag):
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"{flag} must be integers, got {','.join(values)}.") from None
+
+
+def _summary(metrics):
+    return " ".join(f"{name}={value:.4f}" for name, value in metrics.items()
+                    if name.startswith(("recall@", "map@r", "nmi")))
 
 
 def _flag_names():
@@ -158,14 +221,6 @@ def _flag_names():
         flag.name for module in ("pnpp_tf.flags",)
         for flag in FLAGS.get_flags_for_module(module)
     )
-
-
-def _write_json(path, payload):
-    """Writes atomically, so a reader never sees half a file."""
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as file:
-        json.dump(payload, file, indent=2, sort_keys=True)
-    os.replace(partial, path)
 
 
 def main(argv):

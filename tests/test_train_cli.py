@@ -4,32 +4,23 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
+from cli_helpers import TINY_RUN, run_module
 from conftest import make_folder_dataset
 
-TINY_RUN = [
-    "--dataset=folder", "--backbone=small_cnn", "--weights=none", "--image_size=32",
-    "--embedding_dim=16", "--batch_size=8", "--classes_per_batch=2", "--epochs=2",
-    "--warmup_epochs=1", "--eval_ks=1,2", "--verbose=0", "--lr=1e-3", "--proxy_lr=10",
-]
+TINY_FOLDER_RUN = ("--dataset=folder", "--eval_ks=1,2", *TINY_RUN)
 
 
 def run_train(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run(
-        [sys.executable, "-m", "pnpp_tf.train", *args],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
+    return run_module("pnpp_tf.train", *args)
 
 
 def test_trains_end_to_end_and_writes_results(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data")
     model_dir = tmp_path / "run"
-    result = run_train(*TINY_RUN, f"--data_dir={data_dir}", f"--model_dir={model_dir}")
+    result = run_train(*TINY_FOLDER_RUN, f"--data_dir={data_dir}", f"--model_dir={model_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
 
     results = json.loads((model_dir / "results.json").read_text())
@@ -49,7 +40,7 @@ def test_trains_end_to_end_and_writes_results(tmp_path):
 def test_query_gallery_layout(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data", eval_dirs=("query", "gallery"))
     model_dir = tmp_path / "run"
-    result = run_train(*TINY_RUN, "--epochs=1", "--warmup_epochs=0", "--eval_every=0",
+    result = run_train(*TINY_FOLDER_RUN, "--epochs=1", "--warmup_epochs=0", "--eval_every=0",
                        f"--data_dir={data_dir}", f"--model_dir={model_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((model_dir / "results.json").read_text())["metrics"]
@@ -88,7 +79,7 @@ def break_data_dir(data_dir):
 def test_bad_input_gives_a_one_line_error(tmp_path, breaker, extra):
     data_dir = make_folder_dataset(tmp_path / "data")
     pattern = breaker(data_dir)
-    result = run_train(*TINY_RUN, *extra, f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'run'}")
+    result = run_train(*TINY_FOLDER_RUN, *extra, f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("pnpp_tf.train: error:")]
     assert len(errors) == 1 and re.search(pattern, errors[0]), result.stderr[-2000:]

@@ -2,39 +2,48 @@
 
 Every reader returns the splits of the zero-shot protocol: training classes and evaluation classes
 are disjoint. Labels are contiguous from 0 within the training split, and within the evaluation
-splits (query and gallery share theirs).
+splits (query and gallery share theirs). `protocol(dataset)` says how each dataset is evaluated.
 """
 
 import concurrent.futures
 import dataclasses
 import os
 
-import numpy as np
-from absl import logging
 from PIL import Image
 
-from pnpp_tf.data import glyphs
+from pnpp_tf.data import benchmarks, glyphs
+from pnpp_tf.data.folder import read_folder_dataset
+from pnpp_tf.data.split import class_halves
 
-DATASETS = ("folder", "glyphs")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # Rendered once; the pipeline resizes them to --image_size.
 GLYPHS_RENDER_SIZE = 64
 
 
-@dataclasses.dataclass
-class Split:
-    """Image paths and their labels; `class_names[label]` names each label."""
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How a dataset is evaluated: the K of Recall@K and whether NMI is reported."""
 
-    paths: list
-    labels: np.ndarray
-    class_names: list
+    ks: tuple
+    nmi: bool
 
-    def __len__(self):
-        return len(self.paths)
 
-    @property
-    def num_classes(self):
-        return len(self.class_names)
+def _read_glyphs(data_dir):
+    glyphs.ensure_glyphs(data_dir, image_size=GLYPHS_RENDER_SIZE)
+    return read_folder_dataset(data_dir)
+
+
+# RECIPE: Recall@{1,2,4,8} + NMI for CUB and Cars; {1,10,100,1000} for SOP; In-Shop queries the
+# gallery at {1,10,20,30,40,50}. MAP@R and R-Precision are reported for all.
+_READERS = {
+    "folder": (read_folder_dataset, Protocol((1, 2, 4, 8), nmi=True)),
+    "glyphs": (_read_glyphs, Protocol((1, 2, 4, 8), nmi=True)),
+    "cub": (benchmarks.read_cub, Protocol((1, 2, 4, 8), nmi=True)),
+    "cars196": (benchmarks.read_cars196, Protocol((1, 2, 4, 8), nmi=True)),
+    "sop": (benchmarks.read_sop, Protocol((1, 10, 100, 1000), nmi=False)),
+    "inshop": (benchmarks.read_inshop, Protocol((1, 10, 20, 30, 40, 50), nmi=False)),
+}
+DATASETS = tuple(_READERS)
+SPLITS = ("train", "test", "query", "gallery", "train_half", "val_half")
 
 
 def load_split(dataset, data_dir, split):
@@ -43,14 +52,21 @@ def load_split(dataset, data_dir, split):
     Args:
         dataset: one of `DATASETS`.
         data_dir: where the dataset lives (for "glyphs": where it is rendered on first use).
-        split: "train", "test", "query" or "gallery" (whichever the dataset has).
+        split: "train", "test" (CUB, Cars, SOP, folder, glyphs), "query" and "gallery" (In-Shop,
+            folder with query/ and gallery/), or "train_half" and "val_half" (the first and second
+            half of the training classes, for the paper's stage 1).
 
     Returns:
         (list of image paths, int64 numpy array of labels).
     """
     splits = load_splits(dataset, data_dir)
+    if split in ("train_half", "val_half"):
+        train_half, val_half = class_halves(splits["train"])
+        chosen = train_half if split == "train_half" else val_half
+        return chosen.paths, chosen.labels
     if split not in splits:
-        raise ValueError(f"Dataset {dataset!r} has splits {sorted(splits)}, not {split!r}.")
+        raise ValueError(f"Dataset {dataset!r} has splits {sorted(splits) + ['train_half', 'val_half']}, "
+                         f"not {split!r}.")
     return splits[split].paths, splits[split].labels
 
 
@@ -64,52 +80,21 @@ def load_splits(dataset, data_dir):
     Returns:
         A dict from split name to `Split`: "train" plus either "test" or "query" and "gallery".
     """
+    if dataset not in _READERS:
+        raise ValueError(f"Unknown --dataset={dataset!r}; choose one of {DATASETS}.")
     if not data_dir:
         raise ValueError(f"--data_dir is required for --dataset={dataset}.")
-    if dataset == "glyphs":
-        glyphs.ensure_glyphs(data_dir, image_size=GLYPHS_RENDER_SIZE)
-        return read_folder_dataset(data_dir)
-    if dataset == "folder":
-        return read_folder_dataset(data_dir)
-    raise ValueError(f"Unknown --dataset={dataset!r}; choose one of {DATASETS}.")
-
-
-def read_folder_dataset(data_dir):
-    """Reads `<data_dir>/train/<class>/<image>` and `test/` (or `query/` + `gallery/`).
-
-    Args:
-        data_dir: the dataset root.
-
-    Returns:
-        A dict of `Split`s, see `load_splits`.
-    """
-    if not os.path.isdir(data_dir):
+    if not os.path.isdir(data_dir) and dataset != "glyphs":
         raise ValueError(f"--data_dir={data_dir} does not exist or is not a directory.")
-    present = {name for name in ("train", "test", "query", "gallery")
-               if os.path.isdir(os.path.join(data_dir, name))}
-    if "train" not in present:
-        raise ValueError(f"{data_dir} has no train/ folder; expected train/<class>/<image> and test/<class>/<image>.")
-    if "test" in present:
-        eval_names = ["test"]
-    elif {"query", "gallery"} <= present:
-        eval_names = ["query", "gallery"]
-    else:
-        raise ValueError(f"{data_dir} needs a test/ folder, or query/ and gallery/ folders, beside train/.")
+    reader, _ = _READERS[dataset]
+    return reader(data_dir)
 
-    train_classes = _list_images_by_class(os.path.join(data_dir, "train"))
-    eval_classes = {name: _list_images_by_class(os.path.join(data_dir, name)) for name in eval_names}
-    eval_class_names = sorted(set().union(*eval_classes.values()))
-    overlap = sorted(set(train_classes) & set(eval_class_names))
-    if overlap:
-        raise ValueError(
-            f"{len(overlap)} classes of {data_dir} are in train/ and in {'/'.join(eval_names)}/ "
-            f"({', '.join(overlap[:5])}{', ...' if len(overlap) > 5 else ''}); zero-shot evaluation "
-            "needs disjoint classes: move them to one side."
-        )
-    splits = {"train": _make_split(train_classes, sorted(train_classes))}
-    for name, by_class in eval_classes.items():
-        splits[name] = _make_split(by_class, eval_class_names)
-    return splits
+
+def protocol(dataset):
+    """The `Protocol` (Recall@K values, NMI or not) of a dataset."""
+    if dataset not in _READERS:
+        raise ValueError(f"Unknown --dataset={dataset!r}; choose one of {DATASETS}.")
+    return _READERS[dataset][1]
 
 
 def verify_images(paths, max_workers=8):
@@ -140,42 +125,3 @@ def _image_problem(path):
         detail = type(error).__name__ if path in str(error) else f"{type(error).__name__}: {error}"
         return f"{path} ({detail})"
     return None
-
-
-def _list_images_by_class(split_dir):
-    """{class name: sorted image paths} for the class folders in split_dir."""
-    by_class = {}
-    ignored = []
-    for class_name in sorted(os.listdir(split_dir)):
-        class_dir = os.path.join(split_dir, class_name)
-        if not os.path.isdir(class_dir):
-            ignored.append(class_dir)
-            continue
-        images = []
-        for file_name in sorted(os.listdir(class_dir)):
-            path = os.path.join(class_dir, file_name)
-            if file_name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path):
-                images.append(path)
-            else:
-                ignored.append(path)
-        if not images:
-            raise ValueError(
-                f"Class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                "add images or remove the folder."
-            )
-        by_class[class_name] = images
-    if not by_class:
-        raise ValueError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>.")
-    if ignored:
-        logging.warning("Ignored %d entries in %s that are not images in class folders, e.g. %s",
-                        len(ignored), split_dir, ignored[0])
-    return by_class
-
-
-def _make_split(images_by_class, class_names):
-    label_of = {name: label for label, name in enumerate(class_names)}
-    paths, labels = [], []
-    for name, images in images_by_class.items():
-        paths.extend(images)
-        labels.extend([label_of[name]] * len(images))
-    return Split(paths, np.asarray(labels, dtype=np.int64), list(class_names))

@@ -1,0 +1,65 @@
+"""`Split`: image paths with contiguous integer labels, and the ways splits are built."""
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Split:
+    """Image paths and their labels; `class_names[label]` names each label."""
+
+    paths: list
+    labels: np.ndarray
+    class_names: list
+
+    def __len__(self):
+        return len(self.paths)
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+
+def split_from_groups(groups, class_keys=None):
+    """Builds a Split from {class key: image paths}.
+
+    Args:
+        groups: dict from a class key (name or id) to that class's image paths.
+        class_keys: the label order; by default the sorted keys of `groups`. May hold keys absent
+            from `groups` (e.g. a query/gallery label space shared by two splits).
+
+    Returns:
+        A `Split` whose label of a class is its position in `class_keys`.
+    """
+    class_keys = sorted(groups) if class_keys is None else list(class_keys)
+    label_of = {key: label for label, key in enumerate(class_keys)}
+    paths, labels = [], []
+    for key in sorted(groups, key=label_of.__getitem__):
+        paths.extend(groups[key])
+        labels.extend([label_of[key]] * len(groups[key]))
+    return Split(paths, np.asarray(labels, dtype=np.int64), [str(key) for key in class_keys])
+
+
+def class_halves(split):
+    """Splits the classes of `split` in two for the paper's stage 1 (`--mode=train`).
+
+    The first half of the labels (the first `num_classes // 2`) trains, the rest validates, e.g.
+    CUB classes 1-50 and 51-100. Both halves get labels from 0.
+
+    Returns:
+        (train_half, val_half) `Split`s.
+    """
+    if split.num_classes < 4:
+        raise ValueError(f"--mode=train halves the training classes; {split.num_classes} are too few.")
+    middle = split.num_classes // 2
+    first = split.labels < middle
+    return (
+        _subset(split, first, label_offset=0, class_names=split.class_names[:middle]),
+        _subset(split, ~first, label_offset=middle, class_names=split.class_names[middle:]),
+    )
+
+
+def _subset(split, mask, label_offset, class_names):
+    paths = [path for path, keep in zip(split.paths, mask) if keep]
+    return Split(paths, split.labels[mask] - label_offset, list(class_names))

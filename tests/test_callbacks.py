@@ -1,0 +1,54 @@
+"""The learning-rate schedules, on a stand-in model with two optimisers."""
+
+import json
+import types
+
+import pytest
+
+from pnpp_tf import callbacks
+from pnpp_tf.optimizers import TorchAdam
+
+
+def two_optimiser_model(lr=1.0, proxy_lr=100.0):
+    return types.SimpleNamespace(optimizer=TorchAdam(lr), proxy_optimizer=TorchAdam(proxy_lr))
+
+
+def rates(model):
+    return [float(model.optimizer.learning_rate.numpy()), float(model.proxy_optimizer.learning_rate.numpy())]
+
+
+def test_plateau_follows_pytorch_reduce_lr_on_plateau(tmp_path):
+    model = two_optimiser_model()
+    path = str(tmp_path / "schedule.json")
+    schedule = callbacks.PlateauSchedule(path, factor=0.1, patience=2, first_epoch=3)
+    schedule.set_model(model)
+    # Improvements smaller than the 1e-4 relative threshold do not count.
+    values = [0.50, 0.60, 0.60, 0.600001, 0.59, 0.70, 0.65, 0.65, 0.65]
+    for epoch, value in enumerate(values, start=3):
+        schedule.on_epoch_end(epoch, {"val_recall@1": value})
+    recorded = json.loads(open(path, encoding="utf-8").read())
+    # Bad epochs after the best at epoch 2: 3, 4, 5 -> drop after epoch 5 (more than 2 bad epochs).
+    # New best at 6; bad 7, 8, 9 -> drop after epoch 9.
+    assert recorded["lr_drop_epochs"] == [5, 9]
+    assert recorded["best_epoch"] == 6 and recorded["best_value"] == pytest.approx(0.70)
+    assert rates(model) == pytest.approx([0.01, 1.0])
+
+
+def test_plateau_needs_the_monitored_value(tmp_path):
+    schedule = callbacks.PlateauSchedule(str(tmp_path / "s.json"))
+    schedule.set_model(two_optimiser_model())
+    with pytest.raises(ValueError, match="val_recall@1"):
+        schedule.on_epoch_end(0, {"loss": 1.0})
+
+
+def test_multistep_replays_drops_like_pytorch_multisteplr():
+    model = two_optimiser_model()
+    schedule = callbacks.MultiStepSchedule([2, 4], factor=0.1, first_epoch=1)
+    schedule.set_model(model)
+    schedule.on_train_begin()
+    seen = []
+    for epoch in range(1, 7):  # main epochs 0..5
+        schedule.on_epoch_begin(epoch)
+        seen.append(rates(model)[0])
+    assert seen == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    assert rates(model)[1] == pytest.approx(1.0)
