@@ -8,6 +8,7 @@ from absl import flags
 
 from pnpp_tf import backbones
 from pnpp_tf.data import DATASETS
+from pnpp_tf.data.pipeline import SAMPLERS
 from pnpp_tf.losses import VARIANTS
 from pnpp_tf.model import POOLINGS
 
@@ -47,6 +48,8 @@ def define_training_flags():
     flags.DEFINE_integer("plateau_patience", 4, "train: epochs without validation improvement before a drop.")
     flags.DEFINE_integer("batch_size", 32, "Images per batch.")
     flags.DEFINE_integer("classes_per_batch", 8, "Distinct classes per batch (class-balanced sampling).")
+    flags.DEFINE_enum("sampler", "balanced", SAMPLERS, "balanced: classes_per_batch classes x equal images "
+                      "(ProxyNCA++); random: batches without class structure (the ablation).")
     flags.DEFINE_integer("epochs", 40, "Training epochs after the warm-up.")
     flags.DEFINE_integer("warmup_epochs", 5, "Epochs training only the embedding layer and proxies.")
     flags.DEFINE_float("lr", 4e-3, "Learning rate of the backbone and embedding layer.")

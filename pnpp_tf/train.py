@@ -44,8 +44,8 @@ def train(config):
         raise ValueError("--model_dir is required: checkpoints and results.json are written there.")
     epochs, lr_drop_epochs = _schedule(config)
     train_split, evaluator, evaluated_on = _data(config)
-    sampler = pipeline.ClassBalancedSampler(
-        train_split.labels, config.batch_size, config.classes_per_batch, seed=config.seed
+    sampler = pipeline.make_sampler(
+        config.sampler, train_split.labels, config.batch_size, config.classes_per_batch, config.seed
     )
     with_nmi = protocol(config.dataset).nmi
 

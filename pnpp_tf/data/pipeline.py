@@ -22,6 +22,56 @@ _PARALLEL_CALLS = os.cpu_count() or 1
 _PREFETCH_BATCHES = 2
 
 
+SAMPLERS = ("balanced", "random")
+
+
+def make_sampler(kind, labels, batch_size, classes_per_batch, seed=0):
+    """The `--sampler` of the training batches.
+
+    Args:
+        kind: "balanced" (`ClassBalancedSampler`, ProxyNCA++) or "random" (`RandomSampler`, the
+            ablation: batches without class structure).
+        labels: integer label of every training image.
+        batch_size: images per batch.
+        classes_per_batch: distinct classes per batch ("balanced" only).
+        seed: integer seed.
+    """
+    if kind == "balanced":
+        return ClassBalancedSampler(labels, batch_size, classes_per_batch, seed)
+    if kind == "random":
+        return RandomSampler(len(labels), batch_size, seed)
+    raise ValueError(f"--sampler must be one of {SAMPLERS}, got {kind!r}.")
+
+
+class RandomSampler:
+    """Batches of images drawn without regard to class: each epoch is a fresh permutation.
+
+    Same interface as `ClassBalancedSampler`; an epoch has `num_images // batch_size` batches (at
+    least one; a dataset smaller than a batch repeats images).
+
+    Args:
+        num_images: size of the training set.
+        batch_size: images per batch.
+        seed: integer seed.
+    """
+
+    def __init__(self, num_images, batch_size, seed=0):
+        if batch_size < 1 or num_images < 1:
+            raise ValueError(f"--batch_size={batch_size} and the {num_images} training images must be positive.")
+        self.num_images = num_images
+        self.batch_size = batch_size
+        self.num_batches = max(1, num_images // batch_size)
+        self.seed = seed
+
+    def epoch_batches(self, epoch):
+        """Image indices of one epoch's batches, shape [num_batches, batch_size]."""
+        rng = np.random.default_rng([self.seed, epoch])
+        needed = self.num_batches * self.batch_size
+        repeats = -(-needed // self.num_images)
+        order = np.concatenate([rng.permutation(self.num_images) for _ in range(repeats)])
+        return order[:needed].reshape(self.num_batches, self.batch_size)
+
+
 class ClassBalancedSampler:
     """Draws batches of `classes_per_batch` distinct classes, `batch_size / classes_per_batch`
     images each.
@@ -91,7 +141,7 @@ def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, see
     Args:
         paths: image paths.
         labels: integer labels, aligned with paths.
-        sampler: a `ClassBalancedSampler` over `labels`.
+        sampler: a `ClassBalancedSampler` or `RandomSampler` over `labels`.
         image_size: output side in pixels.
         epochs: number of epochs the dataset covers; use `steps_per_epoch=sampler.num_batches`.
         first_epoch: epoch number of the first batch (continues the sampler across fit calls).

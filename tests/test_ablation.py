@@ -1,0 +1,32 @@
+"""tools/ablation.py runs variants in their own model_dirs, resumes, and writes its table."""
+
+import json
+
+from cli_helpers import REPO, TINY_RUN, run_python
+from conftest import make_folder_dataset
+
+
+def run_ablation(*args):
+    return run_python(str(REPO / "tools" / "ablation.py"), *args)
+
+
+def test_runs_resumes_and_tabulates(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data")
+    output = tmp_path / "ablation"
+    args = ["--only=full,-fast_proxies,proxynca", f"--output_dir={output}", *TINY_RUN, "--dataset=folder",
+            f"--data_dir={data_dir}", "--eval_ks=1,2", "--epochs=1", "--warmup_epochs=1", "--eval_every=0"]
+    first = run_ablation(*args)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    table = json.loads((output / "ablation.json").read_text())
+    assert [row["variant"] for row in table] == ["full", "-fast_proxies", "proxynca"]
+    assert table[0]["delta_recall@1"] == 0.0
+    # Fast proxies off: the proxies get the backbone's learning rate (TINY_RUN's --lr=1e-3).
+    assert json.loads((output / "fast_proxies" / "results.json").read_text())["flags"]["proxy_lr"] == 1e-3
+    original = json.loads((output / "proxynca" / "results.json").read_text())["flags"]
+    assert (original["loss"], original["pooling"], original["layer_norm"], original["sampler"]) == \
+        ("proxynca", "avg", False, "random")
+    assert "| full |" in (output / "ablation.md").read_text()
+
+    second = run_ablation(*args)
+    assert second.returncode == 0
+    assert second.stdout.count("done before") == 3

@@ -1,0 +1,149 @@
+"""Reruns the paper's ablation: the full ProxyNCA++ recipe, each "minus one component" variant,
+a temperature sweep and the original ProxyNCA, each in its own model_dir.
+
+    python tools/ablation.py --flagfile=configs/demo.flags --output_dir=runs/ablation
+
+Every flag this script does not know is passed to `python -m pnpp_tf.train` for every variant.
+A variant whose results.json exists is not run again (rerun the same command to resume). The
+table goes to <output_dir>/ablation.json and ablation.md: Recall@1 (and the dataset's other
+metrics), the delta to the full recipe, and the wall time of each run.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# (name, what the paper calls the component, train flags of the variant). The learning rate of
+# "no fast proxies" is filled in from the run's --lr.
+COMPONENTS = (
+    ("full", "ProxyNCA++: every component", ()),
+    ("-proxy_assignment", "without the proxy assignment probability (ProxyNCA loss)", ("--loss=proxynca",)),
+    ("-low_temperature", "without low temperature scaling (T = 1)", ("--temperature=1.0",)),
+    ("-global_max_pooling", "global average pooling instead of max", ("--pooling=avg",)),
+    ("-fast_proxies", "proxies at the backbone's learning rate", ("--proxy_lr={lr}",)),
+    ("-layer_norm", "without LayerNorm", ("--layer_norm=false",)),
+    ("-class_balanced", "batches without class balancing", ("--sampler=random",)),
+    ("-warmup", "without the warm-up epochs", ("--warmup_epochs=0",)),
+)
+# The sweep around the recipe's T = 1/9 ("full"); T = 1 is "-low_temperature".
+TEMPERATURES = (("T=1/3", "0.3333333333333333"), ("T=1/27", "0.037037037037037035"))
+ORIGINAL_PROXYNCA = ("--loss=proxynca", "--temperature=1.0", "--pooling=avg", "--layer_norm=false",
+                     "--proxy_lr={lr}", "--sampler=random", "--warmup_epochs=0")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="One model_dir per variant is made here.")
+    parser.add_argument("--only", default="", help="Comma-separated variant names to run (default: all).")
+    args, train_args = parser.parse_known_args(argv)
+    if any(a.startswith("--model_dir") for a in train_args):
+        parser.error("--model_dir is chosen per variant under --output_dir; do not pass it.")
+    lr = _flag_value(train_args, "lr")
+    variants = _variants(lr)
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {name for name, _, _ in variants})
+        if unknown:
+            parser.error(f"--only: unknown variants {unknown}; choose from {[n for n, _, _ in variants]}.")
+        variants = [v for v in variants if v[0] in wanted]
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    rows = []
+    for index, (name, description, flags) in enumerate(variants, start=1):
+        model_dir = os.path.join(args.output_dir, _directory_name(name))
+        results_file = os.path.join(model_dir, "results.json")
+        if os.path.isfile(results_file):
+            print(f"[{index}/{len(variants)}] {name}: done before, reading {results_file}", flush=True)
+        else:
+            print(f"[{index}/{len(variants)}] {name}: {description} ({' '.join(flags) or 'recipe as given'})",
+                  flush=True)
+            start = time.perf_counter()
+            command = [sys.executable, "-m", "pnpp_tf.train", *train_args, *flags,
+                       f"--model_dir={model_dir}", "--verbose=0"]
+            if subprocess.run(command, check=False).returncode:
+                raise SystemExit(f"tools/ablation.py: variant {name} failed; its log is above. Fix it and "
+                                 "rerun the same command: finished variants are kept.")
+            print(f"    finished in {time.perf_counter() - start:.0f} s", flush=True)
+        with open(results_file, encoding="utf-8") as file:
+            rows.append(_row(name, description, flags, json.load(file)))
+    table = _with_deltas(rows)
+    _write(args.output_dir, table)
+    print(_markdown(table))
+
+
+def _variants(lr):
+    def fill(flags):
+        return tuple(flag.format(lr=lr) for flag in flags)
+
+    variants = [(name, description, fill(flags)) for name, description, flags in COMPONENTS]
+    variants += [(name, f"temperature {name[2:]}", (f"--temperature={value}",)) for name, value in TEMPERATURES]
+    variants.append(("proxynca", "the original ProxyNCA: every component off", fill(ORIGINAL_PROXYNCA)))
+    return variants
+
+
+def _flag_value(train_args, name):
+    """The last value of --name in the arguments or in the flagfiles they name."""
+    value = None
+    for arg in train_args:
+        if arg.startswith("--flagfile="):
+            with open(arg.split("=", 1)[1], encoding="utf-8") as file:
+                nested = [line.strip() for line in file if line.strip().startswith("--")]
+            value = _flag_value(nested, name) or value
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    if value is None and name == "lr":
+        return "4e-3"  # the default of pnpp_tf.flags
+    return value
+
+
+def _row(name, description, flags, results):
+    metrics = results["metrics"]
+    return {
+        "variant": name,
+        "description": description,
+        "flags": list(flags),
+        "metrics": {k: v for k, v in metrics.items() if k.startswith(("recall@", "map@r", "r_precision", "nmi"))},
+        "before_training_recall@1": results["before_training"]["recall@1"],
+        "train_seconds": results["timings"]["train_seconds"],
+        "dataset": results["dataset"],
+        "image_size": results["flags"]["image_size"],
+    }
+
+
+def _with_deltas(rows):
+    full = next((r for r in rows if r["variant"] == "full"), None)
+    for row in rows:
+        row["delta_recall@1"] = None if full is None else row["metrics"]["recall@1"] - full["metrics"]["recall@1"]
+    return rows
+
+
+def _markdown(rows):
+    metric_names = list(rows[0]["metrics"]) if rows else []
+    header = ["variant", *metric_names, "Δ R@1 vs full", "train s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        delta = "" if row["delta_recall@1"] is None else f"{100 * row['delta_recall@1']:+.1f}"
+        cells = [row["variant"], *(f"{row['metrics'][m]:.4f}" for m in metric_names), delta,
+                 f"{row['train_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if rows:
+        lines.append(f"\nData: {rows[0]['dataset']}, {rows[0]['image_size']} px.")
+    return "\n".join(lines)
+
+
+def _write(output_dir, rows):
+    with open(os.path.join(output_dir, "ablation.json"), "w", encoding="utf-8") as file:
+        json.dump(rows, file, indent=2)
+    with open(os.path.join(output_dir, "ablation.md"), "w", encoding="utf-8") as file:
+        file.write(_markdown(rows) + "\n")
+
+
+def _directory_name(name):
+    return name.replace("/", "_").replace("=", "_").lstrip("-")
+
+
+if __name__ == "__main__":
+    main()
