@@ -27,8 +27,11 @@ setup(
         "Pillow>=10.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0"],
+        # The export tests run the TFLite variants and build TF Serving requests.
+        "test": ["pytest>=8.0", "ai-edge-litert>=2.0,<3", "tensorflow-serving-api>=2.20,<2.22"],
         "tflite": ["ai-edge-litert>=2.0,<3"],
         "serving": ["tensorflow-serving-api>=2.20,<2.22"],
+        # tools/convert_torchvision_resnet50.py: torch reads .pth files, safetensors .safetensors.
+        "convert": ["torch", "safetensors"],
     },
 )

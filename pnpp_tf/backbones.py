@@ -154,3 +154,23 @@ register_backbone(
 register_backbone(
     Backbone(name="small_cnn", build_trunk=_build_small_cnn, normalization="symmetric", feature_dim=256)
 )
+
+
+def _build_resnet50_torchvision(input_shape, weights):
+    # Imported on use: pnpp_tf.torchvision_resnet imports BATCH_NORM_MOMENTUM from this module.
+    from pnpp_tf.torchvision_resnet import build_resnet50_torchvision
+
+    return build_resnet50_torchvision(input_shape, weights)
+
+
+# torchvision's ResNet-50 (v1.5), the authors' backbone. No named weights: Keras cannot download
+# torchvision's; convert a state dict with tools/convert_torchvision_resnet50.py.
+register_backbone(
+    Backbone(
+        name="resnet50_torchvision",
+        build_trunk=_build_resnet50_torchvision,
+        normalization="torch",
+        feature_dim=2048,
+        pretrained_weights=(),
+    )
+)
