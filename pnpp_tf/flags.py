@@ -8,6 +8,7 @@ from absl import flags
 
 from pnpp_tf import backbones
 from pnpp_tf.data import DATASETS
+from pnpp_tf.distribute import STRATEGIES
 from pnpp_tf.data.pipeline import SAMPLERS
 from pnpp_tf.losses import VARIANTS
 from pnpp_tf.model import POOLINGS
@@ -58,6 +59,13 @@ def define_training_flags():
     flags.DEFINE_boolean("flip", True, "Random horizontal flips in training.")
     flags.DEFINE_integer("eval_every", 1, "Measure Recall@K on the test split every N epochs (0: only at the end).")
     flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for the train step; auto: on GPU only.")
-    flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_bfloat16"], "Keras dtype policy of the embedder.")
+    flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"],
+                      "Keras dtype policy of the backbone; loss, proxies and logits stay float32, and "
+                      "float16 uses dynamic loss scaling.")
+    flags.DEFINE_enum("strategy", "default", STRATEGIES, "tf.distribute strategy: default (one device), "
+                      "mirrored (all local GPUs), multi_worker (TF_CONFIG cluster), tpu.")
+    flags.DEFINE_string("tpu", None, "--strategy=tpu: TPU name or grpc:// address (empty: local TPU VM).")
+    flags.DEFINE_boolean("sync_batch_norm", True, "With several replicas, BatchNorm statistics over the "
+                         "whole global batch (as on one device) rather than per replica.")
     flags.DEFINE_integer("seed", 0, "Seed of weights, sampling and augmentation.")
     flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")

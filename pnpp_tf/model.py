@@ -78,7 +78,7 @@ class ProxyNCAModel(keras.Model):
     """An embedder trained with the ProxyNCA++ loss and its own proxy optimiser.
 
     Calling the model returns L2-normalised embeddings. Compile it with `optimizer` (backbone and
-    embedding head; give it `clipvalue=10` as the recipe does) and `proxy_optimizer` (the proxies).
+    embedding head), `proxy_optimizer` (the proxies) and `clip_value` (10 in the recipe).
     With `freeze_backbone=True` (the warm-up) the backbone's weights are not updated, while its
     BatchNorm layers still run in training mode and update their moving statistics.
 
@@ -98,26 +98,41 @@ class ProxyNCAModel(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.proxy_optimizer = None
         self.freeze_backbone = False
+        self.clip_value = None
 
     def call(self, images, training=False):
         return l2_normalize(tf.cast(self.embedder(images, training=training), tf.float32))
 
-    def compile(self, optimizer, proxy_optimizer, freeze_backbone=False, **kwargs):
+    def compile(self, optimizer, proxy_optimizer, freeze_backbone=False, clip_value=None, **kwargs):
         """Configures training.
 
         Args:
             optimizer: optimiser of the backbone and embedding head.
             proxy_optimizer: optimiser of the proxies (the recipe's much higher learning rate).
             freeze_backbone: leave the backbone's weights untouched (warm-up).
+            clip_value: clip the backbone and embedding gradients to [-clip_value, clip_value]
+                (not the proxies'). Applied to the global-batch gradient, so that a multi-replica
+                step equals the single-device one (an optimiser's own `clipvalue` clips each
+                replica's share before they are summed).
             **kwargs: passed to `keras.Model.compile` (e.g. `jit_compile`, `steps_per_execution`).
         """
+        if clip_value is not None and not clip_value > 0:
+            raise ValueError(f"clip_value must be positive or None, got {clip_value}.")
         super().compile(optimizer=optimizer, **kwargs)
         self.proxy_optimizer = proxy_optimizer
         self.freeze_backbone = bool(freeze_backbone)
+        self.clip_value = clip_value
         # Built here, on exactly the variables each one updates, so Keras does not give the main
         # optimiser slots for every trainable variable (the proxies included) on its own.
         self.optimizer.build(self.main_variables)
         self.proxy_optimizer.build([self.loss_layer.proxies])
+        self.built = True  # every layer and both optimisers exist now
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras peeks at a batch and all-reduces it to build models symbolically; the reduction
+        # fails under MultiWorkerMirroredStrategy (TF 2.21), and compile() built everything.
+        if not self.built:
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     @property
     def main_variables(self):
@@ -138,14 +153,33 @@ class ProxyNCAModel(keras.Model):
             raise ValueError("ProxyNCAModel does not support sample weights.")
         main_variables = self.main_variables
         proxies = self.loss_layer.proxies
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        loss_scale_optimizer = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         with tf.GradientTape() as tape:
             embeddings = self.embedder(images, training=True)
             loss = self.loss_layer(embeddings, labels)
-        gradients = tape.gradient(loss, main_variables + [proxies])
-        self.optimizer.apply_gradients(zip(gradients[:-1], main_variables))
-        self.proxy_optimizer.apply_gradients([(gradients[-1], proxies)])
+            # Replica gradients are summed: each contributes its share of the global-batch mean.
+            scaled_loss = loss / replicas
+            if loss_scale_optimizer:
+                scaled_loss = self.optimizer.scale_loss(scaled_loss)
+        gradients = tape.gradient(scaled_loss, main_variables + [proxies])
+        main_gradients, proxy_gradient = gradients[:-1], gradients[-1]
+        # The scale of this step, read before the main optimiser updates it.
+        scale = self.optimizer.scale_loss(1.0) if loss_scale_optimizer else 1.0
+        if self.clip_value:
+            main_gradients = _clip_global_gradients(main_gradients, self.clip_value * scale, replicas)
+        if loss_scale_optimizer:
+            # The proxies' gradient is computed in float32 end to end (proxies, logits and the
+            # embedding layer are float32), so it cannot overflow: it only needs unscaling.
+            proxy_gradient = proxy_gradient / tf.cast(scale, proxy_gradient.dtype)
+        self.optimizer.apply_gradients(zip(main_gradients, main_variables))
+        self.proxy_optimizer.apply_gradients([(proxy_gradient, proxies)])
         self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
+        result = self.loss_tracker.result()
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras averages multi-worker logs over axis 0, which a scalar does not have.
+            result = tf.reshape(result, [1])
+        return {"loss": result}
 
     def get_config(self):
         return {
@@ -162,21 +196,53 @@ class ProxyNCAModel(keras.Model):
         return cls(**config)
 
 
-def resolve_jit_compile(jit_compile):
-    """Maps the `--jit_compile` value to a bool: "auto" means XLA on a GPU only.
+def _clip_global_gradients(gradients, clip_value, replicas):
+    """Clips by value the gradient of the global batch; returns each replica's share of it.
 
-    XLA makes a train step 2-5x slower on CPU, so "auto" turns it off there.
+    With one replica this is plain clipping. With several, the replicas' gradients are summed
+    first (the optimiser's own sum of the returned shares then restores the clipped total).
     """
+    if replicas > 1:
+        gradients = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+    clipped = [tf.clip_by_value(g, -tf.cast(clip_value, g.dtype), tf.cast(clip_value, g.dtype)) for g in gradients]
+    return [g / replicas for g in clipped] if replicas > 1 else clipped
+
+
+def synchronize_batch_norm(embedder):
+    """Makes every BatchNorm of the embedder average its batch statistics over all replicas.
+
+    Under a multi-replica strategy each replica sees a slice of the class-balanced batch; with
+    synchronised statistics BatchNorm normalises over the whole batch, as on one device.
+    """
+    count = 0
+    for layer in embedder.get_layer(BACKBONE_LAYER_NAME).layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.synchronized = True
+            count += 1
+    return count
+
+
+def resolve_jit_compile(jit_compile, num_replicas=1):
+    """Maps the `--jit_compile` value to a bool: "auto" means XLA on a single GPU only.
+
+    XLA makes a train step 2-5x slower on CPU, so "auto" turns it off there; like Keras, "auto"
+    also leaves it off under multi-replica strategies.
+
+    Args:
+        jit_compile: True, False, or "auto" / "true" / "false".
+        num_replicas: replicas of the distribution strategy.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
     if isinstance(jit_compile, bool):
-        return jit_compile
-    value = str(jit_compile).lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    if value == "auto":
-        return bool(tf.config.list_physical_devices("GPU"))
-    raise ValueError(f"jit_compile must be auto, true or false, got {jit_compile!r}.")
+        value = jit_compile
+    elif str(jit_compile).lower() in ("auto", "true", "false"):
+        value = {"auto": bool(gpus) and num_replicas == 1, "true": True, "false": False}[str(jit_compile).lower()]
+    else:
+        raise ValueError(f"jit_compile must be auto, true or false, got {jit_compile!r}.")
+    if value and num_replicas > 1 and not gpus:
+        raise ValueError("--jit_compile=true with a multi-replica strategy on CPU is not supported by "
+                         "TensorFlow; use --jit_compile=false or auto.")
+    return value
 
 
 def _float32_if_mixed():

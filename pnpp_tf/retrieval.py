@@ -1,6 +1,8 @@
 """Embeds an evaluation split with a model and scores it: the bridge from models to metrics."""
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from pnpp_tf import evaluation
 from pnpp_tf.data import pipeline
@@ -38,10 +40,10 @@ class RetrievalEvaluator:
 
     def embed(self, model, verbose=0):
         """L2-normalised embeddings of the queries and (or None) of the gallery."""
-        queries = np.asarray(model.predict(self._query_images, verbose=verbose))
+        queries = embed_images(model, self._query_images, len(self.query), verbose)
         if self._gallery_images is None:
             return queries, None
-        return queries, np.asarray(model.predict(self._gallery_images, verbose=verbose))
+        return queries, embed_images(model, self._gallery_images, len(self.gallery), verbose)
 
     def measure(self, model, with_nmi=False, verbose=0):
         """Retrieval metrics of `model` (Recall@K, MAP@R, R-Precision, optionally NMI).
@@ -66,3 +68,30 @@ class RetrievalEvaluator:
             )
             metrics["nmi"] = evaluation.nmi(all_embeddings, all_labels)
         return metrics
+
+
+def embed_images(model, dataset, num_images, verbose=0):
+    """Runs `model` in inference mode over a dataset of image batches, on the default device.
+
+    Traces `model` once per call: seconds for ResNet-50, negligible beside a training epoch.
+
+    A plain loop rather than `model.predict`, so that every worker of a multi-worker strategy
+    embeds the whole split instead of its shard.
+
+    Args:
+        model: maps an image batch to embeddings.
+        dataset: a `tf.data.Dataset` of image batches.
+        num_images: how many images the dataset holds (for the progress bar).
+        verbose: 1 shows a progress bar.
+
+    Returns:
+        A float32 numpy array [num_images, dim].
+    """
+    infer = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    progress = keras.utils.Progbar(num_images, unit_name="image") if verbose else None
+    batches = []
+    for images in dataset:
+        batches.append(infer(images).numpy())
+        if progress:
+            progress.add(len(batches[-1]))
+    return np.concatenate(batches).astype(np.float32)

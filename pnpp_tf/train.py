@@ -16,11 +16,11 @@ import time
 import keras
 from absl import app, flags, logging
 
-from pnpp_tf import callbacks, flags as pnpp_flags
+from pnpp_tf import callbacks, distribute, flags as pnpp_flags
 from pnpp_tf.data import load_splits, pipeline, protocol
 from pnpp_tf.data.datasets import verify_images
 from pnpp_tf.data.split import class_halves
-from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile
+from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile, synchronize_batch_norm
 from pnpp_tf.optimizers import TorchAdam
 from pnpp_tf.retrieval import RetrievalEvaluator
 
@@ -40,8 +40,15 @@ def train(config):
     Returns:
         The dict also written to `<model_dir>/results.json`.
     """
+    return train_model(config)[1]
+
+
+def train_model(config):
+    """Like `train`, returning (the trained `ProxyNCAModel`, the results dict)."""
     if not config.model_dir:
         raise ValueError("--model_dir is required: checkpoints and results.json are written there.")
+    # First: a multi-worker strategy must exist before any other TensorFlow op runs.
+    strategy = distribute.make_strategy(config.strategy, config.tpu)
     epochs, lr_drop_epochs = _schedule(config)
     train_split, evaluator, evaluated_on = _data(config)
     sampler = pipeline.make_sampler(
@@ -53,13 +60,19 @@ def train(config):
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(config.mixed_precision)
-    embedder = build_embedder(
-        config.backbone, config.image_size, config.embedding_dim, config.pooling,
-        config.layer_norm, config.weights,
-    )
-    model = ProxyNCAModel(embedder, train_split.num_classes, config.temperature, config.loss)
-    jit_compile = resolve_jit_compile(config.jit_compile)
-    logging.info("XLA for the train step: %s (--jit_compile=%s)", jit_compile, config.jit_compile)
+    distribute.check_batch_fits(strategy, config.batch_size, config.classes_per_batch, config.sampler)
+    jit_compile = resolve_jit_compile(config.jit_compile, strategy.num_replicas_in_sync)
+    logging.info("Strategy %s with %d replica(s); XLA for the train step: %s (--jit_compile=%s)",
+                 config.strategy, strategy.num_replicas_in_sync, jit_compile, config.jit_compile)
+    with strategy.scope():
+        embedder = build_embedder(
+            config.backbone, config.image_size, config.embedding_dim, config.pooling,
+            config.layer_norm, config.weights,
+        )
+        if strategy.num_replicas_in_sync > 1 and config.sync_batch_norm:
+            logging.info("Synchronised BatchNorm in %d layers", synchronize_batch_norm(embedder))
+        model = ProxyNCAModel(embedder, train_split.num_classes, config.temperature, config.loss)
+    output_dir = distribute.writable_dir(config.model_dir, strategy)
 
     start = time.perf_counter()
     before = evaluator.measure(model, with_nmi=with_nmi)
@@ -75,19 +88,21 @@ def train(config):
             continue
         logging.info("%s: %d epochs of %d batches", phase, phase_epochs, sampler.num_batches)
         # A new optimiser per phase: the main training starts with fresh Adam state.
-        model.compile(
-            optimizer=TorchAdam(config.lr, clipvalue=config.clip_value or None),
-            proxy_optimizer=TorchAdam(config.proxy_lr),
-            freeze_backbone=freeze_backbone,
-            jit_compile=jit_compile,
-        )
-        data = pipeline.train_dataset(
-            train_split.paths, train_split.labels, sampler, config.image_size, phase_epochs,
+        with strategy.scope():
+            model.compile(
+                optimizer=TorchAdam(config.lr),
+                proxy_optimizer=TorchAdam(config.proxy_lr),
+                freeze_backbone=freeze_backbone,
+                clip_value=config.clip_value or None,
+                jit_compile=jit_compile,
+            )
+        data = distribute.distributed_train_dataset(
+            strategy, train_split.paths, train_split.labels, sampler, config.image_size, phase_epochs,
             first_epoch=first_epoch, seed=config.seed, flip=config.flip,
         )
-        phase_callbacks = _callbacks(config, evaluator, evaluated_on)
+        phase_callbacks = _callbacks(config, evaluator, evaluated_on, output_dir)
         if not freeze_backbone:
-            phase_callbacks[2:2] = _schedule_callbacks(config, lr_drop_epochs, first_epoch)
+            phase_callbacks[2:2] = _schedule_callbacks(config, lr_drop_epochs, first_epoch, output_dir)
         fit = model.fit(
             data,
             epochs=first_epoch + phase_epochs,
@@ -107,7 +122,6 @@ def train(config):
     eval_seconds += time.perf_counter() - start
     logging.info("After training: %s", _summary(after))
 
-    embedder.save(os.path.join(config.model_dir, "embedder.keras"))
     results = {
         "dataset": config.dataset,
         "evaluated_on": evaluated_on,
@@ -123,8 +137,10 @@ def train(config):
         },
         "flags": {name: getattr(config, name) for name in _flag_names()},
     }
-    callbacks.write_json(os.path.join(config.model_dir, "results.json"), results)
-    return results
+    if distribute.is_chief(strategy):
+        embedder.save(os.path.join(config.model_dir, "embedder.keras"))
+        callbacks.write_json(os.path.join(config.model_dir, "results.json"), results)
+    return model, results
 
 
 def _data(config):
@@ -171,25 +187,25 @@ def _schedule(config):
     return epochs, drops
 
 
-def _callbacks(config, evaluator, evaluated_on):
+def _callbacks(config, evaluator, evaluated_on, output_dir):
     prefix = "val_" if evaluated_on == "val_half" else "test_"
     every = 1 if config.mode == "train" else config.eval_every  # the plateau needs every epoch
     return [
         callbacks.RecallAtK(evaluator, every_n_epochs=every, prefix=prefix),
         callbacks.LearningRateLogger(),
-        keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")),
+        keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
         keras.callbacks.ModelCheckpoint(
-            os.path.join(config.model_dir, "checkpoints", "last.weights.h5"), save_weights_only=True
+            os.path.join(output_dir, "checkpoints", "last.weights.h5"), save_weights_only=True
         ),
     ]
 
 
-def _schedule_callbacks(config, lr_drop_epochs, first_epoch):
+def _schedule_callbacks(config, lr_drop_epochs, first_epoch, output_dir):
     """LR schedule of the main phase: after Recall@K (which it reads) and the LR logger (which
     records the rates the epoch used)."""
     if config.mode == "train":
         return [callbacks.PlateauSchedule(
-            os.path.join(config.model_dir, SCHEDULE_FILE), monitor="val_recall@1",
+            os.path.join(output_dir, SCHEDULE_FILE), monitor="val_recall@1",
             factor=config.lr_decay, patience=config.plateau_patience, first_epoch=first_epoch,
         )]
     if lr_drop_epochs:

@@ -144,3 +144,19 @@ def test_jit_compile_auto_is_off_without_a_gpu():
     assert resolve_jit_compile("true") is True and resolve_jit_compile("false") is False
     with pytest.raises(ValueError, match="jit_compile"):
         resolve_jit_compile("maybe")
+
+
+def test_clip_value_clips_backbone_and_embedding_gradients_but_not_the_proxies():
+    images, labels = tiny_batch()
+    model = tiny_model()
+    # A huge learning rate on tiny clipping: each first Adam step is lr * c / (c + 1) at most.
+    model.compile(optimizer=TorchAdam(1.0), proxy_optimizer=TorchAdam(1.0), clip_value=1e-3)
+    weights_before = [w.numpy().copy() for w in model.main_variables]
+    proxies_before = model.loss_layer.proxies.numpy().copy()
+    model.train_on_batch(images, labels)
+    bound = 1e-3 / (1e-3 + 1.0) + 1e-7
+    for before, variable in zip(weights_before, model.main_variables):
+        assert np.abs(variable.numpy() - before).max() <= bound
+    assert np.abs(model.loss_layer.proxies.numpy() - proxies_before).max() > 10 * bound
+    with pytest.raises(ValueError, match="clip_value"):
+        model.compile(optimizer=TorchAdam(1.0), proxy_optimizer=TorchAdam(1.0), clip_value=-1)

@@ -135,7 +135,8 @@ class ClassBalancedSampler:
         return np.asarray(taken, dtype=np.int64)
 
 
-def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, seed=0, flip=True):
+def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, seed=0, flip=True,
+                  num_replicas=1, pipeline_index=0, num_pipelines=1):
     """Class-balanced, augmented training batches for `epochs` epochs.
 
     Args:
@@ -147,13 +148,22 @@ def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, see
         first_epoch: epoch number of the first batch (continues the sampler across fit calls).
         seed: seed of the augmentation (crop and flip are stateless: a function of seed and position).
         flip: random horizontal flips (off for data where mirroring changes the class, e.g. glyphs).
+        num_replicas: replicas sharing each global batch; batches are per replica (B / num_replicas).
+        pipeline_index: which input pipeline (worker) this is, of `num_pipelines`; it keeps the
+            contiguous slice of every global batch that belongs to its replicas.
+        num_pipelines: number of input pipelines.
 
     Returns:
-        A `tf.data.Dataset` of (images [B, S, S, 3] float32 in [0, 255], labels [B] int32).
+        A `tf.data.Dataset` of (images [b, S, S, 3] float32 in [0, 255], labels [b] int32), with
+        b = B / num_replicas.
     """
     order = np.concatenate([sampler.epoch_batches(e) for e in range(first_epoch, first_epoch + epochs)])
     first_position = first_epoch * sampler.num_batches * sampler.batch_size
-    positions = np.arange(order.size, dtype=np.int64) + first_position
+    # Positions seed the augmentation, so an image is cropped alike however the batch is split.
+    positions = np.arange(order.size, dtype=np.int64).reshape(order.shape) + first_position
+    width = sampler.batch_size // num_pipelines
+    keep = slice(pipeline_index * width, (pipeline_index + 1) * width)
+    order, positions = order[:, keep], positions[:, keep]
     path_table = tf.constant(list(paths))
     label_table = tf.constant(np.asarray(labels, dtype=np.int32))
 
@@ -166,9 +176,10 @@ def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, see
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         return image, tf.gather(label_table, index)
 
-    dataset = tf.data.Dataset.from_tensor_slices((positions, order.reshape(-1)))
+    dataset = tf.data.Dataset.from_tensor_slices((positions.reshape(-1), order.reshape(-1)))
     dataset = dataset.map(load, num_parallel_calls=_PARALLEL_CALLS, deterministic=True)
-    dataset = dataset.batch(sampler.batch_size, drop_remainder=True).prefetch(_PREFETCH_BATCHES)
+    per_replica = sampler.batch_size // num_replicas
+    dataset = dataset.batch(per_replica, drop_remainder=True).prefetch(_PREFETCH_BATCHES)
     return dataset.with_options(_options())
 
 
