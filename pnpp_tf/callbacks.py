@@ -1,11 +1,11 @@
 """Keras callbacks for training: zero-shot Recall@K, learning-rate logging and schedules."""
 
-import json
-import os
 import time
 
 import keras
 from absl import logging
+
+from pnpp_tf.io_utils import write_json
 
 
 class RecallAtK(keras.callbacks.Callback):
@@ -139,14 +139,6 @@ def scale_learning_rates(model, factor):
     """Multiplies the learning rate of the model's main and proxy optimisers by `factor`."""
     for optimizer, rate in zip(_optimizers(model), _learning_rates(model)):
         optimizer.learning_rate = rate * factor
-
-
-def write_json(path, payload):
-    """Writes JSON atomically, so a reader never sees half a file."""
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as file:
-        json.dump(payload, file, indent=2, sort_keys=True)
-    os.replace(partial, path)
 
 
 def _optimizers(model):

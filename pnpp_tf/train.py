@@ -20,6 +20,7 @@ from pnpp_tf import callbacks, distribute, flags as pnpp_flags
 from pnpp_tf.data import load_splits, pipeline, protocol
 from pnpp_tf.data.datasets import verify_images
 from pnpp_tf.data.split import class_halves
+from pnpp_tf.io_utils import write_json
 from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile, synchronize_batch_norm
 from pnpp_tf.optimizers import TorchAdam
 from pnpp_tf.retrieval import RetrievalEvaluator
@@ -139,7 +140,7 @@ def train_model(config):
     }
     if distribute.is_chief(strategy):
         embedder.save(os.path.join(config.model_dir, "embedder.keras"))
-        callbacks.write_json(os.path.join(config.model_dir, "results.json"), results)
+        write_json(os.path.join(config.model_dir, "results.json"), results)
     return model, results
 
 

@@ -9,7 +9,6 @@ import sys
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from cli_helpers import REPO, TINY_RUN, run_python
 from conftest import make_folder_dataset

@@ -200,7 +200,12 @@ def eval_dataset(paths, image_size, batch_size=64):
 
 def decode_image(path):
     """Reads and decodes an image file to float32 RGB [H, W, 3] (greyscale and alpha become RGB)."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return decode_image_bytes(tf.io.read_file(path))
+
+
+def decode_image_bytes(contents):
+    """Decodes an encoded image (a scalar tf.string) like `decode_image`; also used by serving."""
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return tf.cast(image, tf.float32)
 

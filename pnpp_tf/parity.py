@@ -1,0 +1,170 @@
+"""Parity of exported embedders with the Keras one: embeddings, Recall@1, size and latency.
+
+Each exported form (SavedModel signatures, TFLite variants) is wrapped in a variant with an
+`embed(images, encoded)` method, embeds the held-out images, and is compared with the first
+variant (the Keras embedder).
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from pnpp_tf import evaluation, serving
+from pnpp_tf.data import pipeline
+from pnpp_tf.io_utils import write_text_atomic
+
+# The least mean cosine similarity to the Keras embedder each variant must reach; None: reported.
+MIN_MEAN_COSINE = {
+    "saved_model": 0.9999, "saved_model_bytes": 0.9999, "tflite_float32": 0.9999,
+    "tflite_float16": 0.999, "tflite_dynamic_int8": 0.98, "tflite_full_int8": None,
+}
+
+
+def measure_parity(variants, held_out, image_size, batch_size=64, latency_images=50):
+    """Embeds the held-out images with every variant and compares each with the first (Keras).
+
+    Images go through the evaluation pipeline; a variant taking file bytes gets the files. One
+    variant at a time, so memory holds two sets of embeddings, not one per variant.
+
+    Returns:
+        A dict with "variants": per variant its name, path, size_bytes, max_abs_diff,
+        mean_cosine, min_cosine, recall@1, latency_ms, min_mean_cosine and passed; "passed"
+        (every variant with a threshold reaches it), "eval_images" and "latency_images".
+    """
+    paths = next(iter(held_out.values())).paths[:latency_images]
+    images = next(pipeline.eval_dataset(paths, image_size, len(paths)).as_numpy_iterator())
+    samples = list(zip(images, map(_read, paths)))
+    query_part = "test" if "test" in held_out else "query"
+    gallery = held_out.get("gallery")
+    reference, rows = None, []
+    for variant in variants:
+        embedded = {part: _embed_split(variant, split, image_size, batch_size)
+                    for part, split in held_out.items()}
+        reference = embedded if reference is None else reference
+        ours, ref = (np.concatenate(list(e.values())) for e in (embedded, reference))
+        unit = ours / np.maximum(np.linalg.norm(ours, axis=1, keepdims=True), 1e-12)
+        cosine = np.sum(unit * ref, axis=1)
+        recall = evaluation.retrieval_metrics(
+            embedded[query_part], held_out[query_part].labels, embedded.get("gallery"),
+            gallery.labels if gallery else None, ks=(1,))["recall@1"]
+        threshold = MIN_MEAN_COSINE.get(variant.name)
+        rows.append({
+            "name": variant.name, "path": variant.path, "size_bytes": variant.size_bytes,
+            "max_abs_diff": float(np.max(np.abs(ours - ref))), "mean_cosine": float(np.mean(cosine)),
+            "min_cosine": float(np.min(cosine)), "recall@1": float(recall),
+            "latency_ms": _median_latency_ms(variant, samples), "min_mean_cosine": threshold,
+            "passed": None if threshold is None else bool(np.mean(cosine) >= threshold),
+        })
+        logging.info("%s: mean cosine %.6f, Recall@1 %.4f", variant.name, np.mean(cosine), recall)
+    return {
+        "variants": rows,
+        "passed": all(row["passed"] is not False for row in rows),
+        "eval_images": {part: len(split) for part, split in held_out.items()},
+        "latency_images": len(samples),
+    }
+
+
+def _embed_split(variant, split, image_size, batch_size):
+    batches = pipeline.eval_dataset(split.paths, image_size, batch_size).as_numpy_iterator()
+    return np.concatenate([
+        variant.embed(images, [_read(p) for p in split.paths[start:start + batch_size]])
+        for start, images in zip(range(0, len(split), batch_size), batches)
+    ])
+
+
+def write_report(report, path_stem):
+    """Writes `<path_stem>.json` and `<path_stem>.md`."""
+    os.makedirs(os.path.dirname(path_stem), exist_ok=True)
+    write_text_atomic(path_stem + ".json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path_stem + ".md", markdown_report(report) + "\n")
+
+
+def markdown_report(report):
+    """The parity report as Markdown: a few lines of context, then one table row per variant."""
+    images = ", ".join(f"{n} {part}" for part, n in report["eval_images"].items())
+    lines = [
+        f"# Export parity: {report['model_dir']} -> {report['export_dir']}, version {report['version']}",
+        "",
+        f"Compared with L2-normalise(Keras embedder) on {images} images of `{report['dataset']}` "
+        f"({report['image_size']} px, {report['embedding_dim']}-d). Latency: median of "
+        f"{report['latency_images']} single-image calls on CPU (TFLite: "
+        f"{report['tflite_threads']} threads; bytes signature: decoding included).",
+        "",
+        "| variant | size | max abs diff | mean cosine | min cosine | Recall@1 | ms/image | required |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["variants"]:
+        required = {None: "reported", True: f"≥ {row['min_mean_cosine']} ok",
+                    False: f"≥ {row['min_mean_cosine']} **FAILED**"}[row["passed"]]
+        required = "reference" if row["name"] == KerasVariant.name else required
+        lines.append(
+            f"| {row['name']} | {row['size_bytes'] / 2**20:.2f} MiB | {row['max_abs_diff']:.2e} "
+            f"| {row['mean_cosine']:.6f} | {row['min_cosine']:.6f} | {row['recall@1']:.4f} "
+            f"| {row['latency_ms']:.2f} | {required} |")
+    if report.get("trained_recall_at_1") is not None:
+        lines += ["", "Recall@1 recorded by training, on the whole test split (results.json): "
+                      f"{report['trained_recall_at_1']:.4f}."]
+    return "\n".join(lines)
+
+
+class KerasVariant:
+    name = "keras"
+
+    def __init__(self, embedder, path):
+        self.path, self.size_bytes = path, os.path.getsize(path)
+        spec = tf.TensorSpec([None] + list(embedder.input.shape[1:]), tf.float32)
+        self._fn = tf.function(lambda images: serving.normalized_embeddings(embedder, images),
+                               input_signature=[spec])
+
+    def embed(self, images, encoded):
+        return self._fn(tf.constant(images)).numpy()
+
+
+class SavedModelVariant:
+    def __init__(self, loaded, path, bytes_input):
+        self.name = "saved_model_bytes" if bytes_input else "saved_model"
+        self.path, self.size_bytes = path, _directory_size(path)
+        self._bytes_input = bytes_input
+        name = serving.BYTES_SIGNATURE if bytes_input else serving.IMAGES_SIGNATURE
+        self._fn = loaded.signatures[name]
+
+    def embed(self, images, encoded):
+        if self._bytes_input:
+            return self._fn(**{serving.BYTES_INPUT: tf.constant(encoded)})[serving.OUTPUT].numpy()
+        return self._fn(**{serving.IMAGES_INPUT: tf.constant(images)})[serving.OUTPUT].numpy()
+
+
+class TFLiteVariant:
+    def __init__(self, litert, path, variant, num_threads):
+        self.name, self.path, self.size_bytes = f"tflite_{variant}", path, os.path.getsize(path)
+        interpreter = litert.Interpreter(model_path=path, num_threads=num_threads or os.cpu_count())
+        self._run = interpreter.get_signature_runner()
+
+    def embed(self, images, encoded):
+        # One image per call, as on a phone (dynamic-range quantisation depends on the batch).
+        return np.stack([self._run(**{serving.IMAGES_INPUT: image[None]})[serving.OUTPUT][0]
+                         for image in images])
+
+
+def _median_latency_ms(variant, samples):
+    variant.embed(samples[0][0][None], [samples[0][1]])  # warm-up
+    times = []
+    for image, encoded in samples:
+        start = time.perf_counter()
+        variant.embed(image[None], [encoded])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000.0)
+
+
+def _read(path):
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def _directory_size(path):
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
