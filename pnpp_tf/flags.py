@@ -8,6 +8,7 @@ from absl import flags
 
 from pnpp_tf import backbones
 from pnpp_tf.data import DATASETS
+from pnpp_tf.data.image_check import ON_BAD_IMAGE
 from pnpp_tf.distribute import STRATEGIES
 from pnpp_tf.data.pipeline import SAMPLERS
 from pnpp_tf.losses import VARIANTS
@@ -23,6 +24,8 @@ def define_data_flags():
     flags.DEFINE_list("eval_ks", [], "The K of Recall@K; empty: the dataset's protocol "
                       "(1,2,4,8 for CUB/Cars/folder/glyphs, 1,10,100,1000 for SOP, 1,10,...,50 for In-Shop).")
     flags.DEFINE_integer("eval_batch_size", 64, "Images per inference batch.")
+    flags.DEFINE_enum("on_bad_image", "error", ON_BAD_IMAGE, "An image that does not decode: error "
+                      "(stop, naming it) or skip (train without it; logged, counted in results.json).")
 
 
 def define_model_flags():

@@ -18,7 +18,7 @@ from absl import app, flags, logging
 
 from pnpp_tf import callbacks, distribute, flags as pnpp_flags
 from pnpp_tf.data import load_splits, pipeline, protocol
-from pnpp_tf.data.datasets import verify_images
+from pnpp_tf.data.image_check import drop_or_raise
 from pnpp_tf.data.split import class_halves
 from pnpp_tf.io_utils import write_json
 from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile, synchronize_batch_norm
@@ -51,7 +51,7 @@ def train_model(config):
     # First: a multi-worker strategy must exist before any other TensorFlow op runs.
     strategy = distribute.make_strategy(config.strategy, config.tpu)
     epochs, lr_drop_epochs = _schedule(config)
-    train_split, evaluator, evaluated_on = _data(config)
+    train_split, evaluator, evaluated_on, skipped_images = _data(config)
     sampler = pipeline.make_sampler(
         config.sampler, train_split.labels, config.batch_size, config.classes_per_batch, config.seed
     )
@@ -130,6 +130,7 @@ def train_model(config):
         "before_training": before,
         "history": history,
         "lr_drop_epochs": lr_drop_epochs,
+        "skipped_images": skipped_images,
         "timings": {
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
@@ -145,10 +146,13 @@ def train_model(config):
 
 
 def _data(config):
-    """(training Split, evaluator, name of the evaluated split) for --dataset and --mode."""
+    """(training Split, evaluator, name of the evaluated split, skipped images) for the flags."""
     splits = load_splits(config.dataset, config.data_dir)
-    for split in splits.values():
-        verify_images(split.paths)
+    skipped = {}
+    for name in list(splits):
+        splits[name], bad = drop_or_raise(splits[name], name, config.on_bad_image, progress=config.verbose == 1)
+        if bad:
+            skipped[name] = bad
     logging.info("Data: %s", ", ".join(
         f"{name} {len(s)} images of {s.num_classes} classes" for name, s in splits.items()))
     ks = _parse_ks(config.eval_ks) or protocol(config.dataset).ks
@@ -157,11 +161,11 @@ def _data(config):
         logging.info("--mode=train: training on %d classes, validating on the other %d",
                      train_half.num_classes, val_half.num_classes)
         evaluator = RetrievalEvaluator(val_half, config.image_size, ks, batch_size=config.eval_batch_size)
-        return train_half, evaluator, "val_half"
+        return train_half, evaluator, "val_half", skipped
     query = splits.get("test", splits.get("query"))
     evaluator = RetrievalEvaluator(query, config.image_size, ks, gallery=splits.get("gallery"),
                                    batch_size=config.eval_batch_size)
-    return splits["train"], evaluator, "test" if "test" in splits else "query_gallery"
+    return splits["train"], evaluator, "test" if "test" in splits else "query_gallery", skipped
 
 
 def _schedule(config):

@@ -55,7 +55,7 @@ def break_empty_class(data_dir):
 def break_unreadable_image(data_dir):
     with open(os.path.join(data_dir, "test", "test_class_01", "broken.jpg"), "wb") as file:
         file.write(b"this is not a jpeg")
-    return r"unreadable image\(s\): .*broken.jpg \(UnidentifiedImageError\)"
+    return r"1 unreadable image\(s\) in test: .*broken.jpg \(Unknown image file format.*--on_bad_image=skip"
 
 
 def break_overlap(data_dir):

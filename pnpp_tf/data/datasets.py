@@ -5,13 +5,10 @@ are disjoint. Labels are contiguous from 0 within the training split, and within
 splits (query and gallery share theirs). `protocol(dataset)` says how each dataset is evaluated.
 """
 
-import concurrent.futures
 import dataclasses
 import os
 
-from PIL import Image
-
-from pnpp_tf.data import benchmarks, glyphs
+from pnpp_tf.data import benchmarks, glyphs, image_check
 from pnpp_tf.data.folder import read_folder_dataset
 from pnpp_tf.data.split import class_halves
 
@@ -97,31 +94,10 @@ def protocol(dataset):
     return _READERS[dataset][1]
 
 
-def verify_images(paths, max_workers=8):
-    """Checks that every file opens as an image (header only, so it is fast).
-
-    Args:
-        paths: image file paths.
-        max_workers: threads reading headers.
-
-    Raises:
-        ValueError: naming the unreadable files and how many there are.
-    """
-    with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
-        problems = [p for p in pool.map(_image_problem, paths) if p]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ValueError(
-            f"{len(problems)} unreadable image(s): {'; '.join(problems[:3])}{more}. "
-            "Replace or remove these files."
-        )
-
-
-def _image_problem(path):
-    try:
-        with Image.open(path) as image:
-            image.size  # noqa: B018 - parsing the header is the check
-    except Exception as error:  # pylint: disable=broad-except
-        detail = type(error).__name__ if path in str(error) else f"{type(error).__name__}: {error}"
-        return f"{path} ({detail})"
-    return None
+def verify_images(paths):
+    """Decodes every file as training would; raises ValueError naming the ones that fail."""
+    bad = image_check.check_images(paths).bad
+    if bad:
+        shown = "; ".join(f"{path} ({reason})" for path, reason in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"{len(bad)} unreadable image(s): {shown}{more}. Replace or remove them.")
