@@ -99,12 +99,17 @@ class PlateauSchedule(keras.callbacks.Callback):
             self._bad_epochs = 0
             logging.info("%s has not improved for %d epochs: learning rates x%g after epoch %d",
                          self.monitor, self.patience + 1, self.factor, completed)
-        write_json(self.path, {
-            "monitor": self.monitor,
-            "best_value": self.best_value,
-            "best_epoch": self.best_epoch,
-            "lr_drop_epochs": self.lr_drop_epochs,
-        })
+        write_json(self.path, self.get_state())
+
+    def get_state(self):
+        """The schedule's state, JSON-able (written to `path`; saved in checkpoints)."""
+        return {"monitor": self.monitor, "best_value": self.best_value, "best_epoch": self.best_epoch,
+                "lr_drop_epochs": self.lr_drop_epochs, "bad_epochs": self._bad_epochs}
+
+    def set_state(self, state):
+        """Continues from a `get_state()` of an interrupted run."""
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.lr_drop_epochs, self._bad_epochs = list(state["lr_drop_epochs"]), state["bad_epochs"]
 
 
 class MultiStepSchedule(keras.callbacks.Callback):
@@ -115,23 +120,21 @@ class MultiStepSchedule(keras.callbacks.Callback):
 
     Args:
         drop_epochs: main epochs completed after which the rates drop (from `PlateauSchedule`).
+        initial_rates: the (main, proxy) learning rates before any drop.
         factor: multiplier per drop.
         first_epoch: Keras epoch index of the first main epoch.
     """
 
-    def __init__(self, drop_epochs, factor=0.1, first_epoch=0):
+    def __init__(self, drop_epochs, initial_rates, factor=0.1, first_epoch=0):
         super().__init__()
         self.drop_epochs = sorted(int(e) for e in drop_epochs)
+        self.initial_rates = tuple(initial_rates)
         self.factor = factor
         self.first_epoch = first_epoch
-        self._initial = None
-
-    def on_train_begin(self, logs=None):
-        self._initial = _learning_rates(self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
         drops = sum(1 for e in self.drop_epochs if e <= epoch - self.first_epoch)
-        for optimizer, initial in zip(_optimizers(self.model), self._initial):
+        for optimizer, initial in zip(_optimizers(self.model), self.initial_rates):
             optimizer.learning_rate = initial * self.factor ** drops
 
 

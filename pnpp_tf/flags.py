@@ -71,4 +71,9 @@ def define_training_flags():
     flags.DEFINE_boolean("sync_batch_norm", True, "With several replicas, BatchNorm statistics over the "
                          "whole global batch (as on one device) rather than per replica.")
     flags.DEFINE_integer("seed", 0, "Seed of weights, sampling and augmentation.")
+    flags.DEFINE_boolean("deterministic", False, "Deterministic TensorFlow ops: two runs with the same "
+                         "--seed give identical weights (slower on GPU).")
+    flags.DEFINE_boolean("debug_numerics", False, "Check every op for NaN/Inf and name the first that "
+                         "produces one (slow: for debugging).")
+    flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept in <model_dir>/checkpoints (one per epoch).")
     flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")

@@ -14,9 +14,11 @@ import sys
 import time
 
 import keras
+import tensorflow as tf
 from absl import app, flags, logging
 
-from pnpp_tf import callbacks, distribute, flags as pnpp_flags
+from pnpp_tf import callbacks, checkpointing, distribute, flags as pnpp_flags, plots
+from pnpp_tf.checkpointing import RunCheckpoint
 from pnpp_tf.data import load_splits, pipeline, protocol
 from pnpp_tf.data.image_check import drop_or_raise
 from pnpp_tf.data.split import class_halves
@@ -58,9 +60,7 @@ def train_model(config):
     with_nmi = protocol(config.dataset).nmi
 
     os.makedirs(config.model_dir, exist_ok=True)
-    keras.utils.set_random_seed(config.seed)
-    if config.mixed_precision != "none":
-        keras.mixed_precision.set_global_policy(config.mixed_precision)
+    _configure_determinism_and_numerics(config)
     distribute.check_batch_fits(strategy, config.batch_size, config.classes_per_batch, config.sampler)
     jit_compile = resolve_jit_compile(config.jit_compile, strategy.num_replicas_in_sync)
     logging.info("Strategy %s with %d replica(s); XLA for the train step: %s (--jit_compile=%s)",
@@ -74,20 +74,28 @@ def train_model(config):
             logging.info("Synchronised BatchNorm in %d layers", synchronize_batch_norm(embedder))
         model = ProxyNCAModel(embedder, train_split.num_classes, config.temperature, config.loss)
     output_dir = distribute.writable_dir(config.model_dir, strategy)
+    checkpoint = RunCheckpoint(os.path.join(output_dir, "checkpoints"), keep=config.keep_checkpoints)
+    finished_epochs, record = checkpoint.restore_model(model)
+    total_epochs = config.warmup_epochs + epochs
+    finished = _finished_results(config, finished_epochs, total_epochs)
+    if finished is not None:
+        logging.info("%s/results.json: this run is finished; not training again.", config.model_dir)
+        return model, finished
 
-    start = time.perf_counter()
-    before = evaluator.measure(model, with_nmi=with_nmi)
-    logging.info("Before training: %s", _summary(before))
-    eval_seconds = time.perf_counter() - start
-
-    history = {}
-    start = time.perf_counter()
-    phases = [("warm-up", config.warmup_epochs, True), ("training", epochs, False)]
-    first_epoch = 0
-    for phase, phase_epochs, freeze_backbone in phases:
-        if phase_epochs <= 0:
+    if "before_training" in record:
+        before = record["before_training"]
+    else:
+        before = evaluator.measure(model, with_nmi=with_nmi)
+        logging.info("Before training: %s", _summary(before))
+    history = record.get("history", {})
+    train_seconds = record.get("train_seconds", 0.0)
+    guard = checkpointing.NonFiniteGuard()
+    phases = [("warm-up", 0, config.warmup_epochs, True), ("training", config.warmup_epochs, total_epochs, False)]
+    for phase, first_epoch, end_epoch, freeze_backbone in phases:
+        if finished_epochs >= end_epoch:
             continue
-        logging.info("%s: %d epochs of %d batches", phase, phase_epochs, sampler.num_batches)
+        resume_epoch = max(first_epoch, finished_epochs)
+        logging.info("%s: epochs %d-%d of %d batches", phase, resume_epoch + 1, end_epoch, sampler.num_batches)
         # A new optimiser per phase: the main training starts with fresh Adam state.
         with strategy.scope():
             model.compile(
@@ -97,30 +105,52 @@ def train_model(config):
                 clip_value=config.clip_value or None,
                 jit_compile=jit_compile,
             )
+        if resume_epoch > first_epoch:
+            checkpoint.restore_optimizers(model)
         data = distribute.distributed_train_dataset(
-            strategy, train_split.paths, train_split.labels, sampler, config.image_size, phase_epochs,
-            first_epoch=first_epoch, seed=config.seed, flip=config.flip,
+            strategy, train_split.paths, train_split.labels, sampler, config.image_size,
+            end_epoch - resume_epoch, first_epoch=resume_epoch, seed=config.seed, flip=config.flip,
         )
-        phase_callbacks = _callbacks(config, evaluator, evaluated_on, output_dir)
-        if not freeze_backbone:
-            phase_callbacks[2:2] = _schedule_callbacks(config, lr_drop_epochs, first_epoch, output_dir)
-        fit = model.fit(
+        schedule = _schedule_callbacks(config, lr_drop_epochs, first_epoch, output_dir) if not freeze_backbone else []
+        for callback in schedule:
+            if hasattr(callback, "set_state") and "schedule" in record:
+                callback.set_state(record["schedule"])
+        phase_start = time.perf_counter()
+
+        def record_epoch(epoch, logs, schedule=schedule, phase_start=phase_start):
+            for name, value in logs.items():
+                history.setdefault(name, []).append(float(value))
+            saved = {"history": history, "before_training": before,
+                     "train_seconds": train_seconds + time.perf_counter() - phase_start}
+            for callback in schedule:
+                if hasattr(callback, "get_state"):
+                    saved["schedule"] = callback.get_state()
+            return saved
+
+        model.fit(
             data,
-            epochs=first_epoch + phase_epochs,
-            initial_epoch=first_epoch,
+            epochs=end_epoch,
+            initial_epoch=resume_epoch,
             steps_per_epoch=sampler.num_batches,
             shuffle=False,  # the sampler already decides the order
-            callbacks=phase_callbacks,
+            callbacks=[
+                callbacks.RecallAtK(evaluator, every_n_epochs=1 if config.mode == "train" else config.eval_every,
+                                    prefix="val_" if evaluated_on == "val_half" else "test_"),
+                callbacks.LearningRateLogger(),  # before the schedule: the rates the epoch used
+                *schedule,
+                guard,
+                keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
+                checkpoint.callback(record_epoch, guard),
+            ],
             verbose=config.verbose,
         )
-        for name, values in fit.history.items():
-            history.setdefault(name, []).extend(float(v) for v in values)
-        first_epoch += phase_epochs
-    train_seconds = time.perf_counter() - start
+        train_seconds += time.perf_counter() - phase_start
+        if guard.tripped_at is not None:
+            raise NumericalFault(guard.message(checkpoint))
 
     start = time.perf_counter()
     after = evaluator.measure(model, with_nmi=with_nmi)
-    eval_seconds += time.perf_counter() - start
+    eval_seconds = time.perf_counter() - start
     logging.info("After training: %s", _summary(after))
 
     results = {
@@ -133,16 +163,60 @@ def train_model(config):
         "skipped_images": skipped_images,
         "timings": {
             "train_seconds": train_seconds,
-            "eval_seconds": eval_seconds,
-            "train_images_per_second": first_epoch * sampler.num_batches * config.batch_size
+            "final_eval_seconds": eval_seconds,
+            "train_images_per_second": total_epochs * sampler.num_batches * config.batch_size
             / max(train_seconds, 1e-9),
         },
-        "flags": {name: getattr(config, name) for name in _flag_names()},
+        "flags": _flag_values(config),
     }
     if distribute.is_chief(strategy):
         embedder.save(os.path.join(config.model_dir, "embedder.keras"))
         write_json(os.path.join(config.model_dir, "results.json"), results)
+        _draw_curves(config, history)
     return model, results
+
+
+def _draw_curves(config, history):
+    try:
+        plots.save_training_curves(
+            history, os.path.join(config.model_dir, "curves.png"),
+            warmup_epochs=config.warmup_epochs,
+            eval_every=1 if config.mode == "train" else config.eval_every,
+            title=f"{os.path.basename(os.path.normpath(config.model_dir))}: {config.dataset} {config.backbone}",
+        )
+    except (OSError, ValueError) as error:  # a figure must never fail a finished run
+        logging.warning("Could not draw curves.png: %s", error)
+
+
+class NumericalFault(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+def _configure_determinism_and_numerics(config):
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    if config.debug_numerics:
+        tf.debugging.enable_check_numerics()
+    if config.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(config.mixed_precision)
+
+
+def _finished_results(config, finished_epochs, total_epochs):
+    """The results of an earlier run of the same command that got to the end, else None."""
+    path = os.path.join(config.model_dir, "results.json")
+    if finished_epochs < total_epochs or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        results = json.load(file)
+    ignored = {"verbose"}
+    earlier = {k: v for k, v in results.get("flags", {}).items() if k not in ignored}
+    now = {k: v for k, v in _flag_values(config).items() if k not in ignored}
+    if earlier != now:
+        changed = sorted(k for k in set(earlier) | set(now) if earlier.get(k) != now.get(k))
+        raise ValueError(f"--model_dir={config.model_dir} holds a finished run with other flags "
+                         f"({', '.join(changed)}); choose another --model_dir.")
+    return results
 
 
 def _data(config):
@@ -192,19 +266,6 @@ def _schedule(config):
     return epochs, drops
 
 
-def _callbacks(config, evaluator, evaluated_on, output_dir):
-    prefix = "val_" if evaluated_on == "val_half" else "test_"
-    every = 1 if config.mode == "train" else config.eval_every  # the plateau needs every epoch
-    return [
-        callbacks.RecallAtK(evaluator, every_n_epochs=every, prefix=prefix),
-        callbacks.LearningRateLogger(),
-        keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(output_dir, "checkpoints", "last.weights.h5"), save_weights_only=True
-        ),
-    ]
-
-
 def _schedule_callbacks(config, lr_drop_epochs, first_epoch, output_dir):
     """LR schedule of the main phase: after Recall@K (which it reads) and the LR logger (which
     records the rates the epoch used)."""
@@ -214,7 +275,8 @@ def _schedule_callbacks(config, lr_drop_epochs, first_epoch, output_dir):
             factor=config.lr_decay, patience=config.plateau_patience, first_epoch=first_epoch,
         )]
     if lr_drop_epochs:
-        return [callbacks.MultiStepSchedule(lr_drop_epochs, config.lr_decay, first_epoch=first_epoch)]
+        return [callbacks.MultiStepSchedule(lr_drop_epochs, (config.lr, config.proxy_lr), config.lr_decay,
+                                            first_epoch=first_epoch)]
     return []
 
 
@@ -237,11 +299,8 @@ def _summary(metrics):
                     if name.startswith(("recall@", "map@r", "nmi")))
 
 
-def _flag_names():
-    return sorted(
-        flag.name for module in ("pnpp_tf.flags",)
-        for flag in FLAGS.get_flags_for_module(module)
-    )
+def _flag_values(config):
+    return {flag.name: getattr(config, flag.name) for flag in FLAGS.get_flags_for_module("pnpp_tf.flags")}
 
 
 def main(argv):
@@ -252,6 +311,9 @@ def main(argv):
     except ValueError as error:
         print(f"pnpp_tf.train: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except NumericalFault as error:
+        print(f"pnpp_tf.train: error: {error}", file=sys.stderr)
+        sys.exit(3)
     print(json.dumps({"metrics": results["metrics"], "before_training": results["before_training"]}))
 
 

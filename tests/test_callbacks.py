@@ -27,6 +27,9 @@ def test_plateau_follows_pytorch_reduce_lr_on_plateau(tmp_path):
     for epoch, value in enumerate(values, start=3):
         schedule.on_epoch_end(epoch, {"val_recall@1": value})
     recorded = json.loads(open(path, encoding="utf-8").read())
+    resumed = callbacks.PlateauSchedule(path, patience=2)
+    resumed.set_state(schedule.get_state())
+    assert resumed.get_state() == schedule.get_state()
     # Bad epochs after the best at epoch 2: 3, 4, 5 -> drop after epoch 5 (more than 2 bad epochs).
     # New best at 6; bad 7, 8, 9 -> drop after epoch 9.
     assert recorded["lr_drop_epochs"] == [5, 9]
@@ -43,12 +46,11 @@ def test_plateau_needs_the_monitored_value(tmp_path):
 
 def test_multistep_replays_drops_like_pytorch_multisteplr():
     model = two_optimiser_model()
-    schedule = callbacks.MultiStepSchedule([2, 4], factor=0.1, first_epoch=1)
+    schedule = callbacks.MultiStepSchedule([2, 4], initial_rates=(1.0, 100.0), factor=0.1, first_epoch=1)
     schedule.set_model(model)
-    schedule.on_train_begin()
     seen = []
     for epoch in range(1, 7):  # main epochs 0..5
         schedule.on_epoch_begin(epoch)
         seen.append(rates(model)[0])
     assert seen == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
-    assert rates(model)[1] == pytest.approx(1.0)
+    assert rates(model)[1] == pytest.approx(1.0)  # 100 x 0.1 x 0.1

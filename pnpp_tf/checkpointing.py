@@ -1,0 +1,117 @@
+"""Resumable runs: full training state after every epoch, and a stop on numerical faults.
+
+A checkpoint holds the model (backbone, embedding layer, proxies, BatchNorm statistics), both
+optimisers (Adam moments, iteration counts, learning rates), the number of finished epochs and a
+JSON record of the rest: the per-epoch history, the metrics before training and the LR schedule's
+state. The sampler and the augmentation need no state: both are functions of (seed, epoch,
+position). TensorFlow writes a checkpoint's files before it points the `checkpoint` index at
+them, so a kill mid-write leaves the previous checkpoint in use; only the last few are kept.
+"""
+
+import json
+import math
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+
+class RunCheckpoint:
+    """The checkpoints of one run in `<directory>`.
+
+    Args:
+        directory: where the checkpoints are written.
+        keep: how many of the latest checkpoints are kept.
+    """
+
+    def __init__(self, directory, keep=3):
+        self.directory = directory
+        self.keep = keep
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="finished_epochs")
+        self.record = tf.Variable("{}", dtype=tf.string, trainable=False, name="record")
+
+    @property
+    def latest(self):
+        return tf.train.latest_checkpoint(self.directory)
+
+    def restore_model(self, model):
+        """Restores the model, the epoch count and the record from the latest checkpoint.
+
+        Returns:
+            (finished epochs, record dict); (0, {}) when there is no checkpoint yet.
+        """
+        if not self.latest:
+            return 0, {}
+        # The embedder and the loss layer, not the model: a model carries its optimisers, which
+        # would be restored (deferred) into the fresh ones of a new phase.
+        tf.train.Checkpoint(embedder=model.embedder, loss_layer=model.loss_layer, epoch=self.epoch,
+                            record=self.record).restore(self.latest).expect_partial()
+        logging.info("Resuming from %s: %d epochs done", self.latest, int(self.epoch.numpy()))
+        return int(self.epoch.numpy()), json.loads(self.record.numpy().decode("utf-8"))
+
+    def restore_optimizers(self, model):
+        """Restores both optimisers' state (call after compiling, when resuming mid-phase)."""
+        checkpoint = tf.train.Checkpoint(optimizer=model.optimizer, proxy_optimizer=model.proxy_optimizer)
+        checkpoint.restore(self.latest).expect_partial()
+
+    def callback(self, record_fn, guard=None):
+        """A Keras callback writing a checkpoint after every epoch.
+
+        Args:
+            record_fn: `(epoch, logs) -> dict`, the JSON-able record saved with the weights.
+            guard: a `NonFiniteGuard`; nothing is saved once it has tripped.
+        """
+        return _SaveEveryEpoch(self, record_fn, guard)
+
+    def save(self, model, finished_epochs, record):
+        self.epoch.assign(finished_epochs)
+        self.record.assign(json.dumps(record))
+        checkpoint = tf.train.Checkpoint(embedder=model.embedder, loss_layer=model.loss_layer,
+                                         optimizer=model.optimizer, proxy_optimizer=model.proxy_optimizer,
+                                         epoch=self.epoch, record=self.record)
+        manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=self.keep)
+        return manager.save(checkpoint_number=finished_epochs)
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+    """Stops training at the first batch whose loss is NaN or infinite.
+
+    A non-finite gradient shows one step later, as the loss of the weights it produced. The
+    checkpoint callback saves nothing once the guard has tripped, so the last checkpoint on disk
+    is the last good state.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.tripped_at = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss) and self.tripped_at is None:
+            self.tripped_at = (self._epoch + 1, batch + 1, loss)
+            self.model.stop_training = True
+
+    def message(self, checkpoint):
+        epoch, step, loss = self.tripped_at
+        last = checkpoint.latest or "none yet"
+        return (f"Non-finite loss ({loss}) in epoch {epoch} at step {step}: training stopped. The last "
+                f"good checkpoint is {last}. Lower --lr or --proxy_lr, or rerun with --debug_numerics "
+                "to find the operation that produced it.")
+
+
+class _SaveEveryEpoch(keras.callbacks.Callback):
+    def __init__(self, checkpoint, record_fn, guard):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.record_fn = record_fn
+        self.guard = guard
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard is not None and self.guard.tripped_at is not None:
+            return
+        path = self.checkpoint.save(self.model, epoch + 1, self.record_fn(epoch, logs or {}))
+        logging.info("Saved %s", path)

@@ -1,0 +1,74 @@
+"""Interrupted runs resume where they stopped; finished runs are not retrained; NaNs stop a run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import pnpp_tf.model  # noqa: F401 - registers the layers embedder.keras refers to
+from cli_helpers import REPO, TINY_RUN, run_module, run_python
+from conftest import make_folder_dataset
+
+RUN = (*TINY_RUN, "--dataset=folder", "--eval_ks=1", "--eval_every=0", "--deterministic",
+       "--warmup_epochs=1", "--epochs=5")
+
+
+def embedder_weights(model_dir):
+    return keras.saving.load_model(str(model_dir / "embedder.keras"), compile=False).get_weights()
+
+
+def test_killed_run_resumes_and_ends_with_the_uninterrupted_weights(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data", train_classes=4, images_per_class=24)
+    reference = tmp_path / "reference"
+    result = run_module("pnpp_tf.train", *RUN, f"--data_dir={data_dir}", f"--model_dir={reference}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    interrupted = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "pnpp_tf.train", *RUN, f"--data_dir={data_dir}", f"--model_dir={interrupted}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    index = interrupted / "checkpoints" / "checkpoint"
+    deadline = time.time() + 300
+    while not index.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the next epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+    assert not (interrupted / "results.json").exists()
+
+    resumed = run_module("pnpp_tf.train", *RUN, f"--data_dir={data_dir}", f"--model_dir={interrupted}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stderr and "epochs done" in resumed.stderr
+    for ours, theirs in zip(embedder_weights(interrupted), embedder_weights(reference)):
+        np.testing.assert_array_equal(ours, theirs)
+
+    again = run_module("pnpp_tf.train", *RUN, f"--data_dir={data_dir}", f"--model_dir={interrupted}")
+    assert again.returncode == 0 and "this run is finished; not training again" in again.stderr
+    changed = run_module("pnpp_tf.train", *RUN, "--lr=0.5", f"--data_dir={data_dir}", f"--model_dir={interrupted}")
+    assert changed.returncode == 2 and "finished run with other flags (lr)" in changed.stderr
+
+
+def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data")
+    model_dir = tmp_path / "run"
+    common = (*TINY_RUN, "--dataset=folder", "--eval_ks=1", "--eval_every=0", "--warmup_epochs=0",
+              f"--data_dir={data_dir}", f"--model_dir={model_dir}")
+    assert run_module("pnpp_tf.train", *common, "--epochs=1").returncode == 0
+    # Two more epochs, from a pipeline whose training images are all NaN.
+    result = run_python(str(REPO / "tests" / "poisoned_train.py"), *common, "--epochs=3")
+    assert result.returncode == 3, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pnpp_tf.train: error:")]
+    assert len(errors) == 1 and "Non-finite loss (nan) in epoch 2 at step 1" in errors[0]
+    assert "ckpt-1" in errors[0]
+    assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-1")
+    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints"))
+    for name in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(name)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            assert np.all(np.isfinite(value)), name
