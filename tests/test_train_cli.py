@@ -6,9 +6,11 @@ import re
 import shutil
 
 import pytest
+from PIL import Image
 
 from cli_helpers import TINY_RUN, run_module
 from conftest import make_folder_dataset
+from pnpp_tf import plots
 
 TINY_FOLDER_RUN = ("--dataset=folder", "--eval_ks=1,2", *TINY_RUN)
 
@@ -33,8 +35,9 @@ def test_trains_end_to_end_and_writes_results(tmp_path):
     assert results["history"]["proxy_lr"] == [10.0] * 3
     assert results["timings"]["train_seconds"] > 0
     assert (model_dir / "embedder.keras").is_file()
-    assert (model_dir / "checkpoints" / "last.weights.h5").is_file()
+    assert (model_dir / "checkpoints" / "checkpoint").is_file()  # the index of the resumable checkpoints
     assert any((model_dir / "logs").rglob("*.v2"))
+    assert Image.open(model_dir / "curves.png").size == plots.CURVES_SIZE
 
 
 def test_query_gallery_layout(tmp_path):

@@ -1,0 +1,77 @@
+"""Embeds every image under a folder with a trained model and saves a search index.
+
+    python -m pnpp_tf.index --model=runs/demo --images=~/Pictures --index=pictures.npz
+
+--model is a training run's model_dir (embedder.keras) or an exported SavedModel (a version
+directory, or the export base directory, whose highest version is used). Images are found
+recursively (JPEG, PNG, BMP, GIF, WebP) and cropped as evaluation crops them. A file that cannot
+be decoded is skipped, reported and listed in the index. Search it with python -m pnpp_tf.search.
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+from pnpp_tf import search_index
+
+FLAGS = flags.FLAGS
+_SHOWN_SKIPPED = 10
+_KINDS = {"keras": "Keras model", "saved_model": "SavedModel"}
+
+
+def define_flags():
+    """Defines the command line's flags (only when run as a program: importing defines none)."""
+    flags.DEFINE_string("model", None, "A training run's model_dir, or an exported SavedModel "
+                        "(version directory or export base directory).")
+    flags.DEFINE_string("images", None, "Folder of images, searched recursively.")
+    flags.DEFINE_string("index", None, "The index file to write (.npz).")
+    flags.DEFINE_integer("batch_size", 64, "Images per inference batch.")
+    flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+
+
+def run(model, images, index_path, batch_size=64, progress=True):
+    """Builds and writes the index; returns it. Raises ValueError on bad input."""
+    if not model or not images or not index_path:
+        raise ValueError("--model, --images and --index are all required.")
+    model, images, index_path = (os.path.expanduser(p) for p in (model, images, index_path))
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {batch_size}.")
+    if os.path.isdir(index_path):
+        raise ValueError(f"--index={index_path} is a directory; give a file name, e.g. photos.npz.")
+    paths = search_index.find_images(images)
+    embedder = search_index.load_embedder(model)
+    index = search_index.build_index(embedder, paths, images, batch_size, verbose=int(progress))
+    try:
+        index.save(index_path)
+    except OSError as error:
+        raise ValueError(f"cannot write --index={index_path}: {error}") from None
+    return index
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    start = time.perf_counter()
+    try:
+        index = run(FLAGS.model, FLAGS.images, FLAGS.index, FLAGS.batch_size, FLAGS.progress)
+    except ValueError as error:
+        print(f"pnpp_tf.index: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    meta = index.metadata
+    print(f"Indexed {meta['num_images']} images under {FLAGS.images} into {FLAGS.index} in "
+          f"{time.perf_counter() - start:.1f} s: {meta['embedding_dim']}-d embeddings of "
+          f"{meta['image_size']} px crops, {_KINDS.get(meta['model_kind'], 'model')} "
+          f"{meta['model']}.")
+    skipped = meta["skipped"]
+    print(f"Skipped {len(skipped)} unreadable file(s){':' if skipped else '.'}")
+    for path, reason in skipped[:_SHOWN_SKIPPED]:
+        print(f"  {path}  ({reason})")
+    if len(skipped) > _SHOWN_SKIPPED:
+        print(f"  ... and {len(skipped) - _SHOWN_SKIPPED} more, listed in the index's metadata.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

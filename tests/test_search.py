@@ -1,0 +1,182 @@
+"""pnpp_tf.search_index, pnpp_tf.index and pnpp_tf.search: index a generated folder, query it."""
+
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli_helpers import run_module
+from conftest import make_folder_dataset
+from pnpp_tf import plots, search_index, serving
+from pnpp_tf.model import build_embedder
+
+IMAGE_SIZE = 32
+EMBEDDING_DIM = 16
+BAD_FILES = ("broken.jpg", "nested/truncated.png")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model_dir and an image folder with two unreadable files and one non-image."""
+    root = tmp_path_factory.mktemp("search")
+    keras.utils.set_random_seed(0)
+    embedder = build_embedder("small_cnn", IMAGE_SIZE, EMBEDDING_DIM)
+    model_dir = root / "run"
+    model_dir.mkdir()
+    embedder.save(model_dir / "embedder.keras")
+    photos = make_folder_dataset(root / "photos", train_classes=2, test_classes=2,
+                                 images_per_class=3)
+    (root / "photos" / "broken.jpg").write_bytes(b"this is not a JPEG")
+    good_png = next((root / "photos").rglob("*.png")).read_bytes()
+    (root / "photos" / "nested").mkdir()
+    (root / "photos" / "nested" / "truncated.png").write_bytes(good_png[:len(good_png) // 2])
+    (root / "photos" / "notes.txt").write_text("not an image")
+    good = sorted(str(p) for p in (root / "photos").rglob("img_*"))
+    return {"root": root, "model_dir": str(model_dir), "photos": photos, "good": good,
+            "embedder": embedder}
+
+
+def test_find_images_is_recursive_sorted_and_skips_other_files(setup):
+    paths = search_index.find_images(setup["photos"])
+    assert len(paths) == len(setup["good"]) + len(BAD_FILES) == 14
+    assert paths == search_index.find_images(setup["photos"])  # a deterministic order
+    assert set(paths) == set(setup["good"]) | {os.path.join(setup["photos"], f) for f in BAD_FILES}
+    assert not any(p.endswith(".txt") for p in paths)
+    assert all(os.path.isabs(p) for p in paths)
+    with pytest.raises(ValueError, match="holds no image files"):
+        search_index.find_images(str(setup["root"] / "run"))
+    with pytest.raises(ValueError, match="is not a directory"):
+        search_index.find_images(str(setup["root"] / "missing"))
+
+
+def test_index_counts_unreadable_files_and_finds_each_image_first(setup, tmp_path):
+    embedder = search_index.load_embedder(setup["model_dir"])
+    assert (embedder.kind, embedder.image_size, embedder.embedding_dim) == ("keras", 32, 16)
+    paths = search_index.find_images(setup["photos"])
+    index = search_index.build_index(embedder, paths, setup["photos"], batch_size=5, verbose=0)
+    assert len(index) == 12 and index.embeddings.shape == (12, EMBEDDING_DIM)
+    assert index.metadata["num_skipped"] == 2
+    skipped = {os.path.relpath(path, setup["photos"]): reason
+               for path, reason in index.metadata["skipped"]}
+    assert set(skipped) == set(BAD_FILES)
+    assert all(reason for reason in skipped.values())  # each says why
+    np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, atol=1e-5)
+
+    path = tmp_path / "sub" / "photos.npz"
+    index.save(str(path))
+    assert os.listdir(path.parent) == ["photos.npz"]  # no .partial left, no extra suffix
+    loaded = search_index.SearchIndex.load(str(path))
+    assert loaded.paths == index.paths and loaded.metadata == index.metadata
+    np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
+
+    # Each image, embedded again on its own, finds itself first at distance ~0.
+    queries, kept, _ = search_index.embed_paths(embedder, index.paths, batch_size=1, verbose=0)
+    assert kept == index.paths
+    distances, neighbours, backend = loaded.search(queries, k=3)
+    assert backend == "exact"
+    np.testing.assert_array_equal(neighbours[:, 0], np.arange(12))
+    assert distances[:, 0].max() < 1e-5
+    assert np.all(np.diff(distances, axis=1) >= 0)
+
+
+def test_index_and_search_command_lines(setup, tmp_path):
+    index_path = tmp_path / "photos.npz"
+    result = run_module("pnpp_tf.index", f"--model={setup['model_dir']}",
+                        f"--images={setup['photos']}", f"--index={index_path}", "--noprogress")
+    assert result.returncode == 0, result.stderr
+    assert f"Indexed 12 images under {setup['photos']}" in result.stdout
+    assert "Skipped 2 unreadable file(s):" in result.stdout
+    assert "broken.jpg" in result.stdout and "truncated.png" in result.stdout
+
+    query = setup["good"][4]
+    grid = tmp_path / "grid.png"
+    result = run_module("pnpp_tf.search", f"--index={index_path}", f"--query={query}", "--k=3",
+                        f"--grid={grid}")
+    assert result.returncode == 0, result.stderr
+    assert "cosine distance (1 - cosine similarity" in result.stdout
+    rows = re.findall(r"^\s+(\d+)\s+([0-9.]+)\s+(\S.*)$", result.stdout, re.MULTILINE)
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert rows[0][2] == query and float(rows[0][1]) < 1e-3
+    with Image.open(grid) as image:
+        assert image.format == "PNG" and image.size == plots.grid_size(1, 4, title=False)
+
+
+def test_command_line_errors_raise_value_errors(setup, tmp_path):
+    """What the entry points print as one `pnpp_tf.<tool>: error: ...` line, exit status 2."""
+    from pnpp_tf import index, search  # pylint: disable=import-outside-toplevel
+
+    with pytest.raises(ValueError, match="--model="):
+        index.run(str(tmp_path), setup["photos"], str(tmp_path / "x.npz"))
+    with pytest.raises(ValueError, match="are all required"):
+        index.run(setup["model_dir"], None, str(tmp_path / "x.npz"))
+    with pytest.raises(ValueError, match="is a directory"):
+        index.run(setup["model_dir"], setup["photos"], str(tmp_path))
+    assert not (tmp_path / "x.npz").exists()
+    with pytest.raises(ValueError, match="--index=.*does not exist"):
+        search.run(str(tmp_path / "missing.npz"), setup["good"][0])
+    with pytest.raises(ValueError, match="--query=.*is not a file"):
+        search.run(str(tmp_path / "missing.npz"), str(tmp_path / "missing.png"))
+
+
+def test_exported_saved_model_base_dir_uses_highest_version(setup, tmp_path):
+    base = tmp_path / "export"
+    serving.EmbedderServingModule(setup["embedder"]).save(str(base / "2"))
+    (base / "1").mkdir()  # not a SavedModel: ignored
+    (base / "7").mkdir()  # an unfinished version: ignored too
+    embedder = search_index.load_embedder(str(base))
+    assert embedder.kind == "saved_model" and embedder.source == str(base / "2")
+    assert (embedder.image_size, embedder.embedding_dim) == (IMAGE_SIZE, EMBEDDING_DIM)
+    keras_embedder = search_index.load_embedder(setup["model_dir"])
+    paths = setup["good"][:3]
+    exported, _, _ = search_index.embed_paths(embedder, paths, verbose=0)
+    reference, _, _ = search_index.embed_paths(keras_embedder, paths, verbose=0)
+    np.testing.assert_allclose(exported, reference, atol=1e-5)
+    assert search_index.load_embedder(str(base / "2")).source == str(base / "2")
+
+
+def test_load_errors(setup, tmp_path):
+    with pytest.raises(ValueError, match="no embedder.keras"):
+        search_index.load_embedder(str(tmp_path))
+    with pytest.raises(ValueError, match="does not exist"):
+        search_index.load_embedder(str(tmp_path / "nothing"))
+    not_an_index = tmp_path / "x.npz"
+    not_an_index.write_text("hello")
+    with pytest.raises(ValueError, match="not an index"):
+        search_index.SearchIndex.load(str(not_an_index))
+    with pytest.raises(ValueError, match="None of the 2 images"):
+        embedder = search_index.load_embedder(setup["model_dir"])
+        search_index.build_index(embedder, [os.path.join(setup["photos"], f) for f in BAD_FILES],
+                                 verbose=0)
+
+
+def test_nearest_orders_ties_by_index_and_excludes():
+    gallery = np.array([[1, 0], [0, 1], [1, 0], [1, 1], [2, 0]], np.float32)
+    similarities, indices, backend = search_index.nearest([[1, 0]], gallery, k=4, backend="exact")
+    assert backend == "exact"
+    np.testing.assert_array_equal(indices, [[0, 2, 4, 3]])
+    np.testing.assert_allclose(similarities, [[1, 1, 1, np.sqrt(0.5)]], atol=1e-6)
+    # Queries that are gallery items, each excluded from its own list.
+    _, indices, _ = search_index.nearest(gallery[:3], gallery, k=2, exclude=[0, 1, 2])
+    np.testing.assert_array_equal(indices, [[2, 4], [3, 0], [0, 4]])
+    with pytest.raises(ValueError, match="k=5"):
+        search_index.nearest(gallery[:1], gallery, k=5, exclude=[0])
+    with pytest.raises(ValueError, match="3-d"):
+        search_index.nearest(np.ones((1, 3)), gallery, k=1)
+
+
+def test_faiss_is_chosen_above_the_threshold(monkeypatch):
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(200, 8)).astype(np.float32)
+    queries = gallery[:5] + 0.01 * rng.normal(size=(5, 8)).astype(np.float32)
+    exact = search_index.nearest(queries, gallery, k=7, exclude=[0, -1, 2, -1, 4], backend="exact")
+    monkeypatch.setattr(search_index, "FAISS_MIN_IMAGES", 100)
+    has_faiss = search_index._import_faiss() is not None  # pylint: disable=protected-access
+    auto = search_index.nearest(queries, gallery, k=7, exclude=[0, -1, 2, -1, 4])
+    assert auto[2] == ("faiss" if has_faiss else "exact")
+    np.testing.assert_array_equal(auto[1], exact[1])
+    np.testing.assert_allclose(auto[0], exact[0], atol=1e-5)
+    monkeypatch.setattr(search_index, "FAISS_MIN_IMAGES", 1000)
+    assert search_index.nearest(queries, gallery, k=1)[2] == "exact"
