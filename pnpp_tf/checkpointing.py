@@ -2,8 +2,8 @@
 
 A checkpoint holds the model (backbone, embedding layer, proxies, BatchNorm statistics), both
 optimisers (Adam moments, iteration counts, learning rates), the number of finished epochs and a
-JSON record of the rest: the per-epoch history, the metrics before training and the LR schedule's
-state. The sampler and the augmentation need no state: both are functions of (seed, epoch,
+JSON record of the rest: the per-epoch history, the metrics before training, the LR schedule's
+state and, for a mid-epoch checkpoint, the step within the epoch. The sampler and the augmentation need no state: both are functions of (seed, epoch,
 position). TensorFlow writes a checkpoint's files before it points the `checkpoint` index at
 them, so a kill mid-write leaves the previous checkpoint in use; only the last few are kept.
 """
@@ -46,31 +46,40 @@ class RunCheckpoint:
         # would be restored (deferred) into the fresh ones of a new phase.
         tf.train.Checkpoint(embedder=model.embedder, loss_layer=model.loss_layer, epoch=self.epoch,
                             record=self.record).restore(self.latest).expect_partial()
-        logging.info("Resuming from %s: %d epochs done", self.latest, int(self.epoch.numpy()))
-        return int(self.epoch.numpy()), json.loads(self.record.numpy().decode("utf-8"))
+        record = json.loads(self.record.numpy().decode("utf-8"))
+        step = record.get("step_in_epoch", 0)
+        logging.info("Resuming from %s: %d epochs done%s", self.latest, int(self.epoch.numpy()),
+                     f" and {step} steps of the next" if step else "")
+        return int(self.epoch.numpy()), record
 
     def restore_optimizers(self, model):
         """Restores both optimisers' state (call after compiling, when resuming mid-phase)."""
         checkpoint = tf.train.Checkpoint(optimizer=model.optimizer, proxy_optimizer=model.proxy_optimizer)
         checkpoint.restore(self.latest).expect_partial()
 
-    def callback(self, record_fn, guard=None):
-        """A Keras callback writing a checkpoint after every epoch.
+    def callback(self, record_fn, steps_per_epoch, guard=None, every_steps=0, first_step=0):
+        """A Keras callback writing a checkpoint after every epoch (and every N steps).
 
         Args:
-            record_fn: `(epoch, logs) -> dict`, the JSON-able record saved with the weights.
+            record_fn: `(epoch, logs) -> dict`, the JSON-able record saved with the weights;
+                called with `logs=None` for a mid-epoch checkpoint.
+            steps_per_epoch: batches in a full epoch.
             guard: a `NonFiniteGuard`; nothing is saved once it has tripped.
+            every_steps: also save every this many steps within an epoch (0: only at its end).
+            first_step: the step the first epoch of this fit starts at (resuming mid-epoch).
         """
-        return _SaveEveryEpoch(self, record_fn, guard)
+        return _SaveCheckpoints(self, record_fn, steps_per_epoch, guard, every_steps, first_step)
 
-    def save(self, model, finished_epochs, record):
+    def save(self, model, finished_epochs, record, step_in_epoch=0, steps_per_epoch=1):
+        """Writes one checkpoint, numbered by the global step, and keeps the last `keep`."""
+        record = {**record, "step_in_epoch": step_in_epoch}
         self.epoch.assign(finished_epochs)
         self.record.assign(json.dumps(record))
         checkpoint = tf.train.Checkpoint(embedder=model.embedder, loss_layer=model.loss_layer,
                                          optimizer=model.optimizer, proxy_optimizer=model.proxy_optimizer,
                                          epoch=self.epoch, record=self.record)
         manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=self.keep)
-        return manager.save(checkpoint_number=finished_epochs)
+        return manager.save(checkpoint_number=finished_epochs * steps_per_epoch + step_in_epoch)
 
 
 class NonFiniteGuard(keras.callbacks.Callback):
@@ -103,15 +112,35 @@ class NonFiniteGuard(keras.callbacks.Callback):
                 "to find the operation that produced it.")
 
 
-class _SaveEveryEpoch(keras.callbacks.Callback):
-    def __init__(self, checkpoint, record_fn, guard):
+class _SaveCheckpoints(keras.callbacks.Callback):
+    def __init__(self, checkpoint, record_fn, steps_per_epoch, guard, every_steps, first_step):
         super().__init__()
         self.checkpoint = checkpoint
         self.record_fn = record_fn
+        self.steps_per_epoch = steps_per_epoch
         self.guard = guard
+        self.every_steps = every_steps
+        self.first_step = first_step
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.first_step + batch + 1
+        if self._tripped() or not self.every_steps or step % self.every_steps or step >= self.steps_per_epoch:
+            return
+        path = self.checkpoint.save(self.model, self._epoch, self.record_fn(self._epoch, None), step,
+                                    self.steps_per_epoch)
+        logging.info("Saved %s (epoch %d, step %d)", path, self._epoch + 1, step)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.guard is not None and self.guard.tripped_at is not None:
+        self.first_step = 0
+        if self._tripped():
             return
-        path = self.checkpoint.save(self.model, epoch + 1, self.record_fn(epoch, logs or {}))
+        path = self.checkpoint.save(self.model, epoch + 1, self.record_fn(epoch, logs or {}), 0,
+                                    self.steps_per_epoch)
         logging.info("Saved %s", path)
+
+    def _tripped(self):
+        return self.guard is not None and self.guard.tripped_at is not None

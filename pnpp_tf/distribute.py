@@ -56,14 +56,15 @@ def check_batch_fits(strategy, batch_size, classes_per_batch, sampler_kind):
                          "each replica must receive whole classes.")
 
 
-def distributed_train_dataset(strategy, paths, labels, sampler, image_size, epochs, first_epoch, seed, flip):
+def distributed_train_dataset(strategy, paths, labels, sampler, image_size, epochs, first_epoch, seed, flip,
+                              first_step=0):
     """The training batches of `pipeline.train_dataset`, split over the strategy's replicas.
 
     With one replica this is the plain dataset. Otherwise every input pipeline builds the same
     global batches and keeps its contiguous slice, batched per replica.
     """
     arguments = dict(paths=paths, labels=labels, sampler=sampler, image_size=image_size, epochs=epochs,
-                     first_epoch=first_epoch, seed=seed, flip=flip)
+                     first_epoch=first_epoch, seed=seed, flip=flip, first_step=first_step)
     if strategy.num_replicas_in_sync == 1:
         return pipeline.train_dataset(**arguments)
 

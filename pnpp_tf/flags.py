@@ -75,5 +75,7 @@ def define_training_flags():
                          "--seed give identical weights (slower on GPU).")
     flags.DEFINE_boolean("debug_numerics", False, "Check every op for NaN/Inf and name the first that "
                          "produces one (slow: for debugging).")
-    flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept in <model_dir>/checkpoints (one per epoch).")
+    flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept in <model_dir>/checkpoints.")
+    flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps within an epoch "
+                         "(0: at the end of each epoch only); a rerun resumes at that step.")
     flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")

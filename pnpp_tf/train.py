@@ -95,6 +95,7 @@ def train_model(config):
         if finished_epochs >= end_epoch:
             continue
         resume_epoch = max(first_epoch, finished_epochs)
+        resume_step = record.get("step_in_epoch", 0) if finished_epochs >= first_epoch else 0
         logging.info("%s: epochs %d-%d of %d batches", phase, resume_epoch + 1, end_epoch, sampler.num_batches)
         # A new optimiser per phase: the main training starts with fresh Adam state.
         with strategy.scope():
@@ -105,12 +106,8 @@ def train_model(config):
                 clip_value=config.clip_value or None,
                 jit_compile=jit_compile,
             )
-        if resume_epoch > first_epoch:
+        if resume_epoch > first_epoch or resume_step:
             checkpoint.restore_optimizers(model)
-        data = distribute.distributed_train_dataset(
-            strategy, train_split.paths, train_split.labels, sampler, config.image_size,
-            end_epoch - resume_epoch, first_epoch=resume_epoch, seed=config.seed, flip=config.flip,
-        )
         schedule = _schedule_callbacks(config, lr_drop_epochs, first_epoch, output_dir) if not freeze_backbone else []
         for callback in schedule:
             if hasattr(callback, "set_state") and "schedule" in record:
@@ -118,7 +115,7 @@ def train_model(config):
         phase_start = time.perf_counter()
 
         def record_epoch(epoch, logs, schedule=schedule, phase_start=phase_start):
-            for name, value in logs.items():
+            for name, value in (logs or {}).items():
                 history.setdefault(name, []).append(float(value))
             saved = {"history": history, "before_training": before,
                      "train_seconds": train_seconds + time.perf_counter() - phase_start}
@@ -127,23 +124,36 @@ def train_model(config):
                     saved["schedule"] = callback.get_state()
             return saved
 
-        model.fit(
-            data,
-            epochs=end_epoch,
-            initial_epoch=resume_epoch,
-            steps_per_epoch=sampler.num_batches,
-            shuffle=False,  # the sampler already decides the order
-            callbacks=[
-                callbacks.RecallAtK(evaluator, every_n_epochs=1 if config.mode == "train" else config.eval_every,
-                                    prefix="val_" if evaluated_on == "val_half" else "test_"),
-                callbacks.LearningRateLogger(),  # before the schedule: the rates the epoch used
-                *schedule,
-                guard,
-                keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
-                checkpoint.callback(record_epoch, guard),
-            ],
-            verbose=config.verbose,
-        )
+        phase_callbacks = [
+            callbacks.RecallAtK(evaluator, every_n_epochs=1 if config.mode == "train" else config.eval_every,
+                                prefix="val_" if evaluated_on == "val_half" else "test_"),
+            callbacks.LearningRateLogger(),  # before the schedule: the rates the epoch used
+            *schedule,
+            guard,
+            keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
+        ]
+        # Resuming mid-epoch: the rest of that epoch first, then whole epochs.
+        segments = [(resume_epoch, resume_step, resume_epoch + 1)] if resume_step else []
+        if resume_epoch + bool(resume_step) < end_epoch:
+            segments.append((resume_epoch + bool(resume_step), 0, end_epoch))
+        for segment_epoch, segment_step, segment_end in segments:
+            data = distribute.distributed_train_dataset(
+                strategy, train_split.paths, train_split.labels, sampler, config.image_size,
+                segment_end - segment_epoch, first_epoch=segment_epoch, seed=config.seed, flip=config.flip,
+                first_step=segment_step,
+            )
+            model.fit(
+                data,
+                epochs=segment_end,
+                initial_epoch=segment_epoch,
+                steps_per_epoch=sampler.num_batches - segment_step,
+                shuffle=False,  # the sampler already decides the order
+                callbacks=[*phase_callbacks, checkpoint.callback(
+                    record_epoch, sampler.num_batches, guard, config.checkpoint_every_steps, segment_step)],
+                verbose=config.verbose,
+            )
+            if guard.tripped_at is not None:
+                break
         train_seconds += time.perf_counter() - phase_start
         if guard.tripped_at is not None:
             raise NumericalFault(guard.message(checkpoint))

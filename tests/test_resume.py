@@ -8,6 +8,7 @@ import time
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import pnpp_tf.model  # noqa: F401 - registers the layers embedder.keras refers to
@@ -22,35 +23,50 @@ def embedder_weights(model_dir):
     return keras.saving.load_model(str(model_dir / "embedder.keras"), compile=False).get_weights()
 
 
-def test_killed_run_resumes_and_ends_with_the_uninterrupted_weights(tmp_path):
-    data_dir = make_folder_dataset(tmp_path / "data", train_classes=4, images_per_class=24)
-    reference = tmp_path / "reference"
-    result = run_module("pnpp_tf.train", *RUN, f"--data_dir={data_dir}", f"--model_dir={reference}")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A dataset and the weights of a run of RUN on it that nothing interrupted."""
+    root = tmp_path_factory.mktemp("resume")
+    data_dir = make_folder_dataset(root / "data", train_classes=4, images_per_class=24)
+    result = run_module("pnpp_tf.train", *RUN, f"--data_dir={data_dir}", f"--model_dir={root / 'reference'}")
     assert result.returncode == 0, result.stderr[-3000:]
+    return data_dir, embedder_weights(root / "reference")
 
-    interrupted = tmp_path / "interrupted"
-    command = [sys.executable, "-m", "pnpp_tf.train", *RUN, f"--data_dir={data_dir}", f"--model_dir={interrupted}"]
+
+def kill_after_first_checkpoint(command, model_dir, delay):
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    index = interrupted / "checkpoints" / "checkpoint"
+    index = model_dir / "checkpoints" / "checkpoint"
     deadline = time.time() + 300
     while not index.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into the next epoch
+        time.sleep(0.02)
+    time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
-    assert not (interrupted / "results.json").exists()
+    assert not (model_dir / "results.json").exists()
 
-    resumed = run_module("pnpp_tf.train", *RUN, f"--data_dir={data_dir}", f"--model_dir={interrupted}")
+
+@pytest.mark.parametrize("every_steps, delay, resumed_at", [
+    (0, 0.5, "epochs done"),               # killed in the epoch after the first epoch checkpoint
+    (1, 0.0, "steps of the next"),         # killed mid-epoch, right after a step checkpoint
+])
+def test_killed_run_resumes_and_ends_with_the_uninterrupted_weights(tmp_path, uninterrupted, every_steps,
+                                                                     delay, resumed_at):
+    data_dir, reference = uninterrupted
+    model_dir = tmp_path / "interrupted"
+    args = (*RUN, f"--data_dir={data_dir}", f"--model_dir={model_dir}", f"--checkpoint_every_steps={every_steps}")
+    kill_after_first_checkpoint([sys.executable, "-m", "pnpp_tf.train", *args], model_dir, delay)
+
+    resumed = run_module("pnpp_tf.train", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming from" in resumed.stderr and "epochs done" in resumed.stderr
-    for ours, theirs in zip(embedder_weights(interrupted), embedder_weights(reference)):
+    assert "Resuming from" in resumed.stderr and resumed_at in resumed.stderr
+    for ours, theirs in zip(embedder_weights(model_dir), reference):
         np.testing.assert_array_equal(ours, theirs)
 
-    again = run_module("pnpp_tf.train", *RUN, f"--data_dir={data_dir}", f"--model_dir={interrupted}")
+    again = run_module("pnpp_tf.train", *args)
     assert again.returncode == 0 and "this run is finished; not training again" in again.stderr
-    changed = run_module("pnpp_tf.train", *RUN, "--lr=0.5", f"--data_dir={data_dir}", f"--model_dir={interrupted}")
+    changed = run_module("pnpp_tf.train", *args, "--lr=0.5")
     assert changed.returncode == 2 and "finished run with other flags (lr)" in changed.stderr
 
 
@@ -65,9 +81,10 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert result.returncode == 3, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("pnpp_tf.train: error:")]
     assert len(errors) == 1 and "Non-finite loss (nan) in epoch 2 at step 1" in errors[0]
-    assert "ckpt-1" in errors[0]
-    assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-1")
+    latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
+    assert latest in errors[0]
     reader = tf.train.load_checkpoint(str(model_dir / "checkpoints"))
+    assert reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 1  # the epoch before the fault
     for name in reader.get_variable_to_shape_map():
         value = reader.get_tensor(name)
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":

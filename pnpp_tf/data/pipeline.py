@@ -136,7 +136,7 @@ class ClassBalancedSampler:
 
 
 def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, seed=0, flip=True,
-                  num_replicas=1, pipeline_index=0, num_pipelines=1):
+                  num_replicas=1, pipeline_index=0, num_pipelines=1, first_step=0):
     """Class-balanced, augmented training batches for `epochs` epochs.
 
     Args:
@@ -152,6 +152,7 @@ def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, see
         pipeline_index: which input pipeline (worker) this is, of `num_pipelines`; it keeps the
             contiguous slice of every global batch that belongs to its replicas.
         num_pipelines: number of input pipelines.
+        first_step: batches of the first epoch to leave out (resuming mid-epoch).
 
     Returns:
         A `tf.data.Dataset` of (images [b, S, S, 3] float32 in [0, 255], labels [b] int32), with
@@ -161,6 +162,7 @@ def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, see
     first_position = first_epoch * sampler.num_batches * sampler.batch_size
     # Positions seed the augmentation, so an image is cropped alike however the batch is split.
     positions = np.arange(order.size, dtype=np.int64).reshape(order.shape) + first_position
+    order, positions = order[first_step:], positions[first_step:]
     width = sampler.batch_size // num_pipelines
     keep = slice(pipeline_index * width, (pipeline_index + 1) * width)
     order, positions = order[:, keep], positions[:, keep]
