@@ -2,10 +2,11 @@
 
     python -m pnpp_tf.train --flagfile=configs/demo.flags
 
-Writes to --model_dir: checkpoints/ (weights after every epoch), logs/ (TensorBoard),
-embedder.keras (the trained embedder), results.json (test metrics before and after training,
-the flags used and timings) and, with --mode=train, schedule.json (the LR drops and best epoch
-that --mode=trainval --lr_schedule_from=<that model_dir> replays).
+Writes to --model_dir: checkpoints/ (the full training state after every epoch; rerunning the
+command resumes from it), logs/ (TensorBoard), embedder.keras (the trained embedder),
+results.json (test metrics before and after training, the flags used and timings), curves.png
+and, with --mode=train, schedule.json (the LR drops and best epoch that --mode=trainval
+--lr_schedule_from=<that model_dir> replays).
 """
 
 import json
