@@ -27,10 +27,12 @@ setup(
         "Pillow>=10.0",
     ],
     extras_require={
-        # The export tests run the TFLite variants and build TF Serving requests.
-        "test": ["pytest>=8.0", "ai-edge-litert>=2.0,<3", "tensorflow-serving-api>=2.20,<2.22"],
+        # The export tests run the TFLite variants and build TF Serving requests; the evaluation
+        # tests check the faiss backend against the TensorFlow one.
+        "test": ["pytest>=8.0", "ai-edge-litert>=2.0,<3", "tensorflow-serving-api>=2.20,<2.22", "faiss-cpu>=1.8"],
         "tflite": ["ai-edge-litert>=2.0,<3"],
         "serving": ["tensorflow-serving-api>=2.20,<2.22"],
+        "faiss": ["faiss-cpu>=1.8"],
         # tools/convert_torchvision_resnet50.py: torch reads .pth files, safetensors .safetensors.
         "convert": ["torch", "safetensors"],
     },

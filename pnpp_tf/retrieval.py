@@ -39,7 +39,8 @@ class RetrievalEvaluator:
         )
 
     def embed(self, model, verbose=0):
-        """L2-normalised embeddings of the queries and (or None) of the gallery."""
+        """The model's embeddings of the queries and (or None) of the gallery (L2-normalised if the
+        model normalises, as `ProxyNCAModel` does; the metrics normalise in any case)."""
         queries = embed_images(model, self._query_images, len(self.query), verbose)
         if self._gallery_images is None:
             return queries, None

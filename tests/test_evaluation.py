@@ -1,24 +1,26 @@
 """Tests for pnpp_tf.evaluation against a brute-force numpy reference."""
 
-import importlib.util
-import os
+import sys
 
 import numpy as np
 import pytest
 
-try:
-    from pnpp_tf import evaluation
-except ImportError:  # package __init__ not there yet: load the module by path
-    _path = os.path.join(os.path.dirname(__file__), "..", "pnpp_tf",
-                         "evaluation.py")
-    _spec = importlib.util.spec_from_file_location("evaluation", _path)
-    evaluation = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(evaluation)
+from pnpp_tf import evaluation
 
 retrieval_metrics = evaluation.retrieval_metrics
 nmi = evaluation.nmi
 
 KS = (1, 2, 4, 8)
+
+try:
+    import faiss  # noqa: F401 pylint: disable=unused-import
+    HAVE_FAISS = True
+except ImportError:
+    HAVE_FAISS = False
+
+# Every comparison with the reference runs on both backends; faiss' only where it is installed.
+BACKENDS = ["tf", pytest.param("faiss", marks=pytest.mark.skipif(
+    not HAVE_FAISS, reason="faiss is not installed (pip install 'pnpp_tf[faiss]')"))]
 
 
 def reference_metrics(q, ql, g=None, gl=None, ks=KS):
@@ -84,30 +86,33 @@ def quantised(rng, n, dim=8):
     return x
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block_size", [7, 1024])
-def test_random_no_gallery(block_size):
+def test_random_no_gallery(block_size, backend):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 16)).astype(np.float32)
     y = rng.integers(0, 6, size=60)
-    assert_same(retrieval_metrics(x, y, block_size=block_size),
+    assert_same(retrieval_metrics(x, y, block_size=block_size, backend=backend),
                 reference_metrics(x, y))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block_size", [7, 1024])
-def test_random_with_gallery(block_size):
+def test_random_with_gallery(block_size, backend):
     rng = np.random.default_rng(1)
     q = rng.normal(size=(45, 12))
     ql = rng.integers(0, 7, size=45)  # class 6 never in gallery -> R = 0
     g = rng.normal(size=(50, 12))
     gl = rng.integers(0, 6, size=50)
-    got = retrieval_metrics(q, ql, g, gl, block_size=block_size)
+    got = retrieval_metrics(q, ql, g, gl, block_size=block_size, backend=backend)
     want = reference_metrics(q, ql, g, gl)
     assert want["num_queries_without_positives"] > 0
     assert_same(got, want)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_gallery", [False, True])
-def test_exact_duplicates(with_gallery):
+def test_exact_duplicates(with_gallery, backend):
     rng = np.random.default_rng(2)
     base = quantised(rng, 10)
     x = np.concatenate([base, base, base[:5]])  # duplicates at other indices
@@ -116,39 +121,43 @@ def test_exact_duplicates(with_gallery):
         args = (x[:12], y[:12], x, y)
     else:
         args = (x, y)
-    assert_same(retrieval_metrics(*args, block_size=7),
+    assert_same(retrieval_metrics(*args, block_size=7, backend=backend),
                 reference_metrics(*args))
 
 
-def test_quantised_many_ties():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantised_many_ties(backend):
     rng = np.random.default_rng(3)
     x = quantised(rng, 80, dim=6)  # only 60 distinct vectors: many ties
     y = rng.integers(0, 5, size=80)
-    assert_same(retrieval_metrics(x, y, block_size=7),
+    assert_same(retrieval_metrics(x, y, block_size=7, backend=backend),
                 reference_metrics(x, y))
 
 
-def test_duplicates_random_floats():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicates_random_floats(backend):
     rng = np.random.default_rng(4)
     base = rng.normal(size=(20, 10)).astype(np.float32)
     x = np.concatenate([base, base[::2], base[:3]])
     y = rng.integers(0, 5, size=len(x))
-    assert_same(retrieval_metrics(x, y, block_size=7),
+    assert_same(retrieval_metrics(x, y, block_size=7, backend=backend),
                 reference_metrics(x, y))
 
 
-def test_singleton_classes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_singleton_classes(backend):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(30, 8))
     y = np.concatenate([rng.integers(0, 4, size=20), np.arange(100, 110)])
-    got = retrieval_metrics(x, y, block_size=7)
+    got = retrieval_metrics(x, y, block_size=7, backend=backend)
     assert got["num_queries_without_positives"] == 10
     assert_same(got, reference_metrics(x, y))
 
 
-def test_no_positives_at_all():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_positives_at_all(backend):
     x = np.eye(3)
-    got = retrieval_metrics(x, [0, 1, 2], ks=(1, 2))
+    got = retrieval_metrics(x, [0, 1, 2], ks=(1, 2), backend=backend)
     assert got["recall@1"] == 0.0 and got["recall@2"] == 0.0
     assert np.isnan(got["map@r"]) and np.isnan(got["r_precision"])
     assert got["num_queries_without_positives"] == 3
@@ -173,20 +182,22 @@ def test_hand_made_line():
     assert got["num_queries_without_positives"] == 0
 
 
-def test_tie_break_by_index():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tie_break_by_index(backend):
     # Query 0 has two equal-score neighbours: the negative at index 1 comes
     # first, so Recall@1 misses; swapping the order makes it a hit.
     x = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
-    got = retrieval_metrics(x[:1], [0], x[1:], [1, 0], ks=(1, 2))
+    got = retrieval_metrics(x[:1], [0], x[1:], [1, 0], ks=(1, 2), backend=backend)
     assert got["recall@1"] == 0.0 and got["recall@2"] == 1.0
     assert got["map@r"] == 0.0
-    got = retrieval_metrics(x[:1], [0], x[1:], [0, 1], ks=(1, 2))
+    got = retrieval_metrics(x[:1], [0], x[1:], [0, 1], ks=(1, 2), backend=backend)
     assert got["recall@1"] == 1.0 and got["map@r"] == 1.0
 
 
-def test_self_excluded_by_index_only():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_self_excluded_by_index_only(backend):
     x = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    got = retrieval_metrics(x, [0, 0, 1], ks=(1,))
+    got = retrieval_metrics(x, [0, 0, 1], ks=(1,), backend=backend)
     assert got["recall@1"] == pytest.approx(2 / 3)
 
 
@@ -213,6 +224,96 @@ def test_shape_validation():
         retrieval_metrics(x, np.zeros(5, int), x)
     with pytest.raises(ValueError, match="block_size"):
         retrieval_metrics(x, np.zeros(5, int), ks=(1,), block_size=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_gallery", [False, True])
+def test_deep_ranks_among_many_ties(with_gallery, backend):
+    # 300 vectors from 240 distinct ones with few distinct dot products and ~5 images per
+    # class: best positives often sit below rank 32 inside long runs of equal scores, where
+    # faiss cuts its first, shallow list and must search deeper.
+    rng = np.random.default_rng(10)
+    x = quantised(rng, 300, dim=6)
+    y = rng.integers(0, 60, size=300)
+    ks = (1, 2, 32, 100, 250)
+    args = (x[:40], y[:40], x[40:], y[40:]) if with_gallery else (x, y)
+    want = reference_metrics(*args, ks=ks)
+    assert want["recall@32"] < 1.0  # some ranks lie beyond the first search
+    assert_same(retrieval_metrics(*args, ks=ks, block_size=16, backend=backend), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_class_deep_map_at_r(backend):
+    # One class of 150 makes R up to 149: the top-R ranking is deeper than any K.
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(240, 12)).astype(np.float32)
+    x[150:] = x[:90]  # duplicates across the big class and the small ones
+    y = np.concatenate([np.zeros(150, int), rng.integers(1, 20, size=90)])
+    assert_same(retrieval_metrics(x, y, block_size=64, backend=backend),
+                reference_metrics(x, y))
+
+
+@pytest.mark.parametrize("with_gallery", [False, True])
+def test_chunked_top_r_selection_with_ties(monkeypatch, with_gallery):
+    # Chunks of 4 columns make the two-stage top-R selection run on small data, with runs of
+    # equal scores and duplicates across chunk boundaries and a partial last chunk.
+    monkeypatch.setattr(evaluation, "_TOP_K_CHUNK", 4)
+    rng = np.random.default_rng(14)
+    x = quantised(rng, 203, dim=6)
+    x[100:150] = x[:50]
+    y = rng.integers(0, 40, size=203)
+    args = (x[:50], y[:50], x[50:], y[50:]) if with_gallery else (x, y)
+    assert_same(retrieval_metrics(*args, ks=(1, 5, 20), block_size=32),
+                reference_metrics(*args, ks=(1, 5, 20)))
+
+
+def test_chunked_top_r_selection_at_the_default_chunk():
+    rng = np.random.default_rng(15)
+    x = quantised(rng, 1100, dim=8)
+    y = rng.integers(0, 200, size=1100)
+    # Deep enough a gallery for the two-stage selection (see _search_tf).
+    assert 2 * np.bincount(y).max() * evaluation._TOP_K_CHUNK <= len(x)
+    assert_same(retrieval_metrics(x, y, ks=(1, 10, 100)), reference_metrics(x, y, ks=(1, 10, 100)))
+
+
+def test_backends_agree_on_ties_and_gallery():
+    if not HAVE_FAISS:
+        pytest.skip("faiss is not installed")
+    rng = np.random.default_rng(12)
+    x = quantised(rng, 400, dim=8)
+    y = rng.integers(0, 50, size=400)
+    for args in ((x, y), (x[:100], y[:100], x[100:], y[100:])):
+        got = [retrieval_metrics(*args, ks=(1, 10, 100), backend=b) for b in ("tf", "faiss")]
+        assert got[0] == got[1]
+
+
+def test_automatic_block_size_splits_queries(monkeypatch):
+    # Scores of 200 entries per block: 4 rows of 43 at a time, the last block padded.
+    monkeypatch.setattr(evaluation, "_AUTO_BLOCK_SCORES", 200)
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(43, 6))
+    y = rng.integers(0, 5, size=43)
+    assert_same(retrieval_metrics(x, y), reference_metrics(x, y))
+
+
+def test_non_finite_embeddings_are_named():
+    x = np.ones((5, 3))
+    x[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"query_embeddings has 1 row.*row 3"):
+        retrieval_metrics(x, np.zeros(5, int))
+    with pytest.raises(ValueError, match=r"gallery_embeddings .*row 0"):
+        retrieval_metrics(np.ones((2, 3)), [0, 0], np.full((2, 3), np.inf), [0, 0], ks=(1,))
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="'annoy'"):
+        retrieval_metrics(np.eye(3), [0, 0, 1], ks=(1,), backend="annoy")
+
+
+def test_faiss_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
+    with pytest.raises(ImportError, match=r"pnpp_tf\[faiss\]"):
+        retrieval_metrics(np.eye(3), [0, 0, 1], ks=(1,), backend="faiss")
 
 
 def test_nmi_perfect_clusters():

@@ -1,0 +1,156 @@
+"""`python -m pnpp_tf.evaluate` on Keras and SavedModel embedders, its errors, and the benchmark."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import make_folder_dataset
+from pnpp_tf import evaluate, evaluation
+from pnpp_tf.data import load_splits, pipeline
+from pnpp_tf.model import build_embedder
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    """Runs `python args...` from the repository; returns the CompletedProcess."""
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=python_path)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=600)
+
+
+def config(**overrides):
+    """The evaluate() settings the flags give by default, with `overrides`."""
+    values = dict(dataset="folder", data_dir=None, model_dir=None, saved_model=None,
+                  output_dir=None, image_size=256, eval_ks=[], eval_batch_size=8, backend="tf",
+                  nmi="auto", block_size=0, verbose=0)
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def embed(function, split, image_size):
+    """Embeds a split outside the CLI, as the reference for its metrics."""
+    batches = pipeline.eval_dataset(split.paths, image_size, batch_size=5)
+    return np.concatenate([np.asarray(function(images)) for images in batches])
+
+
+class ColourStatistics(tf.Module):
+    """A stand-in for an exported embedder: the serving contract, images in, `embedding` out."""
+
+    def __init__(self, image_size):
+        super().__init__()
+        self.projection = tf.Variable(
+            np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32))
+        signature = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")
+        self.serve = tf.function(self._serve, input_signature=[signature])
+
+    def _serve(self, images):
+        stats = tf.concat([tf.reduce_mean(images, [1, 2]), tf.math.reduce_std(images, [1, 2])], 1)
+        return {"embedding": tf.math.l2_normalize(stats @ self.projection, axis=1)}
+
+
+def test_keras_model_end_to_end(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data", test_classes=3, images_per_class=5)
+    model_dir = tmp_path / "run"
+    embedder = build_embedder("small_cnn", image_size=32, embedding_dim=8, weights="none")
+    model_dir.mkdir()
+    embedder.save(model_dir / "embedder.keras")
+
+    result = run("-m", "pnpp_tf.evaluate", f"--model_dir={model_dir}", "--dataset=folder",
+                 f"--data_dir={data_dir}", "--eval_ks=1,4", "--eval_batch_size=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "15/15" in result.stdout  # the progress bar while embedding, in images
+
+    saved = json.loads((model_dir / "eval_folder.json").read_text())
+    # The image size came from the model (the --image_size default is 256).
+    assert saved["image_size"] == 32 and saved["model_format"] == "keras"
+    test = load_splits("folder", data_dir)["test"]
+    want = evaluation.retrieval_metrics(embed(embedder, test, 32), test.labels, ks=(1, 4))
+    for name, value in want.items():
+        assert saved["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    assert 0.0 <= saved["metrics"]["nmi"] <= 1.0  # the folder protocol reports NMI
+    table = (model_dir / "eval_folder.md").read_text()
+    assert "| Recall@1 | Recall@4 | MAP@R | R-Precision | NMI |" in table
+    assert f"| {100 * want['recall@1']:.2f} |" in table
+
+
+@pytest.mark.parametrize("backend", ["tf", pytest.param("faiss", marks=pytest.mark.skipif(
+    importlib.util.find_spec("faiss") is None, reason="faiss is not installed"))])
+def test_saved_model_query_gallery(tmp_path, backend):
+    data_dir = make_folder_dataset(tmp_path / "data", test_classes=3, images_per_class=4,
+                                   eval_dirs=("query", "gallery"))
+    module = ColourStatistics(image_size=40)
+    # TF Serving's layout: the base path holds numbered versions; the newest is evaluated.
+    tf.saved_model.save(module, str(tmp_path / "export" / "1"),
+                        signatures={"serving_default": module.serve})
+    tf.saved_model.save(module, str(tmp_path / "export" / "2"),
+                        signatures={"serving_default": module.serve})
+
+    results = evaluate.evaluate(config(saved_model=str(tmp_path / "export"), data_dir=data_dir,
+                                       output_dir=str(tmp_path / "out"), backend=backend))
+    assert results["model"] == str(tmp_path / "export" / "2")
+    assert results["image_size"] == 40 and results["num_gallery_images"] == 12
+    splits = load_splits("folder", data_dir)
+    query = embed(lambda x: module.serve(x)["embedding"], splits["query"], 40)
+    gallery = embed(lambda x: module.serve(x)["embedding"], splits["gallery"], 40)
+    want = evaluation.retrieval_metrics(query, splits["query"].labels, gallery,
+                                        splits["gallery"].labels, ks=(1, 2, 4, 8))
+    for name, value in want.items():
+        assert results["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    on_disk = json.loads((tmp_path / "out" / "eval_folder.json").read_text())
+    assert on_disk["metrics"]["recall@1"] == results["metrics"]["recall@1"]
+    assert "queries searched in a gallery of 12" in (tmp_path / "out" / "eval_folder.md").read_text()
+
+
+def saved_model_without_embedding(path):
+    module = tf.Module()
+    module.serve = tf.function(lambda images: {"features": tf.reduce_mean(images, [1, 2])},
+                               input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return str(path)
+
+
+@pytest.mark.parametrize("settings, pattern", [
+    (lambda tmp: dict(model_dir=str(tmp)), r"--model_dir=.* has no embedder.keras"),
+    (lambda tmp: dict(saved_model=str(tmp)), r"--saved_model=.* is not a SavedModel"),
+    (lambda tmp: dict(saved_model=saved_model_without_embedding(tmp / "sm")),
+     r"no output named 'embedding' \(it has \['features'\]\)"),
+    (lambda tmp: dict(saved_model=str(tmp), output_dir=None), r"--output_dir .* is required"),
+    (lambda tmp: dict(model_dir=str(tmp), eval_ks=["1", "x"]), r"--eval_ks .* got 1,x"),
+    (lambda tmp: dict(model_dir=str(tmp), block_size=-1), r"--block_size must be >= 0, got -1"),
+])
+def test_bad_settings_raise_a_named_value_error(tmp_path, settings, pattern):
+    values = dict(output_dir=str(tmp_path / "out"), data_dir=str(tmp_path))
+    values.update(settings(tmp_path))
+    with pytest.raises(ValueError, match=pattern):
+        evaluate.evaluate(config(**values))
+
+
+def test_missing_model_is_a_one_line_error(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data")
+    result = run("-m", "pnpp_tf.evaluate", f"--model_dir={tmp_path / 'nothing'}",
+                 "--dataset=folder", f"--data_dir={data_dir}")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines()
+              if line.startswith("pnpp_tf.evaluate: error:")]
+    assert len(errors) == 1 and "has no embedder.keras" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_benchmark_quick_prints_a_table():
+    result = run("tools/bench_eval.py", "--quick", "--configs=inshop_quick")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| In-Shop-like")]
+    assert [row.split("|")[3].strip() for row in rows] == ["tf", "faiss"]
+    assert re.search(r"\| tf \| [\d.]+ \| [\d.e-]+ \(\d+ GFLOP/s\) \| [\d.]+ \| [\d.]+ \| \d+ MB", rows[0])
+    assert rows[1].endswith("| 0 |") or "faiss not installed" in rows[1]
