@@ -1,0 +1,245 @@
+"""Benchmarks the production train step: images/s of `ProxyNCAModel`'s train step, XLA on or off.
+
+    python tools/bench_train.py                                   # ResNet-50, 227 px, batch 32, XLA off
+    python tools/bench_train.py --jit_compile=both --steps=5 --warmup_steps=2
+    python tools/bench_train.py --backbone=small_cnn --image_size=32 --jit_compile=both
+
+The step measured is exactly the one training runs: a `ProxyNCAModel` built by `build_embedder`
+(random weights, which cost the same as ImageNet ones), compiled as `pnpp_tf.train` compiles it
+(two `TorchAdam` optimisers, the recipe's learning rates, gradient clipping at 10, `jit_compile`
+resolved by `resolve_jit_compile`), called through `model.train_on_batch`, i.e. Keras' own
+`train_function` around `ProxyNCAModel.train_step`. Every call waits for the step to finish
+(Keras copies the loss to NumPy).
+
+The input is one class-balanced batch of synthetic float32 images in [0, 255], made once and kept
+in memory: the input pipeline is measured separately (tools/bench_input.py). The first
+`--warmup_steps` steps (tracing, XLA compilation, the optimisers' first updates) are not timed;
+the table reports the median of the next `--steps` steps, and images/s = batch / median step.
+
+With `--jit_compile=both` each setting runs in a fresh Python process (XLA off first), so that
+neither inherits the other's compiled functions, memory or thread pools.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
+# RECIPE: what pnpp_tf.train compiles with by default (--lr, --proxy_lr, --clip_value).
+LEARNING_RATE = 4e-3
+PROXY_LEARNING_RATE = 4e2
+CLIP_VALUE = 10.0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="resnet50", help="Registered backbone (resnet50, small_cnn, "
+                        "resnet50_torchvision).")
+    parser.add_argument("--image_size", type=int, default=227, help="Side of the square input images.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per step.")
+    parser.add_argument("--classes_per_batch", type=int, default=8, help="Distinct classes in the batch.")
+    parser.add_argument("--num_classes", type=int, default=100, help="Proxies (training classes; CUB has 100).")
+    parser.add_argument("--embedding_dim", type=int, default=2048, help="Embedding size.")
+    parser.add_argument("--mixed_precision", default="none", choices=PRECISIONS, help="Keras dtype policy.")
+    parser.add_argument("--jit_compile", default="false", choices=("true", "false", "both"),
+                        help="XLA for the train step; 'both' measures off and on, each in a fresh process.")
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps; the median is reported.")
+    parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps first (at least 1: "
+                        "the first step traces and compiles).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the weights and the synthetic batch.")
+    parser.add_argument("--json", default="", help="Also write the machine and the rows to this JSON file.")
+    parser.add_argument("--worker_output", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    _check(parser, args)
+
+    if args.worker_output:  # a child of --jit_compile=both: one measurement, written as JSON
+        row = measure(args, args.jit_compile == "true")
+        _write_json(args.worker_output, row)
+        return
+    if args.jit_compile == "both":
+        rows = [_run_in_fresh_process(args, jit) for jit in ("false", "true")]
+    else:
+        rows = [measure(args, args.jit_compile == "true")]
+    machine = machine_info(rows[0]["tensorflow"], rows[0]["keras"], rows[0]["gpus"])
+    print(format_table(rows, machine))
+    if args.json:
+        _write_json(args.json, {"machine": machine, "command": _command(argv), "rows": rows})
+
+
+def _check(parser, args):
+    if args.batch_size < 1 or args.classes_per_batch < 1 or args.batch_size % args.classes_per_batch:
+        parser.error(f"--batch_size={args.batch_size} must be a positive multiple of "
+                     f"--classes_per_batch={args.classes_per_batch}.")
+    if args.classes_per_batch > args.num_classes:
+        parser.error(f"--classes_per_batch={args.classes_per_batch} exceeds --num_classes={args.num_classes}.")
+    if args.steps < 1:
+        parser.error("--steps must be at least 1.")
+    if args.warmup_steps < 1:
+        parser.error("--warmup_steps must be at least 1: the first step traces (and with XLA compiles) the step.")
+
+
+def measure(args, jit_compile):
+    """Builds, compiles and times the train step in this process; returns the row (a dict)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile
+    from pnpp_tf.optimizers import TorchAdam
+
+    load_before = os.getloadavg()[0]
+    if args.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(args.mixed_precision)
+    keras.utils.set_random_seed(args.seed)
+    xla = resolve_jit_compile("true" if jit_compile else "false")
+    embedder = build_embedder(args.backbone, args.image_size, args.embedding_dim, weights="none")
+    model = ProxyNCAModel(embedder, args.num_classes)
+    model.compile(optimizer=TorchAdam(LEARNING_RATE), proxy_optimizer=TorchAdam(PROXY_LEARNING_RATE),
+                  clip_value=CLIP_VALUE, jit_compile=xla)
+    if bool(model.jit_compile) != xla:
+        raise RuntimeError(f"Keras set jit_compile={model.jit_compile} although {xla} was asked for.")
+
+    rng = np.random.default_rng(args.seed)
+    shape = (args.batch_size, args.image_size, args.image_size, 3)
+    images = tf.constant(rng.uniform(0.0, 255.0, shape).astype(np.float32))
+    classes = rng.choice(args.num_classes, args.classes_per_batch, replace=False)
+    labels = tf.constant(np.repeat(classes, args.batch_size // args.classes_per_batch).astype(np.int32))
+
+    seconds, cpu_seconds = [], []
+    for step in range(args.warmup_steps + args.steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        logs = model.train_on_batch(images, labels, return_dict=True)  # returns once the step is done
+        seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu_start)
+        if not np.isfinite(logs["loss"]):
+            raise RuntimeError(f"Step {step + 1} gave a non-finite loss {logs['loss']}.")
+        phase = "warm-up" if step < args.warmup_steps else "timed"
+        print(f"  XLA {'on' if xla else 'off'}: {phase} step {step + 1}: {seconds[-1] * 1e3:.1f} ms",
+              file=sys.stderr, flush=True)
+    timed = seconds[args.warmup_steps:]
+    median = statistics.median(timed)
+    # Cores the step kept busy: its CPU time over its wall time (below the core count when other
+    # jobs take CPU time, or when the step cannot use every core).
+    cores_busy = statistics.median(c / s for c, s in zip(cpu_seconds[args.warmup_steps:], timed))
+    return {
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "classes_per_batch": args.classes_per_batch,
+        "num_classes": args.num_classes,
+        "embedding_dim": args.embedding_dim,
+        "precision": args.mixed_precision,
+        "jit_compile": xla,
+        "warmup_steps": args.warmup_steps,
+        "steps": args.steps,
+        "first_step_seconds": seconds[0],
+        "step_seconds": timed,
+        "step_cpu_seconds": cpu_seconds[args.warmup_steps:],
+        "cores_busy": cores_busy,
+        "median_step_ms": median * 1e3,
+        "min_step_ms": min(timed) * 1e3,
+        "max_step_ms": max(timed) * 1e3,
+        "images_per_second": args.batch_size / median,
+        "final_loss": float(logs["loss"]),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "gpus": len(tf.config.list_physical_devices("GPU")),
+    }
+
+
+def _run_in_fresh_process(args, jit):
+    forwarded = [f"--{name}={getattr(args, name)}" for name in (
+        "backbone", "image_size", "batch_size", "classes_per_batch", "num_classes", "embedding_dim",
+        "mixed_precision", "steps", "warmup_steps", "seed")]
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        output = os.path.join(tmp, "row.json")
+        command = [sys.executable, os.path.abspath(__file__), *forwarded, f"--jit_compile={jit}",
+                   f"--worker_output={output}"]
+        print(f"running XLA {'on' if jit == 'true' else 'off'} in a fresh process ...", file=sys.stderr, flush=True)
+        result = subprocess.run(command, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        if result.returncode != 0 or not os.path.isfile(output):
+            raise SystemExit(f"The --jit_compile={jit} measurement failed (exit status {result.returncode}).")
+        with open(output, encoding="utf-8") as file:
+            return json.load(file)
+
+
+def machine_info(tensorflow_version, keras_version, gpus):
+    """CPU model, core counts, and the software versions."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "gpus": gpus,
+        "tensorflow": tensorflow_version,
+        "keras": keras_version,
+        "python": platform.python_version(),
+    }
+
+
+def format_table(rows, machine):
+    """The rows as one Markdown table, with the machine and the load underneath."""
+    lines = [
+        "| backbone | image size | batch | precision | XLA | median step ms | images/s | "
+        "min–max step ms | first step s | cores busy | load avg before/after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['backbone']} | {row['image_size']} | {row['batch_size']} | {row['precision']} | "
+            f"{'on' if row['jit_compile'] else 'off'} | {row['median_step_ms']:.1f} | "
+            f"{row['images_per_second']:.2f} | {row['min_step_ms']:.1f}–{row['max_step_ms']:.1f} | "
+            f"{row['first_step_seconds']:.1f} | {row['cores_busy']:.2f} | "
+            f"{row['load_average_before']:.2f}/{row['load_average_after']:.2f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), {machine['gpus']} GPU; "
+        f"TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, Python {machine['python']}. "
+        f"Median of {_plural(rows[0]['steps'], 'timed step')} after {_plural(rows[0]['warmup_steps'], 'warm-up step')}; "
+        "first step: tracing (and XLA compilation) included; cores busy: the process' CPU time over "
+        "wall time, median over the timed steps; load avg: the 1-minute load average."
+    )
+    return "\n".join(lines)
+
+
+def _plural(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _command(argv):
+    return " ".join(["python", "tools/bench_train.py", *(sys.argv[1:] if argv is None else argv)])
+
+
+def _write_json(path, value):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(value, file, indent=2)
+        file.write("\n")
+
+
+if __name__ == "__main__":
+    main()
