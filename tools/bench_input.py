@@ -39,6 +39,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from machine import cpu_model  # noqa: E402 - tools/machine.py, beside this script
+
 PIPELINES = ("train", "eval")
 PIPELINE_LABELS = {
     "train": "train (decode + RandomResizedCrop + flip)",
@@ -268,15 +270,7 @@ def _usable_cores():
 
 def machine_info(tensorflow_version):
     """CPU model, core counts and software versions."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(_usable_cores()),
             "tensorflow": tensorflow_version, "python": platform.python_version()}
 

@@ -34,6 +34,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from machine import cpu_model  # noqa: E402 - tools/machine.py, beside this script
+
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 # RECIPE: what pnpp_tf.train compiles with by default (--lr, --proxy_lr, --clip_value).
 LEARNING_RATE = 4e-3
@@ -178,15 +180,7 @@ def _run_in_fresh_process(args, jit):
 
 def machine_info(tensorflow_version, keras_version, gpus):
     """CPU model, core counts, and the software versions."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu,
