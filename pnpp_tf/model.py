@@ -226,8 +226,8 @@ def resolve_jit_compile(jit_compile, num_replicas=1):
     """Maps the `--jit_compile` value to a bool: "auto" means XLA on a single GPU only.
 
     XLA made the ResNet-50 train step 1.7x slower on a 2-core CPU (tools/bench_train.py), so
-    "auto" turns it off there; like Keras, "auto"
-    also leaves it off under multi-replica strategies.
+    "auto" turns it off there; like Keras, "auto" also leaves it off under multi-replica
+    strategies.
 
     Args:
         jit_compile: True, False, or "auto" / "true" / "false".
