@@ -30,7 +30,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from machine import cpu_model  # noqa: E402 - tools/machine.py, beside this script
+from machine import cpu_model, run_measurement  # noqa: E402 - tools/machine.py, beside this script
 
 PIPELINES = ("train", "eval")
 PIPELINE_LABELS = {
@@ -250,11 +249,7 @@ def _run_in_fresh_process(args, cores, manifest, workdir):
     command = [sys.executable, os.path.abspath(__file__), *forwarded, f"--worker_cores={cores}",
                f"--manifest={manifest}", f"--worker_output={output}"]
     print(f"running on {cores} core(s) in a fresh process ...", file=sys.stderr, flush=True)
-    result = subprocess.run(command, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    if result.returncode != 0 or not os.path.isfile(output):
-        raise SystemExit(f"The {cores}-core measurement failed (exit status {result.returncode}).")
-    with open(output, encoding="utf-8") as file:
-        return json.load(file)
+    return run_measurement(command, f"{cores}-core")
 
 
 def _dataset_files(args):

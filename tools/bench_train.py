@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from machine import cpu_model  # noqa: E402 - tools/machine.py, beside this script
+from machine import cpu_model, run_measurement  # noqa: E402 - tools/machine.py, beside this script
 
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 # RECIPE: what pnpp_tf.train compiles with by default (--lr, --proxy_lr, --clip_value).
@@ -171,11 +170,7 @@ def _run_in_fresh_process(args, jit):
         command = [sys.executable, os.path.abspath(__file__), *forwarded, f"--jit_compile={jit}",
                    f"--worker_output={output}"]
         print(f"running XLA {'on' if jit == 'true' else 'off'} in a fresh process ...", file=sys.stderr, flush=True)
-        result = subprocess.run(command, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-        if result.returncode != 0 or not os.path.isfile(output):
-            raise SystemExit(f"The --jit_compile={jit} measurement failed (exit status {result.returncode}).")
-        with open(output, encoding="utf-8") as file:
-            return json.load(file)
+        return run_measurement(command, f"--jit_compile={jit}")
 
 
 def machine_info(tensorflow_version, keras_version, gpus):
