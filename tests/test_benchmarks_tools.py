@@ -53,16 +53,19 @@ def test_bench_input_times_train_and_eval_pipelines_per_core(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = table_rows(result.stdout)
-    assert [(row[0].split()[0], row[1]) for row in rows][:2] == [("train", "1"), ("eval", "1")]
-    assert len(rows) == 4
+    labels = ["train", "eval", "train from --cache_dir", "eval from --cache_dir"]
+    assert [row[0].split(" (")[0] for row in rows] == labels * 2
+    assert [row[1] for row in rows[:4]] == ["1"] * 4
     for row in rows:
         assert all(float(cell) > 0 for cell in row[2:6]) and float(row[6]) >= 0, row  # cores busy may round to 0
     assert re.search(r"Data: 20 generated JPEG files .* 20 files", result.stdout)
+    assert re.search(r"Cache: shorter side 36 px, \d+\.\d MB on disk, built in", result.stdout)
 
     report = json.loads(output.read_text())
     assert report["data"]["files"] == 20 and report["data"]["mean_kilobytes"] > 0
     one_core = [row for row in report["rows"] if row["cores"] == 1]
-    assert len(one_core) == 2 and all(len(row["cpus"]) == 1 for row in one_core)  # really pinned
+    assert len(one_core) == 4 and all(len(row["cpus"]) == 1 for row in one_core)  # really pinned
+    assert report["data"]["cache"]["short_side"] == 36 and report["data"]["cache"]["megabytes"] > 0
     for row in report["rows"]:
         assert row["images_per_second"] > 0
         assert abs(row["images_per_second_per_core"] * row["cores"] - row["images_per_second"]) < 1e-6

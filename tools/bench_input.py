@@ -7,7 +7,9 @@ What runs is `pnpp_tf.data.pipeline` exactly as training and evaluation use it:
   - train: `train_dataset` with a `ClassBalancedSampler` (read file, decode, RandomResizedCrop
     to --image_size, random flip, class-balanced batches, prefetch);
   - eval: `eval_dataset` (read file, decode, resize the shorter side to 288/256 of the crop,
-    center crop).
+    center crop);
+  - train_cached, eval_cached: the same, reading an `ImageCache` of the files (decoded once,
+    shorter side --cache_short_side) built before the timing; the table notes its size and build time.
 Without --data_dir, --num_images JPEG files are written to a temporary directory first, of
 photo-like content (smooth colour fields, shapes and sensor-like noise, quality 90) with the long
 side --long_side px (500 by default, as in CUB-200-2011) and the short side 300-400 px, and get
@@ -40,10 +42,12 @@ if REPO not in sys.path:
 
 from machine import cpu_model, run_measurement  # noqa: E402 - tools/machine.py, beside this script
 
-PIPELINES = ("train", "eval")
+PIPELINES = ("train", "eval", "train_cached", "eval_cached")
 PIPELINE_LABELS = {
     "train": "train (decode + RandomResizedCrop + flip)",
     "eval": "eval (decode + resize + center crop)",
+    "train_cached": "train from --cache_dir (read + RandomResizedCrop + flip)",
+    "eval_cached": "eval from --cache_dir (read + resize + center crop)",
 }
 IMAGES_PER_CLASS = 20
 JPEG_QUALITY = 90
@@ -64,7 +68,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="Timed windows; the median is reported.")
     parser.add_argument("--cores", default="1,all", help="Comma-separated core counts to run on ('all': every "
                         "core this process may use).")
-    parser.add_argument("--pipelines", default="train,eval", help="Comma-separated: train, eval.")
+    parser.add_argument("--pipelines", default=",".join(PIPELINES), help="Comma-separated: "
+                        f"{', '.join(PIPELINES)}; *_cached read decoded images from an ImageCache.")
+    parser.add_argument("--cache_short_side", type=int, default=0, help="Shorter side of the cached images "
+                        "(0: 288/256 of --image_size, what pnpp_tf.train's --cache_short_side defaults to).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the files, labels, sampler and augmentation.")
     parser.add_argument("--json", default="", help="Also write the machine, the data and the rows to this JSON file.")
     parser.add_argument("--worker_cores", type=int, default=0, help=argparse.SUPPRESS)
@@ -106,8 +113,12 @@ def main(argv=None):
             raise SystemExit(f"The data has {len(set(labels))} classes, fewer than --classes_per_batch="
                              f"{args.classes_per_batch}.")
         data = {"origin": origin, **describe_files(paths), "classes": len(set(labels))}
+        cached_paths = None
+        if any(name.endswith("_cached") for name in pipelines):
+            cached_paths, data["cache"] = build_cache(paths, os.path.join(workdir, "cache"), args)
         manifest = os.path.join(workdir, "manifest.json")
-        _write_json(manifest, {"paths": list(paths), "labels": [int(label) for label in labels]})
+        _write_json(manifest, {"paths": list(paths), "cached_paths": cached_paths,
+                               "labels": [int(label) for label in labels]})
         rows = []
         for cores in core_counts:
             rows.extend(_run_in_fresh_process(args, cores, manifest, workdir))
@@ -153,6 +164,21 @@ def write_jpegs(directory, count, long_side, num_classes, seed=0):
     return paths, labels
 
 
+def build_cache(paths, directory, args):
+    """Decodes the files into an `ImageCache` in `directory`; returns (entries, its description)."""
+    from pnpp_tf.data.cache import ImageCache, default_short_side
+
+    side = args.cache_short_side or default_short_side(args.image_size)
+    print(f"decoding {len(paths)} files into an image cache (shorter side {side} px) ...", file=sys.stderr,
+          flush=True)
+    start = time.perf_counter()
+    entries = ImageCache(directory, side).cached_paths(list(paths), progress=False)
+    seconds = time.perf_counter() - start
+    megabytes = sum(os.path.getsize(entry) for entry in entries) / 2**20
+    return entries, {"short_side": side, "build_seconds": seconds, "build_images_per_second": len(paths) / seconds,
+                     "megabytes": megabytes}
+
+
 def describe_files(paths):
     """Count, mean file size and mean pixel size of the files (their headers only)."""
     from PIL import Image
@@ -186,11 +212,12 @@ def run_worker(args, pipelines):
 
     with open(args.manifest, encoding="utf-8") as file:
         manifest = json.load(file)
-    paths, labels = manifest["paths"], np.asarray(manifest["labels"], np.int64)
+    labels = np.asarray(manifest["labels"], np.int64)
     total_batches = args.warmup_batches + args.repeats * args.batches
     rows = []
     for name in pipelines:
-        if name == "train":
+        paths = manifest["cached_paths"] if name.endswith("_cached") else manifest["paths"]
+        if name.startswith("train"):
             sampler = pipeline.ClassBalancedSampler(labels, args.batch_size, args.classes_per_batch, args.seed)
             epochs = math.ceil(total_batches / sampler.num_batches)
             dataset = pipeline.train_dataset(paths, labels, sampler, args.image_size, epochs, seed=args.seed, flip=True)
@@ -245,7 +272,7 @@ def _run_in_fresh_process(args, cores, manifest, workdir):
     output = os.path.join(workdir, f"rows_{cores}.json")
     forwarded = [f"--{name}={getattr(args, name)}" for name in (
         "image_size", "batch_size", "classes_per_batch", "warmup_batches", "batches", "repeats", "pipelines",
-        "seed")]
+        "seed", "cache_short_side")]
     command = [sys.executable, os.path.abspath(__file__), *forwarded, f"--worker_cores={cores}",
                f"--manifest={manifest}", f"--worker_output={output}"]
     print(f"running on {cores} core(s) in a fresh process ...", file=sys.stderr, flush=True)
@@ -293,6 +320,12 @@ def format_table(rows, machine, data, args):
         f"{args.batches} batches after {args.warmup_batches} warm-up batches; "
         f"{rows[0]['map_parallel_calls']} parallel map calls (os.cpu_count())."
     )
+    if "cache" in data:
+        cache = data["cache"]
+        lines.append(
+            f"Cache: shorter side {cache['short_side']} px, {cache['megabytes']:.1f} MB on disk, built in "
+            f"{cache['build_seconds']:.1f} s ({cache['build_images_per_second']:.0f} images/s, all cores)."
+        )
     lines.append(
         f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable); "
         f"TensorFlow {machine['tensorflow']}, Python {machine['python']}. Cores pinned with "

@@ -1,0 +1,125 @@
+"""On-disk cache of decoded, downsized images: each image file is decoded once, not every epoch.
+
+    cache = ImageCache("/scratch/cub_cache", short_side=288)
+    split = cache.cached_split(split)          # same images and labels, paths into the cache
+
+An entry holds one image's pixels, downsized so that its shorter side is at most `short_side`
+(never enlarged), as a serialized uint8 tensor (`tf.io.serialize_tensor`) that
+`pipeline.read_image` reads without decoding. The input pipelines take cached paths like any
+others, so training and evaluation run unchanged on them.
+
+An entry's name is a hash of the source file's absolute path, size, modification time and
+`short_side`: an edited or replaced image gets a new entry, and one cache directory serves several
+datasets and sizes. Entries are written to a temporary name and renamed, so a build killed half
+way leaves only whole entries and the next build completes it. Entries of files that changed are
+not deleted; remove the directory to reclaim the space.
+"""
+
+import hashlib
+import os
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from pnpp_tf.data import pipeline
+from pnpp_tf.data.split import Split
+
+# Why 288/256 of the crop by default: evaluation resizes the shorter side to exactly that before
+# its center crop (RECIPE), so cached evaluation differs from uncached only by rounding to uint8.
+DEFAULT_SIDE_RATIO = pipeline.EVAL_RESIZE_RATIO
+
+
+def default_short_side(image_size):
+    """The cache's shorter side for crops of `image_size`: the evaluation resize, 288/256 of it."""
+    return round(image_size * DEFAULT_SIDE_RATIO)
+
+
+class ImageCache:
+    """A directory of decoded images, downsized to a shorter side of at most `short_side` pixels.
+
+    Args:
+        directory: where entries are written (created if missing).
+        short_side: shorter side of the cached images in pixels; smaller images are kept as they
+            are. Evaluation needs `default_short_side(image_size)`; training crops (as small as 8%
+            of the image) keep more detail from a larger side, at the cost of disk and reading.
+    """
+
+    def __init__(self, directory, short_side):
+        if not directory:
+            raise ValueError("ImageCache needs a directory (--cache_dir).")
+        if short_side < 1:
+            raise ValueError(f"--cache_short_side must be a positive number of pixels, got {short_side}.")
+        self.directory = directory
+        self.short_side = int(short_side)
+
+    def cached_split(self, split, progress=True):
+        """`split` with each path replaced by its cache entry, building the missing entries.
+
+        Args:
+            split: a `Split` of image files.
+            progress: show a progress bar while building entries.
+
+        Returns:
+            A `Split` with the same labels and class names.
+        """
+        return Split(self.cached_paths(split.paths, progress), split.labels, split.class_names)
+
+    def cached_paths(self, paths, progress=True):
+        """The cache entry of every image in `paths` (in order), building the missing ones."""
+        entries = [self.entry_path(path) for path in paths]
+        missing = [i for i, entry in enumerate(entries) if not tf.io.gfile.exists(entry)]
+        if missing:
+            logging.info("Image cache %s: decoding %d of %d images (shorter side <= %d px)",
+                         self.directory, len(missing), len(paths), self.short_side)
+            self._build([paths[i] for i in missing], [entries[i] for i in missing], progress)
+        return entries
+
+    def entry_path(self, path):
+        """Where the entry of the image file `path` is (whether or not it exists yet)."""
+        path = os.path.abspath(path) if "://" not in path else path
+        stat = tf.io.gfile.stat(path)
+        key = f"{path}\0{stat.length}\0{stat.mtime_nsec}\0{self.short_side}".encode("utf-8")
+        digest = hashlib.sha1(key).hexdigest()
+        # Two-level fan-out keeps directories small for datasets of 100k+ images (SOP).
+        return os.path.join(self.directory, digest[:2], digest[2:] + pipeline.CACHED_IMAGE_SUFFIX)
+
+    def _build(self, paths, entries, progress):
+        encoded = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths))).map(
+            self._encode, num_parallel_calls=os.cpu_count() or 1, deterministic=True
+        )
+        bar = keras.utils.Progbar(len(paths), unit_name="image") if progress else None
+        done = 0
+        iterator = iter(encoded.prefetch(2))
+        while done < len(paths):
+            try:
+                contents = next(iterator)
+            except tf.errors.InvalidArgumentError as error:
+                raise ValueError(f"{paths[done]}: cannot decode this image for the cache ({error.message}); "
+                                 "check it with `python -m pnpp_tf.check_data`.") from None
+            _write_atomically(entries[done], contents.numpy())
+            done += 1
+            if bar:
+                bar.add(1)
+
+    def _encode(self, path):
+        image = pipeline.decode_image(path)
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = tf.minimum(1.0, self.short_side / tf.reduce_min(shape))
+        target = tf.cast(tf.round(shape * scale), tf.int32)
+        image = tf.cond(
+            scale < 1.0,
+            lambda: tf.image.resize(image, target, method="bilinear", antialias=True),
+            lambda: image,
+        )
+        pixels = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+        return tf.io.serialize_tensor(pixels)
+
+
+def _write_atomically(path, contents):
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    temporary = f"{path}.tmp{os.getpid()}"
+    with tf.io.gfile.GFile(temporary, "wb") as file:
+        file.write(contents)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
+
