@@ -14,7 +14,9 @@ import time
 
 from absl import app, flags
 
-from pnpp_tf import search_index
+from pnpp_tf.embedder import load_embedder
+from pnpp_tf.image_embeddings import find_images
+from pnpp_tf.search_index import build_index
 
 FLAGS = flags.FLAGS
 _SHOWN_SKIPPED = 10
@@ -40,9 +42,9 @@ def run(model, images, index_path, batch_size=64, progress=True):
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}.")
     if os.path.isdir(index_path):
         raise ValueError(f"--index={index_path} is a directory; give a file name, e.g. photos.npz.")
-    paths = search_index.find_images(images)
-    embedder = search_index.load_embedder(model)
-    index = search_index.build_index(embedder, paths, images, batch_size, verbose=int(progress))
+    paths = find_images(images)
+    embedder = load_embedder(model)
+    index = build_index(embedder, paths, images, batch_size, verbose=int(progress))
     try:
         index.save(index_path)
     except OSError as error:

@@ -13,7 +13,11 @@ import sys
 
 from absl import app, flags, logging
 
-from pnpp_tf import plots, search_index
+from pnpp_tf import plots
+from pnpp_tf.embedder import load_embedder
+from pnpp_tf.image_embeddings import embed_paths
+from pnpp_tf.neighbours import BACKENDS, DISTANCE
+from pnpp_tf.search_index import SearchIndex
 
 FLAGS = flags.FLAGS
 
@@ -26,7 +30,7 @@ def define_flags():
     flags.DEFINE_string("grid", None, "Optional PNG: the query and its neighbours.")
     flags.DEFINE_string("model", None, "The model to embed the query with (default: the one the "
                         "index was built with; it must be the same model).")
-    flags.DEFINE_enum("backend", "auto", search_index.BACKENDS,
+    flags.DEFINE_enum("backend", "auto", BACKENDS,
                       "auto: exact numpy search, faiss above 100,000 images if installed.")
 
 
@@ -40,13 +44,13 @@ def run(index_path, query, k=10, model=None, backend="auto"):
     model = os.path.expanduser(model) if model else None
     if not os.path.isfile(query):
         raise ValueError(f"--query={query} is not a file.")
-    index = search_index.SearchIndex.load(index_path)
+    index = SearchIndex.load(index_path)
     meta = index.metadata
     source = model or meta.get("model")
     if not model and not (source and os.path.exists(source)):
         raise ValueError(f"The index was built with the model {source}, which no longer exists; "
                          "pass the same model with --model.")
-    embedder = search_index.load_embedder(source)
+    embedder = load_embedder(source)
     if model and os.path.abspath(embedder.source) != meta.get("model"):
         logging.warning("Embedding the query with %s, but the index was built with %s: distances "
                         "mean something only if both are the same model.", embedder.source,
@@ -54,7 +58,7 @@ def run(index_path, query, k=10, model=None, backend="auto"):
     if embedder.image_size != meta.get("image_size", embedder.image_size):
         raise ValueError(f"--model takes {embedder.image_size} px images but the index was built "
                          f"with {meta['image_size']} px crops: it is another model.")
-    embedding, _, skipped = search_index.embed_paths(embedder, [query], verbose=0)
+    embedding, _, skipped = embed_paths(embedder, [query], verbose=0)
     if skipped:
         raise ValueError(f"cannot read --query={query}: {skipped[0][1]}")
     note = ""
@@ -85,7 +89,7 @@ def main(argv):
     how = "faiss IndexFlatIP, exact" if backend == "faiss" else "exact"
     print(f"Query: {os.path.abspath(query)}")
     print(f"The {len(indices)} nearest of {len(index)} indexed images{note} ({how} search); "
-          f"distance = {search_index.DISTANCE}:")
+          f"distance = {DISTANCE}:")
     print(f"{'rank':>4}  {'distance':>8}  image")
     for rank, (distance, path) in enumerate(zip(distances, neighbours), start=1):
         print(f"{rank:>4}  {distance:8.4f}  {path}")

@@ -1,4 +1,5 @@
-"""pnpp_tf.search_index, pnpp_tf.index and pnpp_tf.search: index a generated folder, query it."""
+"""pnpp_tf.{embedder,image_embeddings,neighbours,search_index}, pnpp_tf.index and pnpp_tf.search:
+index a generated folder, query it."""
 
 import os
 import re
@@ -10,7 +11,9 @@ from PIL import Image
 
 from cli_helpers import run_module
 from conftest import make_folder_dataset
-from pnpp_tf import plots, search_index, serving
+from pnpp_tf import neighbours, plots, search_index, serving
+from pnpp_tf.embedder import load_embedder
+from pnpp_tf.image_embeddings import embed_paths, find_images
 from pnpp_tf.model import build_embedder
 
 IMAGE_SIZE = 32
@@ -40,22 +43,22 @@ def setup(tmp_path_factory):
 
 
 def test_find_images_is_recursive_sorted_and_skips_other_files(setup):
-    paths = search_index.find_images(setup["photos"])
+    paths = find_images(setup["photos"])
     assert len(paths) == len(setup["good"]) + len(BAD_FILES) == 14
-    assert paths == search_index.find_images(setup["photos"])  # a deterministic order
+    assert paths == find_images(setup["photos"])  # a deterministic order
     assert set(paths) == set(setup["good"]) | {os.path.join(setup["photos"], f) for f in BAD_FILES}
     assert not any(p.endswith(".txt") for p in paths)
     assert all(os.path.isabs(p) for p in paths)
     with pytest.raises(ValueError, match="holds no image files"):
-        search_index.find_images(str(setup["root"] / "run"))
+        find_images(str(setup["root"] / "run"))
     with pytest.raises(ValueError, match="is not a directory"):
-        search_index.find_images(str(setup["root"] / "missing"))
+        find_images(str(setup["root"] / "missing"))
 
 
 def test_index_counts_unreadable_files_and_finds_each_image_first(setup, tmp_path):
-    embedder = search_index.load_embedder(setup["model_dir"])
+    embedder = load_embedder(setup["model_dir"])
     assert (embedder.kind, embedder.image_size, embedder.embedding_dim) == ("keras", 32, 16)
-    paths = search_index.find_images(setup["photos"])
+    paths = find_images(setup["photos"])
     index = search_index.build_index(embedder, paths, setup["photos"], batch_size=5, verbose=0)
     assert len(index) == 12 and index.embeddings.shape == (12, EMBEDDING_DIM)
     assert index.metadata["num_skipped"] == 2
@@ -73,11 +76,11 @@ def test_index_counts_unreadable_files_and_finds_each_image_first(setup, tmp_pat
     np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
 
     # Each image, embedded again on its own, finds itself first at distance ~0.
-    queries, kept, _ = search_index.embed_paths(embedder, index.paths, batch_size=1, verbose=0)
+    queries, kept, _ = embed_paths(embedder, index.paths, batch_size=1, verbose=0)
     assert kept == index.paths
-    distances, neighbours, backend = loaded.search(queries, k=3)
+    distances, found, backend = loaded.search(queries, k=3)
     assert backend == "exact"
-    np.testing.assert_array_equal(neighbours[:, 0], np.arange(12))
+    np.testing.assert_array_equal(found[:, 0], np.arange(12))
     assert distances[:, 0].max() < 1e-5
     assert np.all(np.diff(distances, axis=1) >= 0)
 
@@ -126,57 +129,57 @@ def test_exported_saved_model_base_dir_uses_highest_version(setup, tmp_path):
     serving.EmbedderServingModule(setup["embedder"]).save(str(base / "2"))
     (base / "1").mkdir()  # not a SavedModel: ignored
     (base / "7").mkdir()  # an unfinished version: ignored too
-    embedder = search_index.load_embedder(str(base))
+    embedder = load_embedder(str(base))
     assert embedder.kind == "saved_model" and embedder.source == str(base / "2")
     assert (embedder.image_size, embedder.embedding_dim) == (IMAGE_SIZE, EMBEDDING_DIM)
-    keras_embedder = search_index.load_embedder(setup["model_dir"])
+    keras_embedder = load_embedder(setup["model_dir"])
     paths = setup["good"][:3]
-    exported, _, _ = search_index.embed_paths(embedder, paths, verbose=0)
-    reference, _, _ = search_index.embed_paths(keras_embedder, paths, verbose=0)
+    exported, _, _ = embed_paths(embedder, paths, verbose=0)
+    reference, _, _ = embed_paths(keras_embedder, paths, verbose=0)
     np.testing.assert_allclose(exported, reference, atol=1e-5)
-    assert search_index.load_embedder(str(base / "2")).source == str(base / "2")
+    assert load_embedder(str(base / "2")).source == str(base / "2")
 
 
 def test_load_errors(setup, tmp_path):
     with pytest.raises(ValueError, match="no embedder.keras"):
-        search_index.load_embedder(str(tmp_path))
+        load_embedder(str(tmp_path))
     with pytest.raises(ValueError, match="does not exist"):
-        search_index.load_embedder(str(tmp_path / "nothing"))
+        load_embedder(str(tmp_path / "nothing"))
     not_an_index = tmp_path / "x.npz"
     not_an_index.write_text("hello")
     with pytest.raises(ValueError, match="not an index"):
         search_index.SearchIndex.load(str(not_an_index))
     with pytest.raises(ValueError, match="None of the 2 images"):
-        embedder = search_index.load_embedder(setup["model_dir"])
+        embedder = load_embedder(setup["model_dir"])
         search_index.build_index(embedder, [os.path.join(setup["photos"], f) for f in BAD_FILES],
                                  verbose=0)
 
 
 def test_nearest_orders_ties_by_index_and_excludes():
     gallery = np.array([[1, 0], [0, 1], [1, 0], [1, 1], [2, 0]], np.float32)
-    similarities, indices, backend = search_index.nearest([[1, 0]], gallery, k=4, backend="exact")
+    similarities, indices, backend = neighbours.nearest([[1, 0]], gallery, k=4, backend="exact")
     assert backend == "exact"
     np.testing.assert_array_equal(indices, [[0, 2, 4, 3]])
     np.testing.assert_allclose(similarities, [[1, 1, 1, np.sqrt(0.5)]], atol=1e-6)
     # Queries that are gallery items, each excluded from its own list.
-    _, indices, _ = search_index.nearest(gallery[:3], gallery, k=2, exclude=[0, 1, 2])
+    _, indices, _ = neighbours.nearest(gallery[:3], gallery, k=2, exclude=[0, 1, 2])
     np.testing.assert_array_equal(indices, [[2, 4], [3, 0], [0, 4]])
     with pytest.raises(ValueError, match="k=5"):
-        search_index.nearest(gallery[:1], gallery, k=5, exclude=[0])
+        neighbours.nearest(gallery[:1], gallery, k=5, exclude=[0])
     with pytest.raises(ValueError, match="3-d"):
-        search_index.nearest(np.ones((1, 3)), gallery, k=1)
+        neighbours.nearest(np.ones((1, 3)), gallery, k=1)
 
 
 def test_faiss_is_chosen_above_the_threshold(monkeypatch):
     rng = np.random.default_rng(0)
     gallery = rng.normal(size=(200, 8)).astype(np.float32)
     queries = gallery[:5] + 0.01 * rng.normal(size=(5, 8)).astype(np.float32)
-    exact = search_index.nearest(queries, gallery, k=7, exclude=[0, -1, 2, -1, 4], backend="exact")
-    monkeypatch.setattr(search_index, "FAISS_MIN_IMAGES", 100)
-    has_faiss = search_index._import_faiss() is not None  # pylint: disable=protected-access
-    auto = search_index.nearest(queries, gallery, k=7, exclude=[0, -1, 2, -1, 4])
+    exact = neighbours.nearest(queries, gallery, k=7, exclude=[0, -1, 2, -1, 4], backend="exact")
+    monkeypatch.setattr(neighbours, "FAISS_MIN_IMAGES", 100)
+    has_faiss = neighbours.import_faiss() is not None
+    auto = neighbours.nearest(queries, gallery, k=7, exclude=[0, -1, 2, -1, 4])
     assert auto[2] == ("faiss" if has_faiss else "exact")
     np.testing.assert_array_equal(auto[1], exact[1])
     np.testing.assert_allclose(auto[0], exact[0], atol=1e-5)
-    monkeypatch.setattr(search_index, "FAISS_MIN_IMAGES", 1000)
-    assert search_index.nearest(queries, gallery, k=1)[2] == "exact"
+    monkeypatch.setattr(neighbours, "FAISS_MIN_IMAGES", 1000)
+    assert neighbours.nearest(queries, gallery, k=1)[2] == "exact"

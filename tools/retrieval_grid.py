@@ -26,7 +26,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from pnpp_tf import plots, search_index  # noqa: E402
+from pnpp_tf import plots  # noqa: E402
+from pnpp_tf.embedder import load_embedder  # noqa: E402
+from pnpp_tf.image_embeddings import embed_paths  # noqa: E402
+from pnpp_tf.neighbours import cosine_distance, nearest  # noqa: E402
 from pnpp_tf.data import DATASETS, load_splits  # noqa: E402
 
 
@@ -55,7 +58,7 @@ def make_pictures(model, output, scatter=None, dataset=None, data_dir=None, spli
         if gallery_split is not None:
             gallery_split = _restrict(gallery_split, keep)
 
-    embedder = search_index.load_embedder(model)
+    embedder = load_embedder(model)
     query_emb, query_paths, query_labels = _embed(embedder, query_split, batch_size, verbose)
     if gallery_split is None:
         gallery_emb, gallery_paths, gallery_labels = query_emb, query_paths, query_labels
@@ -76,9 +79,9 @@ def make_pictures(model, output, scatter=None, dataset=None, data_dir=None, spli
     classes = rng.permutation(eligible)[:queries]
     chosen = np.array([rng.choice(np.flatnonzero(query_labels == label)) for label in classes])
     exclude = chosen if same_split else None
-    similarities, neighbours, _ = search_index.nearest(query_emb[chosen], gallery_emb, k, exclude,
-                                                       backend="exact")
-    distances = np.maximum(1.0 - similarities, 0.0)
+    similarities, neighbours, _ = nearest(query_emb[chosen], gallery_emb, k, exclude,
+                                          backend="exact")
+    distances = cosine_distance(similarities)
     neighbour_labels = gallery_labels[neighbours]
     where = f"{split}" + (" \u2192 gallery" if not same_split else "")
     title = (f"{dataset} {where}: {len(chosen)} random queries, {k} nearest of "
@@ -125,7 +128,7 @@ def _dataset_of(model, dataset, data_dir):
 
 def _embed(embedder, split, batch_size, verbose):
     """(embeddings, paths, labels) of the readable images of a split."""
-    embeddings, kept, skipped = search_index.embed_paths(embedder, split.paths, batch_size, verbose)
+    embeddings, kept, skipped = embed_paths(embedder, split.paths, batch_size, verbose)
     if skipped:
         print(f"Skipped {len(skipped)} unreadable image(s), e.g. {skipped[0][0]} ({skipped[0][1]})",
               file=sys.stderr)

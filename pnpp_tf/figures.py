@@ -1,0 +1,43 @@
+"""What every picture of `pnpp_tf.plots` shares: a fixed-size figure off pyplot, its PNG, labels.
+
+Figures are matplotlib `Figure` objects on the Agg canvas, never pyplot's, so nothing needs a
+display or touches pyplot's global state. A PNG is written at the figure's own pixel size (no
+"tight" bounding box), whole or not at all.
+"""
+
+import os
+import textwrap
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 100
+
+
+def new_figure(size, layout="constrained"):
+    """An empty figure of `size` = (width, height) pixels on its own Agg canvas."""
+    figure = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout=layout)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_png(figure, path):
+    """Writes the figure as a PNG at its own pixel size, through a temporary sibling."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        figure.savefig(partial, format="png", dpi=DPI, facecolor="white")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def class_label(name, width=22, lines=2):
+    """A class name on at most `lines` lines of `width` characters (underscores read as spaces)."""
+    wrapped = textwrap.wrap(str(name).replace("_", " "), width) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][:width - 1] + "\u2026"
+    return "\n".join(wrapped)

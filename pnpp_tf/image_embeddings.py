@@ -1,0 +1,104 @@
+"""Image files to unit embeddings: finding them under a folder, embedding them, skipping bad ones.
+
+Every image is embedded as evaluation embeds it (`pnpp_tf.data.pipeline`: the shorter side
+resized to S·288/256, the central S x S square), by a `pnpp_tf.embedder.Embedder`. A file that
+cannot be decoded is skipped, with the reason why.
+"""
+
+import os
+import re
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from pnpp_tf.data import pipeline
+from pnpp_tf.data.folder import IMAGE_EXTENSIONS
+
+
+def find_images(root):
+    """Every image file under `root`, recursively, sorted; extensions as in `IMAGE_EXTENSIONS`.
+
+    Raises:
+        ValueError: if `root` is not a directory or holds no image files.
+    """
+    if not root or not os.path.isdir(root):
+        raise ValueError(f"--images={root} is not a directory.")
+    paths, others = [], 0
+    for folder, dirs, files in os.walk(os.path.abspath(root)):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(folder, name))
+            else:
+                others += 1
+    if others:
+        logging.info("Ignored %d file(s) under %s without an image extension (%s)", others, root,
+                     ", ".join(IMAGE_EXTENSIONS))
+    if not paths:
+        raise ValueError(f"--images={root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+    return paths
+
+
+def embed_paths(embedder, paths, batch_size=64, verbose=1):
+    """Embeds image files, skipping those that cannot be decoded.
+
+    Images are decoded and cropped by the evaluation pipeline's functions. A file that fails to
+    read or decode is dropped from its batch (the others are kept); its reason is then found by
+    decoding it again alone.
+
+    Args:
+        embedder: an `Embedder`.
+        paths: image file paths.
+        batch_size: images per inference batch.
+        verbose: 1 shows a progress bar.
+
+    Returns:
+        (float32 [n, D] unit embeddings, the n paths embedded, in the order given, and a list of
+        (path, reason) for the skipped files).
+    """
+    paths = list(paths)
+    position = {path: i for i, path in enumerate(paths)}
+    size = embedder.image_size
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
+    dataset = dataset.map(
+        lambda path: (path, pipeline.resize_and_center_crop(pipeline.decode_image(path), size)),
+        num_parallel_calls=os.cpu_count() or 1, deterministic=True,
+    )
+    dataset = dataset.ignore_errors(log_warning=False).batch(batch_size).prefetch(2)
+    options = tf.data.Options()
+    options.autotune.enabled = False  # as pipeline.eval_dataset: see its _PARALLEL_CALLS note
+    dataset = dataset.with_options(options)
+    progress = keras.utils.Progbar(len(paths), unit_name="image") if verbose else None
+    embeddings, kept = [], []
+    for batch_paths, images in dataset:
+        embeddings.append(embedder(images))
+        kept.extend(p.decode() for p in batch_paths.numpy())
+        if progress:
+            progress.update(position[kept[-1]] + 1)
+    if progress and len(paths) and (not kept or position[kept[-1]] + 1 < len(paths)):
+        progress.update(len(paths))
+    kept_set = set(kept)
+    skipped = [(path, unreadable_reason(path) or "unreadable while indexing")
+               for path in paths if path not in kept_set]
+    for path, reason in skipped[:20]:
+        logging.warning("Skipped unreadable image %s: %s", path, reason)
+    if len(skipped) > 20:
+        logging.warning("... and %d more unreadable images (all listed in the index)",
+                        len(skipped) - 20)
+    dim = embedder.embedding_dim or 0
+    matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
+    return matrix.astype(np.float32), kept, skipped
+
+
+def unreadable_reason(path):
+    """Why the pipeline cannot decode `path`, as one line (or "" if it now can)."""
+    try:
+        pipeline.decode_image(path)
+    except (tf.errors.OpError, OSError) as error:
+        message = getattr(error, "message", None) or str(error)
+        message = re.sub(r"\{\{[^}]*\}\}\s*", "", message.splitlines()[0] if message else "")
+        message = re.sub(r"\s*\[Op:\w+\].*$", "", message).strip()
+        return f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return ""
