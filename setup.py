@@ -28,11 +28,16 @@ setup(
     ],
     extras_require={
         # The export tests run the TFLite variants and build TF Serving requests; the evaluation
-        # tests check the faiss backend against the TensorFlow one.
-        "test": ["pytest>=8.0", "ai-edge-litert>=2.0,<3", "tensorflow-serving-api>=2.20,<2.22", "faiss-cpu>=1.8"],
+        # tests check the faiss backend against the TensorFlow one; the TFDS reader tests prepare
+        # tiny datasets with TFDS's own builders.
+        "test": ["pytest>=8.0", "ai-edge-litert>=2.0,<3", "tensorflow-serving-api>=2.20,<2.22", "faiss-cpu>=1.8",
+                 "tensorflow-datasets>=4.9,<5"],
         "tflite": ["ai-edge-litert>=2.0,<3"],
         "serving": ["tensorflow-serving-api>=2.20,<2.22"],
         "faiss": ["faiss-cpu>=1.8"],
+        # --dataset=tfds_*; `tfds build` itself needs importlib_resources on Python >= 3.9
+        # (tensorflow/datasets#11212: 4.9.10 imports it without declaring it).
+        "tfds": ["tensorflow-datasets>=4.9,<5", "importlib_resources"],
         # tools/convert_torchvision_resnet50.py: torch reads .pth files, safetensors .safetensors.
         "convert": ["torch", "safetensors"],
     },

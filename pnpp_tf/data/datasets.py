@@ -8,7 +8,7 @@ splits (query and gallery share theirs). `protocol(dataset)` says how each datas
 import dataclasses
 import os
 
-from pnpp_tf.data import benchmarks, glyphs, image_check
+from pnpp_tf.data import benchmarks, glyphs, image_check, tfds_prepared
 from pnpp_tf.data.folder import read_folder_dataset
 from pnpp_tf.data.split import class_halves
 
@@ -38,6 +38,10 @@ _READERS = {
     "cars196": (benchmarks.read_cars196, Protocol((1, 2, 4, 8), nmi=True)),
     "sop": (benchmarks.read_sop, Protocol((1, 10, 100, 1000), nmi=False)),
     "inshop": (benchmarks.read_inshop, Protocol((1, 10, 20, 30, 40, 50), nmi=False)),
+    # The same benchmarks prepared by `tfds build` (pip install tensorflow-datasets), re-split by class.
+    "tfds_cub": (tfds_prepared.read_tfds_cub, Protocol((1, 2, 4, 8), nmi=True)),
+    "tfds_cars196": (tfds_prepared.read_tfds_cars196, Protocol((1, 2, 4, 8), nmi=True)),
+    "tfds_sop": (tfds_prepared.read_tfds_sop, Protocol((1, 10, 100, 1000), nmi=False)),
 }
 DATASETS = tuple(_READERS)
 SPLITS = ("train", "test", "query", "gallery", "train_half", "val_half")
