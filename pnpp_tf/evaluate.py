@@ -25,6 +25,7 @@ import pnpp_tf.model  # noqa: F401 - registers the custom layers embedder.keras 
 from pnpp_tf import evaluation, flags as pnpp_flags
 from pnpp_tf.data import load_splits, protocol
 from pnpp_tf.data.datasets import verify_images
+from pnpp_tf.io_utils import write_atomic
 from pnpp_tf.retrieval import RetrievalEvaluator
 
 FLAGS = flags.FLAGS
@@ -121,10 +122,9 @@ def evaluate(config):
             "nmi_seconds": nmi_seconds,
         },
     }
-    os.makedirs(output_dir, exist_ok=True)
     stem = os.path.join(output_dir, f"eval_{config.dataset}")
-    _write_atomically(stem + ".json", json.dumps(results, indent=2, sort_keys=True) + "\n")
-    _write_atomically(stem + ".md", markdown_table(results))
+    write_atomic(stem + ".json", json.dumps(results, indent=2, sort_keys=True) + "\n")
+    write_atomic(stem + ".md", markdown_table(results))
     return results
 
 
@@ -244,14 +244,6 @@ def _parse_ks(values):
 
 def _percent(value):
     return "n/a" if value is None or np.isnan(value) else f"{100 * value:.2f}"
-
-
-def _write_atomically(path, text):
-    """Writes via a temporary file, so a reader never sees half a file."""
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(partial, path)
 
 
 def main(argv):

@@ -14,9 +14,9 @@ import time
 
 from absl import app, flags
 
-from pnpp_tf.embedder import load_embedder
-from pnpp_tf.image_embeddings import find_images
-from pnpp_tf.search_index import build_index
+from pnpp_tf.indexing.embeddings import find_images
+from pnpp_tf.indexing.saved_embedder import load_embedder
+from pnpp_tf.indexing.search_index import build_index
 
 FLAGS = flags.FLAGS
 _SHOWN_SKIPPED = 10

@@ -15,7 +15,7 @@ from absl import logging
 
 from pnpp_tf import evaluation, serving
 from pnpp_tf.data import pipeline
-from pnpp_tf.io_utils import write_text_atomic
+from pnpp_tf.io_utils import write_atomic
 
 # The least mean cosine similarity to the Keras embedder each variant must reach; None: reported.
 MIN_MEAN_COSINE = {
@@ -78,9 +78,8 @@ def _embed_split(variant, split, image_size, batch_size):
 
 def write_report(report, path_stem):
     """Writes `<path_stem>.json` and `<path_stem>.md`."""
-    os.makedirs(os.path.dirname(path_stem), exist_ok=True)
-    write_text_atomic(path_stem + ".json", json.dumps(report, indent=2, sort_keys=True) + "\n")
-    write_text_atomic(path_stem + ".md", markdown_report(report) + "\n")
+    write_atomic(path_stem + ".json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_atomic(path_stem + ".md", markdown_report(report) + "\n")
 
 
 def markdown_report(report):

@@ -14,10 +14,10 @@ import sys
 from absl import app, flags, logging
 
 from pnpp_tf import plots
-from pnpp_tf.embedder import load_embedder
-from pnpp_tf.image_embeddings import embed_paths
-from pnpp_tf.neighbours import BACKENDS, DISTANCE
-from pnpp_tf.search_index import SearchIndex
+from pnpp_tf.indexing.embeddings import embed_paths
+from pnpp_tf.indexing.neighbours import BACKENDS, DISTANCE
+from pnpp_tf.indexing.saved_embedder import load_embedder
+from pnpp_tf.indexing.search_index import SearchIndex
 
 FLAGS = flags.FLAGS
 

@@ -81,7 +81,7 @@ def test_a_second_use_reuses_the_entries_and_an_edited_image_gets_a_new_one(tmp_
     assert other != first[:1] and len(entries_in(tmp_path / "cache")) == 5
 
 
-def test_an_interrupted_build_leaves_only_whole_entries(tmp_path, monkeypatch):
+def test_an_interrupted_build_leaves_only_whole_entries_and_no_temporaries(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     paths = [write_image(str(tmp_path / "images" / f"{i}.png"), rng) for i in range(4)]
     cache = ImageCache(str(tmp_path / "cache"), short_side=16)
@@ -98,8 +98,9 @@ def test_an_interrupted_build_leaves_only_whole_entries(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cache.cached_paths(paths, progress=False)
     monkeypatch.undo()
-    finished = [entry for entry in entries_in(tmp_path / "cache") if entry.endswith(pipeline.CACHED_IMAGE_SUFFIX)]
-    assert sorted(finished) == sorted(renamed)
+    left = entries_in(tmp_path / "cache")
+    assert all(entry.endswith(pipeline.CACHED_IMAGE_SUFFIX) for entry in left)  # no temporary
+    assert left == sorted(renamed)
     entries = cache.cached_paths(paths, progress=False)
     assert all(pipeline.read_cached_image(entry).shape == (16, 18, 3) for entry in entries)
 

@@ -11,7 +11,8 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import make_folder_dataset
-from pnpp_tf import plots, training_curves
+from pnpp_tf import plots
+from pnpp_tf.plots import curves
 from pnpp_tf.model import build_embedder
 
 TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
@@ -54,7 +55,7 @@ def test_training_curves(tmp_path):
 
 def test_series_places_sparse_evaluations_at_their_epochs():
     history = {"loss": [1, 2, 3, 4], "test_recall@1": [0.1, 0.2]}
-    series = training_curves._series(history, 2, {})  # pylint: disable=protected-access
+    series = curves._series(history, 2, {})  # pylint: disable=protected-access
     np.testing.assert_array_equal(series["test_recall@1"][0], [2, 4])
     np.testing.assert_array_equal(series["loss"][0], [1, 2, 3, 4])
 

@@ -1,5 +1,5 @@
-"""pnpp_tf.{embedder,image_embeddings,neighbours,search_index}, pnpp_tf.index and pnpp_tf.search:
-index a generated folder, query it."""
+"""pnpp_tf.indexing (saved_embedder, embeddings, neighbours, search_index), pnpp_tf.index and
+pnpp_tf.search: index a generated folder, query it."""
 
 import os
 import re
@@ -11,9 +11,10 @@ from PIL import Image
 
 from cli_helpers import run_module
 from conftest import make_folder_dataset
-from pnpp_tf import neighbours, plots, search_index, serving
-from pnpp_tf.embedder import load_embedder
-from pnpp_tf.image_embeddings import embed_paths, find_images
+from pnpp_tf import plots, serving
+from pnpp_tf.indexing import neighbours, search_index
+from pnpp_tf.indexing.embeddings import embed_paths, find_images
+from pnpp_tf.indexing.saved_embedder import load_embedder
 from pnpp_tf.model import build_embedder
 
 IMAGE_SIZE = 32

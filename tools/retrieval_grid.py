@@ -27,10 +27,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from pnpp_tf import plots  # noqa: E402
-from pnpp_tf.embedder import load_embedder  # noqa: E402
-from pnpp_tf.image_embeddings import embed_paths  # noqa: E402
-from pnpp_tf.neighbours import cosine_distance, nearest  # noqa: E402
 from pnpp_tf.data import DATASETS, load_splits  # noqa: E402
+from pnpp_tf.indexing.embeddings import embed_paths  # noqa: E402
+from pnpp_tf.indexing.neighbours import cosine_distance, nearest  # noqa: E402
+from pnpp_tf.indexing.saved_embedder import load_embedder  # noqa: E402
 
 
 def make_pictures(model, output, scatter=None, dataset=None, data_dir=None, split=None,

@@ -10,9 +10,10 @@ others, so training and evaluation run unchanged on them.
 
 An entry's name is a hash of the source file's absolute path, size, modification time and
 `short_side`: an edited or replaced image gets a new entry, and one cache directory serves several
-datasets and sizes. Entries are written to a temporary name and renamed, so a build killed half
-way leaves only whole entries and the next build completes it. Entries of files that changed are
-not deleted; remove the directory to reclaim the space.
+datasets and sizes. Entries are written to a temporary name and renamed
+(`pnpp_tf.io_utils.write_atomic`), so a build killed half way leaves only whole entries and the
+next build completes it. Entries of files that changed are not deleted; remove the directory to
+reclaim the space.
 """
 
 import hashlib
@@ -24,6 +25,7 @@ from absl import logging
 
 from pnpp_tf.data import pipeline
 from pnpp_tf.data.split import Split
+from pnpp_tf.io_utils import write_atomic
 
 # Why 288/256 of the crop by default: evaluation resizes the shorter side to exactly that before
 # its center crop (RECIPE), so cached evaluation differs from uncached only by rounding to uint8.
@@ -97,7 +99,7 @@ class ImageCache:
             except tf.errors.InvalidArgumentError as error:
                 raise ValueError(f"{paths[done]}: cannot decode this image for the cache ({error.message}); "
                                  "check it with `python -m pnpp_tf.check_data`.") from None
-            _write_atomically(entries[done], contents.numpy())
+            write_atomic(entries[done], contents.numpy())
             done += 1
             if bar:
                 bar.add(1)
@@ -114,12 +116,3 @@ class ImageCache:
         )
         pixels = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
         return tf.io.serialize_tensor(pixels)
-
-
-def _write_atomically(path, contents):
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    temporary = f"{path}.tmp{os.getpid()}"
-    with tf.io.gfile.GFile(temporary, "wb") as file:
-        file.write(contents)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
-

@@ -2,14 +2,17 @@
 
 Figures are matplotlib `Figure` objects on the Agg canvas, never pyplot's, so nothing needs a
 display or touches pyplot's global state. A PNG is written at the figure's own pixel size (no
-"tight" bounding box), whole or not at all.
+"tight" bounding box), whole or not at all (`pnpp_tf.io_utils.write_atomic`), locally or to any
+path `tf.io.gfile` writes to.
 """
 
-import os
+import io
 import textwrap
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from pnpp_tf.io_utils import write_atomic
 
 DPI = 100
 
@@ -22,16 +25,10 @@ def new_figure(size, layout="constrained"):
 
 
 def save_png(figure, path):
-    """Writes the figure as a PNG at its own pixel size, through a temporary sibling."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    partial = f"{path}.partial-{os.getpid()}"
-    try:
-        figure.savefig(partial, format="png", dpi=DPI, facecolor="white")
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    """Writes the figure as a PNG at its own pixel size, whole or not at all."""
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=DPI, facecolor="white")
+    write_atomic(path, png.getvalue())
 
 
 def class_label(name, width=22, lines=2):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pnpp_tf.figures import class_label, new_figure, save_png
+from pnpp_tf.plots.figures import class_label, new_figure, save_png
 
 SCATTER_SIZE = (1000, 720)  # pixels, width x height
 

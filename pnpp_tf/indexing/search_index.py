@@ -1,8 +1,8 @@
 """A search index: the embeddings of a collection of images, built, saved, loaded and searched.
 
-    from pnpp_tf.embedder import load_embedder
-    from pnpp_tf.image_embeddings import embed_paths, find_images
-    from pnpp_tf.search_index import SearchIndex, build_index
+    from pnpp_tf.indexing.saved_embedder import load_embedder
+    from pnpp_tf.indexing.embeddings import embed_paths, find_images
+    from pnpp_tf.indexing.search_index import SearchIndex, build_index
 
     embedder = load_embedder("runs/demo")     # a model_dir, or an exported SavedModel
     index = build_index(embedder, find_images("photos/"), "photos/")   # skips unreadable files
@@ -12,8 +12,9 @@
     distances, neighbours, backend = index.search(query, k=10)
 
 Embeddings are L2-normalised, so cosine similarity is their dot product; distances are reported
-as cosine distances (`pnpp_tf.neighbours.DISTANCE`), 1 - cos: 0 for the same direction, 2 for
-opposite ones. An index is one .npz archive (embeddings, paths and JSON metadata).
+as cosine distances (`pnpp_tf.indexing.neighbours.DISTANCE`), 1 - cos: 0 for the same direction,
+2 for opposite ones. An index is one .npz archive (embeddings, paths and JSON metadata) on a local
+disk, written whole or not at all (`pnpp_tf.io_utils.replacing`).
 """
 
 import dataclasses
@@ -23,8 +24,9 @@ import time
 
 import numpy as np
 
-from pnpp_tf.image_embeddings import embed_paths
-from pnpp_tf.neighbours import cosine_distance, nearest
+from pnpp_tf.indexing.embeddings import embed_paths
+from pnpp_tf.indexing.neighbours import cosine_distance, nearest
+from pnpp_tf.io_utils import replacing
 
 INDEX_FORMAT_VERSION = 1
 
@@ -50,22 +52,14 @@ class SearchIndex:
 
     def save(self, path):
         """Writes the index to `path` (an .npz archive) whole or not at all."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        partial = f"{path}.partial-{os.getpid()}"
-        try:
-            with open(partial, "wb") as file:
-                # A file object, so numpy does not append ".npz" to the name.
-                np.savez(
-                    file,
-                    embeddings=np.asarray(self.embeddings, np.float32),
-                    paths=np.asarray(self.paths, dtype=np.str_),
-                    metadata=np.asarray(json.dumps(self.metadata, sort_keys=True)),
-                )
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+        # A local file object: numpy then appends no ".npz" to the name, and zipfile can seek.
+        with replacing(path) as partial, open(partial, "wb") as file:
+            np.savez(
+                file,
+                embeddings=np.asarray(self.embeddings, np.float32),
+                paths=np.asarray(self.paths, dtype=np.str_),
+                metadata=np.asarray(json.dumps(self.metadata, sort_keys=True)),
+            )
 
     @classmethod
     def load(cls, path):

@@ -1,8 +1,8 @@
 """Image files to unit embeddings: finding them under a folder, embedding them, skipping bad ones.
 
 Every image is embedded as evaluation embeds it (`pnpp_tf.data.pipeline`: the shorter side
-resized to S·288/256, the central S x S square), by a `pnpp_tf.embedder.Embedder`. A file that
-cannot be decoded is skipped, with the reason why.
+resized to S·288/256, the central S x S square), by a `pnpp_tf.indexing.saved_embedder.Embedder`.
+A file that cannot be decoded is skipped, with the reason why.
 """
 
 import os

@@ -11,7 +11,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-from pnpp_tf.figures import class_label, new_figure, save_png
+from pnpp_tf.plots.figures import class_label, new_figure, save_png
 
 # A grid cell: a (CELL_WIDTH - 2 * _CELL_PAD)-pixel square image below up to three lines of text.
 CELL_WIDTH = 150

@@ -12,7 +12,7 @@ import numpy as np
 from absl import logging
 from matplotlib.ticker import MaxNLocator
 
-from pnpp_tf.figures import new_figure, save_png
+from pnpp_tf.plots.figures import new_figure, save_png
 
 CURVES_SIZE = (1350, 420)  # pixels, width x height
 

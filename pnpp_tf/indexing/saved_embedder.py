@@ -3,7 +3,8 @@
     embedder = load_embedder("runs/demo")     # a model_dir, or an exported SavedModel
     embeddings = embedder(images)             # float32 [N, S, S, 3] in [0, 255] -> [N, D]
 
-Its embeddings are L2-normalised, so cosine similarity is their dot product.
+Its embeddings are L2-normalised, so cosine similarity is their dot product. This loads a model
+that was trained; `pnpp_tf.model.build_embedder` builds a new one to train.
 """
 
 import os
