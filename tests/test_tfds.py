@@ -160,7 +160,7 @@ def test_second_read_reuses_the_extracted_images(prepared, monkeypatch):
 def test_interrupted_or_damaged_extraction_is_redone(tmp_path, monkeypatch):
     images_of_class = prepare(cars196.Cars196, "cars196", CARS_LABELS, cars_example, tmp_path)
     cache = os.path.join(tmp_path, tfds_prepared.CACHE_FOLDER, "cars196", "2.1.0")
-    write = tfds_prepared._write_atomically  # pylint: disable=protected-access
+    write = tfds_prepared.write_atomic
     written = []
 
     def failing_write(path, contents):
@@ -169,7 +169,7 @@ def test_interrupted_or_damaged_extraction_is_redone(tmp_path, monkeypatch):
         written.append(path)
         write(path, contents)
 
-    monkeypatch.setattr(tfds_prepared, "_write_atomically", failing_write)
+    monkeypatch.setattr(tfds_prepared, "write_atomic", failing_write)
     with pytest.raises(KeyboardInterrupt):
         load_splits("tfds_cars196", str(tmp_path))
     monkeypatch.undo()
@@ -182,7 +182,7 @@ def test_interrupted_or_damaged_extraction_is_redone(tmp_path, monkeypatch):
     os.remove(splits["train"].paths[0])  # a file lost after a finished extraction
     again = load_splits("tfds_cars196", str(tmp_path))
     assert again["train"].paths == splits["train"].paths and os.path.isfile(splits["train"].paths[0])
-    assert not [name for _, _, names in os.walk(cache) for name in names if ".tmp" in name]
+    assert not [name for _, _, names in os.walk(cache) for name in names if ".partial" in name]
 
 
 def test_unprepared_dataset_names_the_build_command(tmp_path):

@@ -24,6 +24,7 @@ from absl import logging
 
 from pnpp_tf.data import benchmarks
 from pnpp_tf.data.split import split_from_groups
+from pnpp_tf.io_utils import write_atomic
 
 # RECIPE: SOP trains on the classes of Ebay_train.txt (ids 1-11318) and tests on those of
 # Ebay_test.txt (11319-22634).
@@ -181,17 +182,14 @@ def _extract(tfds, builder, source, cache_dir, sizes, progress):
     # Only the image (still encoded) and the label are parsed; CUB's segmentation masks are not.
     decoders = tfds.decode.PartialDecoding({"image": True, source.label_feature: True},
                                            decoders={"image": tfds.decode.SkipDecoding()})
-    images, made_dirs = [], set()
+    images = []
     for split in sorted(sizes):
         dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
         for index, example in enumerate(dataset.as_numpy_iterator()):
             label, encoded = int(example[source.label_feature]), example["image"]
             class_dir = os.path.join("images", f"{label + 1:05d}")
-            if class_dir not in made_dirs:
-                os.makedirs(os.path.join(cache_dir, class_dir), exist_ok=True)
-                made_dirs.add(class_dir)
             relative = os.path.join(class_dir, f"{split}_{index:06d}{_extension(encoded)}")
-            _write_atomically(os.path.join(cache_dir, relative), encoded)
+            write_atomic(os.path.join(cache_dir, relative), encoded)
             images.append((relative, label))
             if bar and (len(images) % _PROGRESS_EVERY == 0 or len(images) == total):
                 bar.update(len(images))
@@ -201,7 +199,7 @@ def _extract(tfds, builder, source, cache_dir, sizes, progress):
     manifest = {"format": _MANIFEST_FORMAT, "dataset": source.name, "version": str(builder.version),
                 "sizes": sizes, "images": images}
     # Written last and renamed into place: its presence means every image above is on disk.
-    _write_atomically(os.path.join(cache_dir, MANIFEST), json.dumps(manifest).encode("utf-8"))
+    write_atomic(os.path.join(cache_dir, MANIFEST), json.dumps(manifest).encode("utf-8"))
     seconds = time.perf_counter() - start
     logging.info("Extracted %d images of %s in %.1f s.", total, source.name, seconds)
     return images
@@ -214,15 +212,6 @@ def _extension(encoded):
     if encoded[:4] == b"RIFF" and encoded[8:12] == b"WEBP":
         return ".webp"
     return ".img"
-
-
-def _write_atomically(path, contents):
-    """Writes a file under a temporary name, then renames it: readers never see half a file, and
-    two processes extracting at once both leave whole files."""
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "wb") as file:
-        file.write(contents)
-    os.replace(temporary, path)
 
 
 def _zero_shot_splits(images, source, cache_dir):
