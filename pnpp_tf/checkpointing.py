@@ -88,10 +88,15 @@ class NonFiniteGuard(keras.callbacks.Callback):
     A non-finite gradient shows one step later, as the loss of the weights it produced. The
     checkpoint callback saves nothing once the guard has tripped, so the last checkpoint on disk
     is the last good state.
+
+    Args:
+        first_step: the step the first epoch of this fit starts at (resuming mid-epoch), so that
+            the reported step counts from the start of the epoch, as the checkpoints do.
     """
 
-    def __init__(self):
+    def __init__(self, first_step=0):
         super().__init__()
+        self.first_step = first_step
         self.tripped_at = None
         self._epoch = 0
 
@@ -101,8 +106,11 @@ class NonFiniteGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss) and self.tripped_at is None:
-            self.tripped_at = (self._epoch + 1, batch + 1, loss)
+            self.tripped_at = (self._epoch + 1, self.first_step + batch + 1, loss)
             self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.first_step = 0  # only the resumed epoch started late
 
     def message(self, checkpoint):
         epoch, step, loss = self.tripped_at

@@ -12,24 +12,20 @@ and, with --mode=train, schedule.json (the LR drops and best epoch that --mode=t
 import json
 import os
 import sys
-import time
 
 import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from pnpp_tf import callbacks, checkpointing, distribute, flags as pnpp_flags, plots
-from pnpp_tf.checkpointing import RunCheckpoint
+from pnpp_tf import distribute, flags as pnpp_flags, plots
 from pnpp_tf.data import load_splits, pipeline, protocol
 from pnpp_tf.data.image_check import drop_or_raise
 from pnpp_tf.data.split import class_halves
 from pnpp_tf.io_utils import write_json
-from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile, synchronize_batch_norm
-from pnpp_tf.optimizers import TorchAdam
 from pnpp_tf.retrieval import RetrievalEvaluator
+from pnpp_tf.trainer import SCHEDULE_FILE, NumericalFault, Trainer
 
 FLAGS = flags.FLAGS
-SCHEDULE_FILE = "schedule.json"
 pnpp_flags.define_data_flags()
 pnpp_flags.define_model_flags()
 pnpp_flags.define_training_flags()
@@ -58,132 +54,22 @@ def train_model(config):
     sampler = pipeline.make_sampler(
         config.sampler, train_split.labels, config.batch_size, config.classes_per_batch, config.seed
     )
-    with_nmi = protocol(config.dataset).nmi
-
     os.makedirs(config.model_dir, exist_ok=True)
     _configure_determinism_and_numerics(config)
     distribute.check_batch_fits(strategy, config.batch_size, config.classes_per_batch, config.sampler)
-    jit_compile = resolve_jit_compile(config.jit_compile, strategy.num_replicas_in_sync)
-    logging.info("Strategy %s with %d replica(s); XLA for the train step: %s (--jit_compile=%s)",
-                 config.strategy, strategy.num_replicas_in_sync, jit_compile, config.jit_compile)
-    with strategy.scope():
-        embedder = build_embedder(
-            config.backbone, config.image_size, config.embedding_dim, config.pooling,
-            config.layer_norm, config.weights,
-        )
-        if strategy.num_replicas_in_sync > 1 and config.sync_batch_norm:
-            logging.info("Synchronised BatchNorm in %d layers", synchronize_batch_norm(embedder))
-        model = ProxyNCAModel(embedder, train_split.num_classes, config.temperature, config.loss)
-    output_dir = distribute.writable_dir(config.model_dir, strategy)
-    checkpoint = RunCheckpoint(os.path.join(output_dir, "checkpoints"), keep=config.keep_checkpoints)
-    finished_epochs, record = checkpoint.restore_model(model)
-    total_epochs = config.warmup_epochs + epochs
-    finished = _finished_results(config, finished_epochs, total_epochs)
+    trainer = Trainer(config, strategy, train_split, sampler, evaluator, evaluated_on, epochs, lr_drop_epochs)
+    model = trainer.build_model()
+    finished = _finished_results(config, trainer.restore(), trainer.total_epochs)
     if finished is not None:
         logging.info("%s/results.json: this run is finished; not training again.", config.model_dir)
         return model, finished
 
-    if "before_training" in record:
-        before = record["before_training"]
-    else:
-        before = evaluator.measure(model, with_nmi=with_nmi)
-        logging.info("Before training: %s", _summary(before))
-    history = record.get("history", {})
-    train_seconds = record.get("train_seconds", 0.0)
-    guard = checkpointing.NonFiniteGuard()
-    phases = [("warm-up", 0, config.warmup_epochs, True), ("training", config.warmup_epochs, total_epochs, False)]
-    for phase, first_epoch, end_epoch, freeze_backbone in phases:
-        if finished_epochs >= end_epoch:
-            continue
-        resume_epoch = max(first_epoch, finished_epochs)
-        resume_step = record.get("step_in_epoch", 0) if finished_epochs >= first_epoch else 0
-        logging.info("%s: epochs %d-%d of %d batches", phase, resume_epoch + 1, end_epoch, sampler.num_batches)
-        # A new optimiser per phase: the main training starts with fresh Adam state.
-        with strategy.scope():
-            model.compile(
-                optimizer=TorchAdam(config.lr),
-                proxy_optimizer=TorchAdam(config.proxy_lr),
-                freeze_backbone=freeze_backbone,
-                clip_value=config.clip_value or None,
-                jit_compile=jit_compile,
-            )
-        if resume_epoch > first_epoch or resume_step:
-            checkpoint.restore_optimizers(model)
-        schedule = _schedule_callbacks(config, lr_drop_epochs, first_epoch, output_dir) if not freeze_backbone else []
-        for callback in schedule:
-            if hasattr(callback, "set_state") and "schedule" in record:
-                callback.set_state(record["schedule"])
-        phase_start = time.perf_counter()
-
-        def record_epoch(epoch, logs, schedule=schedule, phase_start=phase_start):
-            for name, value in (logs or {}).items():
-                history.setdefault(name, []).append(float(value))
-            saved = {"history": history, "before_training": before,
-                     "train_seconds": train_seconds + time.perf_counter() - phase_start}
-            for callback in schedule:
-                if hasattr(callback, "get_state"):
-                    saved["schedule"] = callback.get_state()
-            return saved
-
-        phase_callbacks = [
-            callbacks.RecallAtK(evaluator, every_n_epochs=1 if config.mode == "train" else config.eval_every,
-                                prefix="val_" if evaluated_on == "val_half" else "test_"),
-            callbacks.LearningRateLogger(),  # before the schedule: the rates the epoch used
-            *schedule,
-            guard,
-            keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
-        ]
-        # Resuming mid-epoch: the rest of that epoch first, then whole epochs.
-        segments = [(resume_epoch, resume_step, resume_epoch + 1)] if resume_step else []
-        if resume_epoch + bool(resume_step) < end_epoch:
-            segments.append((resume_epoch + bool(resume_step), 0, end_epoch))
-        for segment_epoch, segment_step, segment_end in segments:
-            data = distribute.distributed_train_dataset(
-                strategy, train_split.paths, train_split.labels, sampler, config.image_size,
-                segment_end - segment_epoch, first_epoch=segment_epoch, seed=config.seed, flip=config.flip,
-                first_step=segment_step,
-            )
-            model.fit(
-                data,
-                epochs=segment_end,
-                initial_epoch=segment_epoch,
-                steps_per_epoch=sampler.num_batches - segment_step,
-                shuffle=False,  # the sampler already decides the order
-                callbacks=[*phase_callbacks, checkpoint.callback(
-                    record_epoch, sampler.num_batches, guard, config.checkpoint_every_steps, segment_step)],
-                verbose=config.verbose,
-            )
-            if guard.tripped_at is not None:
-                break
-        train_seconds += time.perf_counter() - phase_start
-        if guard.tripped_at is not None:
-            raise NumericalFault(guard.message(checkpoint))
-
-    start = time.perf_counter()
-    after = evaluator.measure(model, with_nmi=with_nmi)
-    eval_seconds = time.perf_counter() - start
-    logging.info("After training: %s", _summary(after))
-
-    results = {
-        "dataset": config.dataset,
-        "evaluated_on": evaluated_on,
-        "metrics": after,
-        "before_training": before,
-        "history": history,
-        "lr_drop_epochs": lr_drop_epochs,
-        "skipped_images": skipped_images,
-        "timings": {
-            "train_seconds": train_seconds,
-            "final_eval_seconds": eval_seconds,
-            "train_images_per_second": total_epochs * sampler.num_batches * config.batch_size
-            / max(train_seconds, 1e-9),
-        },
-        "flags": _flag_values(config),
-    }
+    trainer.fit()
+    results = trainer.results(skipped_images, _flag_values(config))
     if distribute.is_chief(strategy):
-        embedder.save(os.path.join(config.model_dir, "embedder.keras"))
+        model.embedder.save(os.path.join(config.model_dir, "embedder.keras"))
         write_json(os.path.join(config.model_dir, "results.json"), results)
-        _draw_curves(config, history)
+        _draw_curves(config, results["history"])
     return model, results
 
 
@@ -197,10 +83,6 @@ def _draw_curves(config, history):
         )
     except (OSError, ValueError) as error:  # a figure must never fail a finished run
         logging.warning("Could not draw curves.png: %s", error)
-
-
-class NumericalFault(RuntimeError):
-    """Training produced a NaN or infinite loss."""
 
 
 def _configure_determinism_and_numerics(config):
@@ -277,20 +159,6 @@ def _schedule(config):
     return epochs, drops
 
 
-def _schedule_callbacks(config, lr_drop_epochs, first_epoch, output_dir):
-    """LR schedule of the main phase: after Recall@K (which it reads) and the LR logger (which
-    records the rates the epoch used)."""
-    if config.mode == "train":
-        return [callbacks.PlateauSchedule(
-            os.path.join(output_dir, SCHEDULE_FILE), monitor="val_recall@1",
-            factor=config.lr_decay, patience=config.plateau_patience, first_epoch=first_epoch,
-        )]
-    if lr_drop_epochs:
-        return [callbacks.MultiStepSchedule(lr_drop_epochs, (config.lr, config.proxy_lr), config.lr_decay,
-                                            first_epoch=first_epoch)]
-    return []
-
-
 def _parse_ks(values):
     ks = sorted(set(_parse_ints(values, "--eval_ks")))
     if ks and ks[0] < 1:
@@ -303,11 +171,6 @@ def _parse_ints(values, flag):
         return [int(v) for v in values]
     except ValueError:
         raise ValueError(f"{flag} must be integers, got {','.join(values)}.") from None
-
-
-def _summary(metrics):
-    return " ".join(f"{name}={value:.4f}" for name, value in metrics.items()
-                    if name.startswith(("recall@", "map@r", "nmi")))
 
 
 def _flag_values(config):

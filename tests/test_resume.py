@@ -1,10 +1,13 @@
 """Interrupted runs resume where they stopped; finished runs are not retrained; NaNs stop a run."""
 
+import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import keras
 import numpy as np
@@ -14,6 +17,7 @@ import tensorflow as tf
 import pnpp_tf.model  # noqa: F401 - registers the layers embedder.keras refers to
 from cli_helpers import REPO, TINY_RUN, run_module, run_python
 from conftest import make_folder_dataset
+from pnpp_tf.checkpointing import NonFiniteGuard
 
 RUN = (*TINY_RUN, "--dataset=folder", "--eval_ks=1", "--eval_every=0", "--deterministic",
        "--warmup_epochs=1", "--epochs=5")
@@ -89,3 +93,52 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
         value = reader.get_tensor(name)
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
             assert np.all(np.isfinite(value)), name
+
+
+def test_a_nan_after_a_mid_epoch_resume_is_reported_at_its_step_in_the_epoch(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data", images_per_class=8)
+    model_dir = tmp_path / "run"
+    common = (*TINY_RUN, "--dataset=folder", "--eval_ks=1", "--eval_every=0", "--warmup_epochs=0", "--epochs=1",
+              "--checkpoint_every_steps=1", "--keep_checkpoints=100", f"--data_dir={data_dir}",
+              f"--model_dir={model_dir}")
+    assert run_module("pnpp_tf.train", *common).returncode == 0
+    # Go back to the first mid-epoch checkpoint, then resume from it with a poisoned pipeline.
+    checkpoints = str(model_dir / "checkpoints")
+    first = tf.train.get_checkpoint_state(checkpoints).all_model_checkpoint_paths[0]
+    record = json.loads(tf.train.load_checkpoint(first).get_tensor("record/.ATTRIBUTES/VARIABLE_VALUE"))
+    assert record["step_in_epoch"] > 0
+    tf.compat.v1.train.update_checkpoint_state(checkpoints, first)
+    result = run_python(str(REPO / "tests" / "poisoned_train.py"), *common)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert f"Non-finite loss (nan) in epoch 1 at step {record['step_in_epoch'] + 1}:" in result.stderr
+
+
+class FakeModel:
+    stop_training = False
+
+
+def test_guard_counts_steps_from_the_start_of_a_resumed_epoch():
+    guard = NonFiniteGuard(first_step=3)  # a fit resuming after step 3 of epoch 2
+    guard.set_model(FakeModel())
+    guard.on_epoch_begin(1)
+    guard.on_train_batch_end(0, {"loss": 1.5})
+    assert guard.tripped_at is None and not guard.model.stop_training
+    guard.on_train_batch_end(1, {"loss": float("nan")})
+    epoch, step, loss = guard.tripped_at
+    assert (epoch, step) == (2, 5) and math.isnan(loss)
+    assert guard.model.stop_training
+    message = guard.message(types.SimpleNamespace(latest="checkpoints/ckpt-7"))
+    assert message.startswith("Non-finite loss (nan) in epoch 2 at step 5: training stopped.")
+    assert "The last good checkpoint is checkpoints/ckpt-7." in message
+
+
+def test_guard_counts_the_epochs_after_a_resumed_one_from_their_first_step():
+    guard = NonFiniteGuard(first_step=3)
+    guard.set_model(FakeModel())
+    guard.on_epoch_begin(1)
+    guard.on_train_batch_end(0, {"loss": 1.5})
+    guard.on_epoch_end(1, {"loss": 1.5})
+    guard.on_epoch_begin(2)
+    guard.on_train_batch_end(0, {"loss": float("inf")})
+    assert guard.tripped_at == (3, 1, float("inf"))
+    assert "in epoch 3 at step 1:" in guard.message(types.SimpleNamespace(latest=None))
