@@ -19,6 +19,7 @@ from absl import app, flags, logging
 
 from pnpp_tf import distribute, flags as pnpp_flags, plots
 from pnpp_tf.data import load_splits, pipeline, protocol
+from pnpp_tf.data.cache import ImageCache, default_short_side
 from pnpp_tf.data.image_check import drop_or_raise
 from pnpp_tf.data.split import class_halves
 from pnpp_tf.io_utils import write_json
@@ -122,6 +123,9 @@ def _data(config):
             skipped[name] = bad
     logging.info("Data: %s", ", ".join(
         f"{name} {len(s)} images of {s.num_classes} classes" for name, s in splits.items()))
+    if config.cache_dir:
+        cache = ImageCache(config.cache_dir, config.cache_short_side or default_short_side(config.image_size))
+        splits = {name: cache.cached_split(split, progress=config.verbose == 1) for name, split in splits.items()}
     ks = _parse_ks(config.eval_ks) or protocol(config.dataset).ks
     if config.mode == "train":
         train_half, val_half = class_halves(splits["train"])

@@ -40,14 +40,17 @@ def test_trains_end_to_end_and_writes_results(tmp_path):
     assert Image.open(model_dir / "curves.png").size == plots.CURVES_SIZE
 
 
-def test_query_gallery_layout(tmp_path):
+def test_query_gallery_layout_read_through_an_image_cache(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data", eval_dirs=("query", "gallery"))
-    model_dir = tmp_path / "run"
+    model_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
     result = run_train(*TINY_FOLDER_RUN, "--epochs=1", "--warmup_epochs=0", "--eval_every=0",
-                       f"--data_dir={data_dir}", f"--model_dir={model_dir}")
+                       f"--data_dir={data_dir}", f"--model_dir={model_dir}", f"--cache_dir={cache_dir}",
+                       "--cache_short_side=20")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((model_dir / "results.json").read_text())["metrics"]
     assert metrics["num_queries"] == 3 * 4
+    # Every image of every split was decoded into the cache once: 4 x 4 train, 3 x 4 query and gallery.
+    assert len(list(cache_dir.rglob("*.tensor"))) == 4 * 4 + 2 * 3 * 4
 
 
 def break_empty_class(data_dir):
