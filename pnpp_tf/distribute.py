@@ -39,11 +39,22 @@ def make_strategy(name, tpu=None):
                              "the cluster and this task (see README, 'Training on several machines').")
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
+        return _tpu_strategy(tpu)
+    raise ValueError(f"--strategy must be one of {STRATEGIES}, got {name!r}.")
+
+
+def _tpu_strategy(tpu):
+    try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(f"--strategy must be one of {STRATEGIES}, got {name!r}.")
+    except (ValueError, RuntimeError, tf.errors.OpError) as error:
+        # TensorFlow's own message ("Please provide a TPU Name to connect to.") does not say which
+        # flag to set.
+        where = f"--tpu={tpu}" if tpu else "this machine (no --tpu given, so a local TPU VM)"
+        raise ValueError(f"--strategy=tpu: no TPU reachable at {where} ({error}). Run on a TPU VM, or "
+                         "set --tpu to the TPU's name or grpc://address.") from None
+    return tf.distribute.TPUStrategy(resolver)
 
 
 def check_batch_fits(strategy, batch_size, classes_per_batch, sampler_kind):

@@ -97,6 +97,12 @@ def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
         distribute.make_strategy("multi_worker")
 
 
+def test_tpu_without_a_tpu_is_a_clear_error():
+    # No TPU on these machines: this checks the message, not TPUStrategy itself.
+    with pytest.raises(ValueError, match=r"--strategy=tpu: no TPU reachable at this machine .*set --tpu"):
+        distribute.make_strategy("tpu")
+
+
 def test_per_replica_slices_reassemble_the_global_batch(folder_dataset):
     from pnpp_tf.data import load_splits, pipeline  # pylint: disable=import-outside-toplevel
 
