@@ -22,17 +22,22 @@ class RunCheckpoint:
     Args:
         directory: where the checkpoints are written.
         keep: how many of the latest checkpoints are kept.
+        restore_from: where the checkpoints to resume from are, if not `directory`: a worker that
+            is not the chief writes to a private directory but resumes from the chief's, so that
+            every worker starts from the same state.
     """
 
-    def __init__(self, directory, keep=3):
+    def __init__(self, directory, keep=3, restore_from=None):
         self.directory = directory
+        self.restore_from = restore_from or directory
         self.keep = keep
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="finished_epochs")
         self.record = tf.Variable("{}", dtype=tf.string, trainable=False, name="record")
 
     @property
     def latest(self):
-        return tf.train.latest_checkpoint(self.directory)
+        """The newest checkpoint written by this run, else the one it resumes from (or None)."""
+        return tf.train.latest_checkpoint(self.directory) or tf.train.latest_checkpoint(self.restore_from)
 
     def restore_model(self, model):
         """Restores the model, the epoch count and the record from the latest checkpoint.

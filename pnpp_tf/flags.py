@@ -24,13 +24,18 @@ def define_data_flags():
     flags.DEFINE_list("eval_ks", [], "The K of Recall@K; empty: the dataset's protocol "
                       "(1,2,4,8 for CUB/Cars/folder/glyphs, 1,10,100,1000 for SOP, 1,10,...,50 for In-Shop).")
     flags.DEFINE_integer("eval_batch_size", 64, "Images per inference batch.")
+    flags.DEFINE_enum("on_bad_image", "error", ON_BAD_IMAGE, "An image that does not decode: error "
+                      "(stop, naming it) or skip (train without it; logged, counted in results.json).")
+
+
+def define_cache_flags():
+    """Flags of the on-disk image cache (training only: evaluation reads each image once)."""
     flags.DEFINE_string("cache_dir", "", "Decode every image once into this directory (downsized to "
                         "--cache_short_side) and read the decoded pixels in every epoch: for datasets whose "
                         "decoded images fit on disk. Empty: decode the files every epoch.")
-    flags.DEFINE_integer("cache_short_side", 0, "Shorter side of the cached images, in pixels (smaller images "
-                         "are kept as they are); 0: 288/256 of --image_size, the side evaluation resizes to.")
-    flags.DEFINE_enum("on_bad_image", "error", ON_BAD_IMAGE, "An image that does not decode: error "
-                      "(stop, naming it) or skip (train without it; logged, counted in results.json).")
+    flags.DEFINE_integer("cache_short_side", 0, "Shorter side of the cached training images, in pixels (smaller "
+                         "images are kept as they are); 0: 288/256 of --image_size, the side evaluation resizes "
+                         "to. Evaluation images are always cached at that side.")
 
 
 def define_model_flags():

@@ -10,6 +10,8 @@ a copy and a delete, so there only the finished file is guaranteed whole, not th
 import contextlib
 import json
 import os
+import socket
+import uuid
 
 
 @contextlib.contextmanager
@@ -26,7 +28,9 @@ def replacing(path):
     # Here, not at the top: `pnpp_tf.plots` imports this module and otherwise needs no TensorFlow.
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    temporary = f"{path}.partial-{os.getpid()}"
+    # Unique per writer: workers on several machines (or in containers, all pid 1) may write the
+    # same file at once, e.g. the same image cache entry; each renames its own whole copy.
+    temporary = f"{path}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         folder = os.path.dirname(path)
         if folder:

@@ -28,6 +28,7 @@ from pnpp_tf.trainer import SCHEDULE_FILE, NumericalFault, Trainer
 
 FLAGS = flags.FLAGS
 pnpp_flags.define_data_flags()
+pnpp_flags.define_cache_flags()
 pnpp_flags.define_model_flags()
 pnpp_flags.define_training_flags()
 
@@ -103,40 +104,73 @@ def _finished_results(config, finished_epochs, total_epochs):
         return None
     with open(path, encoding="utf-8") as file:
         results = json.load(file)
-    ignored = {"verbose"}
-    earlier = {k: v for k, v in results.get("flags", {}).items() if k not in ignored}
-    now = {k: v for k, v in _flag_values(config).items() if k not in ignored}
-    if earlier != now:
-        changed = sorted(k for k in set(earlier) | set(now) if earlier.get(k) != now.get(k))
+    earlier, now = _comparable(results.get("flags", {})), _comparable(_flag_values(config))
+    # Flags added since that run was made: it ran with their defaults.
+    defaults = {name: FLAGS[name].default for name in now}
+    changed = sorted(k for k in set(earlier) | set(now) if earlier.get(k, defaults.get(k)) != now.get(k))
+    if changed:
         raise ValueError(f"--model_dir={config.model_dir} holds a finished run with other flags "
                          f"({', '.join(changed)}); choose another --model_dir.")
     return results
 
 
+def _comparable(flag_values):
+    """The flag values that decide what a run computes: not --verbose, nor where --cache_dir is."""
+    values = {name: value for name, value in flag_values.items() if name != "verbose"}
+    values["cache_dir"] = bool(values.get("cache_dir"))
+    return values
+
+
 def _data(config):
     """(training Split, evaluator, name of the evaluated split, skipped images) for the flags."""
     splits = load_splits(config.dataset, config.data_dir)
+    known_good = set()
+    # An image with a cache entry decoded when it was cached. (Both caches may be the same one.)
+    for cache in {cache.short_side: cache for cache in _caches(config)}.values():
+        known_good |= cache.cached_images([path for split in splits.values() for path in split.paths])
     skipped = {}
     for name in list(splits):
-        splits[name], bad = drop_or_raise(splits[name], name, config.on_bad_image, progress=config.verbose == 1)
+        splits[name], bad = drop_or_raise(splits[name], name, config.on_bad_image, progress=config.verbose == 1,
+                                          known_good=known_good)
         if bad:
             skipped[name] = bad
     logging.info("Data: %s", ", ".join(
         f"{name} {len(s)} images of {s.num_classes} classes" for name, s in splits.items()))
-    if config.cache_dir:
-        cache = ImageCache(config.cache_dir, config.cache_short_side or default_short_side(config.image_size))
-        splits = {name: cache.cached_split(split, progress=config.verbose == 1) for name, split in splits.items()}
     ks = _parse_ks(config.eval_ks) or protocol(config.dataset).ks
     if config.mode == "train":
-        train_half, val_half = class_halves(splits["train"])
+        train_split, query = class_halves(splits["train"])
+        gallery, evaluated_on = None, "val_half"
         logging.info("--mode=train: training on %d classes, validating on the other %d",
-                     train_half.num_classes, val_half.num_classes)
-        evaluator = RetrievalEvaluator(val_half, config.image_size, ks, batch_size=config.eval_batch_size)
-        return train_half, evaluator, "val_half", skipped
-    query = splits.get("test", splits.get("query"))
-    evaluator = RetrievalEvaluator(query, config.image_size, ks, gallery=splits.get("gallery"),
-                                   batch_size=config.eval_batch_size)
-    return splits["train"], evaluator, "test" if "test" in splits else "query_gallery", skipped
+                     train_split.num_classes, query.num_classes)
+    else:
+        train_split, gallery = splits["train"], splits.get("gallery")
+        query = splits.get("test", splits.get("query"))
+        evaluated_on = "test" if "test" in splits else "query_gallery"
+    if config.cache_dir:
+        train_split, query, gallery = _cached(config, train_split, query, gallery)
+    evaluator = RetrievalEvaluator(query, config.image_size, ks, gallery=gallery, batch_size=config.eval_batch_size)
+    return train_split, evaluator, evaluated_on, skipped
+
+
+def _caches(config):
+    """(training images' cache, evaluation images' cache) in --cache_dir, or () without one.
+
+    Evaluation images are cached at the side evaluation resizes to, so that evaluating from the
+    cache matches evaluating from the files whatever --cache_short_side the training images use.
+    """
+    if not config.cache_dir:
+        return ()
+    eval_cache = ImageCache(config.cache_dir, default_short_side(config.image_size))
+    train_side = config.cache_short_side or eval_cache.short_side
+    return ImageCache(config.cache_dir, train_side), eval_cache
+
+
+def _cached(config, train_split, query, gallery):
+    """The splits read through the `ImageCache`s of `_caches`."""
+    progress = config.verbose == 1
+    train_cache, eval_cache = _caches(config)
+    return (train_cache.cached_split(train_split, progress), eval_cache.cached_split(query, progress),
+            eval_cache.cached_split(gallery, progress) if gallery else None)
 
 
 def _schedule(config):

@@ -108,7 +108,8 @@ class Trainer:
         """
         self.output_dir = distribute.writable_dir(self.config.model_dir, self.strategy)
         self.checkpoint = RunCheckpoint(os.path.join(self.output_dir, "checkpoints"),
-                                        keep=self.config.keep_checkpoints)
+                                        keep=self.config.keep_checkpoints,
+                                        restore_from=os.path.join(self.config.model_dir, "checkpoints"))
         self.finished_epochs, self.record = self.checkpoint.restore_model(self.model)
         self.history = self.record.get("history", {})
         self.train_seconds = self.record.get("train_seconds", 0.0)

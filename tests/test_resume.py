@@ -142,3 +142,45 @@ def test_guard_counts_the_epochs_after_a_resumed_one_from_their_first_step():
     guard.on_train_batch_end(0, {"loss": float("inf")})
     assert guard.tripped_at == (3, 1, float("inf"))
     assert "in epoch 3 at step 1:" in guard.message(types.SimpleNamespace(latest=None))
+
+
+def test_a_worker_writing_elsewhere_resumes_from_the_chiefs_checkpoints(tmp_path):
+    from pnpp_tf.checkpointing import RunCheckpoint  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.model import ProxyNCAModel, build_embedder  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.optimizers import TorchAdam  # pylint: disable=import-outside-toplevel
+
+    def compiled_model(seed):
+        keras.utils.set_random_seed(seed)
+        model = ProxyNCAModel(build_embedder("small_cnn", 32, 8, weights=None), num_classes=3)
+        model.compile(optimizer=TorchAdam(1e-3), proxy_optimizer=TorchAdam(1.0))
+        model(np.zeros((1, 32, 32, 3), np.float32))
+        return model
+
+    chief = compiled_model(seed=1)
+    RunCheckpoint(str(tmp_path / "model_dir")).save(chief, 2, {"history": {"loss": [1.0, 0.5]}})
+    worker = compiled_model(seed=2)
+    private = RunCheckpoint(str(tmp_path / "private"), restore_from=str(tmp_path / "model_dir"))
+    epochs, record = private.restore_model(worker)
+    assert epochs == 2 and record["history"] == {"loss": [1.0, 0.5]}
+    for restored, saved in zip(worker.embedder.get_weights() + [worker.loss_layer.proxies.numpy()],
+                               chief.embedder.get_weights() + [chief.loss_layer.proxies.numpy()]):
+        np.testing.assert_array_equal(restored, saved)
+
+
+def test_a_finished_run_is_recognised_across_new_flags_and_cache_locations(tmp_path):
+    from pnpp_tf import train  # pylint: disable=import-outside-toplevel
+
+    flags = {flag.name: flag.default for flag in train.FLAGS.get_flags_for_module("pnpp_tf.flags")}
+    config = types.SimpleNamespace(**{**flags, "model_dir": str(tmp_path), "cache_dir": "/scratch/a"})
+    # Written before --cache_dir and --cache_short_side existed, by a run that used no cache.
+    earlier = {name: value for name, value in flags.items() if not name.startswith("cache_")}
+    (tmp_path / "results.json").write_text(json.dumps({"flags": {**earlier, "model_dir": str(tmp_path)}}))
+    with pytest.raises(ValueError, match=r"other flags \(cache_dir\)"):  # a cache now: other crops
+        train._finished_results(config, 5, 5)  # pylint: disable=protected-access
+
+    config.cache_dir = ""
+    assert train._finished_results(config, 5, 5) is not None  # pylint: disable=protected-access
+    (tmp_path / "results.json").write_text(json.dumps({"flags": {**flags, "model_dir": str(tmp_path),
+                                                                 "cache_dir": "/scratch/b"}}))
+    config.cache_dir = "/elsewhere"  # the same run, its cache in another place
+    assert train._finished_results(config, 5, 5) is not None  # pylint: disable=protected-access

@@ -52,6 +52,14 @@ def test_query_gallery_layout_read_through_an_image_cache(tmp_path):
     # Every image of every split was decoded into the cache once: 4 x 4 train, 3 x 4 query and gallery.
     assert len(list(cache_dir.rglob("*.tensor"))) == 4 * 4 + 2 * 3 * 4
 
+    # Training images at --cache_short_side, evaluation images at the side evaluation resizes to.
+    again = run_train(*TINY_FOLDER_RUN, "--epochs=1", "--warmup_epochs=0", "--eval_every=0",
+                      f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'again'}", f"--cache_dir={cache_dir}",
+                      "--cache_short_side=20")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train: decoded 0 images" in again.stderr and "16 already in the image cache" in again.stderr
+    assert len(list(cache_dir.rglob("*.tensor"))) == 4 * 4 + 2 * 3 * 4
+
 
 def break_empty_class(data_dir):
     os.makedirs(os.path.join(data_dir, "train", "empty_class"))

@@ -5,7 +5,7 @@
 
 An entry holds one image's pixels, downsized so that its shorter side is at most `short_side`
 (never enlarged), as a serialized uint8 tensor (`tf.io.serialize_tensor`) that
-`pipeline.read_image` reads without decoding. The input pipelines take cached paths like any
+`pipeline.read_cached_image` reads without decoding. The input pipelines take cached paths like any
 others, so training and evaluation run unchanged on them.
 
 An entry's name is a hash of the source file's absolute path, size, modification time and
@@ -30,6 +30,8 @@ from pnpp_tf.io_utils import write_atomic
 # Why 288/256 of the crop by default: evaluation resizes the shorter side to exactly that before
 # its center crop (RECIPE), so cached evaluation differs from uncached only by rounding to uint8.
 DEFAULT_SIDE_RATIO = pipeline.EVAL_RESIZE_RATIO
+# Part of every entry's key: change it when `_encode` changes, so old entries are not reused.
+_ENTRY_FORMAT = 1
 
 
 def default_short_side(image_size):
@@ -77,11 +79,15 @@ class ImageCache:
             self._build([paths[i] for i in missing], [entries[i] for i in missing], progress)
         return entries
 
+    def cached_images(self, paths):
+        """The paths among `paths` whose entries exist: images that decoded when they were cached."""
+        return {path for path in paths if tf.io.gfile.exists(self.entry_path(path))}
+
     def entry_path(self, path):
         """Where the entry of the image file `path` is (whether or not it exists yet)."""
         path = os.path.abspath(path) if "://" not in path else path
         stat = tf.io.gfile.stat(path)
-        key = f"{path}\0{stat.length}\0{stat.mtime_nsec}\0{self.short_side}".encode("utf-8")
+        key = f"{_ENTRY_FORMAT}\0{path}\0{stat.length}\0{stat.mtime_nsec}\0{self.short_side}".encode("utf-8")
         digest = hashlib.sha1(key).hexdigest()
         # Two-level fan-out keeps directories small for datasets of 100k+ images (SOP).
         return os.path.join(self.directory, digest[:2], digest[2:] + pipeline.CACHED_IMAGE_SUFFIX)

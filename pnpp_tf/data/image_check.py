@@ -52,7 +52,7 @@ def check_images(paths, threads=8, progress=False):
     return ImageCheck(len(paths), bad, time.perf_counter() - start)
 
 
-def drop_or_raise(split, name, on_bad_image, progress=False):
+def drop_or_raise(split, name, on_bad_image, progress=False, known_good=frozenset()):
     """Checks a split's images; with "skip" returns the split without the bad ones.
 
     Args:
@@ -60,15 +60,18 @@ def drop_or_raise(split, name, on_bad_image, progress=False):
         name: the split's name, for messages.
         on_bad_image: "error" (raise, naming the files) or "skip" (drop them, logging each once).
         progress: show a progress bar.
+        known_good: paths already known to decode (e.g. those with an image cache entry); not
+            decoded again.
 
     Returns:
         (the split, possibly smaller; the list of skipped paths).
     """
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"--on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}.")
-    result = check_images(split.paths, progress=progress)
-    logging.info("%s: decoded %d images in %.1f s (%.2f s per 1000)", name, result.checked,
-                 result.seconds, result.seconds_per_thousand)
+    result = check_images([path for path in split.paths if path not in known_good], progress=progress)
+    logging.info("%s: decoded %d images in %.1f s (%.2f s per 1000)%s", name, result.checked,
+                 result.seconds, result.seconds_per_thousand,
+                 f"; {len(split) - result.checked} already in the image cache" if known_good else "")
     if not result.bad:
         return split, []
     if on_bad_image == "error":

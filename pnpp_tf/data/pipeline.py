@@ -234,7 +234,8 @@ def _image_reader(paths):
         return read_cached_image
     if any(cached):
         raise ValueError(f"{sum(cached)} of {len(paths)} paths are image cache entries "
-                         f"(*{CACHED_IMAGE_SUFFIX}); a dataset reads from the cache entirely or not at all.")
+                         f"(*{CACHED_IMAGE_SUFFIX}); a dataset reads from the cache entirely or not at all: pass "
+                         "ImageCache.cached_split's paths for the whole split, or plain image paths.")
     return decode_image
 
 
