@@ -1,5 +1,6 @@
 """pnpp_tf.io_utils: a file is replaced whole or left as it was, with no temporary left behind."""
 
+import concurrent.futures
 import os
 
 import pytest
@@ -34,3 +35,19 @@ def test_tensorflow_errors_are_raised_as_os_errors(tmp_path):
     with pytest.raises(OSError, match="a_file"):
         write_atomic(str(blocker / "below_a_file.txt"), "text")
     assert os.listdir(tmp_path) == ["a_file"]
+
+
+def test_writers_of_the_same_files_at_once_all_succeed(tmp_path):
+    # As several workers building one image cache: same process here, so a pid alone would clash.
+    paths = [str(tmp_path / f"entry_{i}.bin") for i in range(100)]
+
+    def write_all(writer):
+        for path in paths:
+            write_atomic(path, bytes([writer]) * 100_000)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(write_all, [1, 2, 3, 4]))  # re-raises any writer's error
+    for path in paths:
+        contents = open(path, "rb").read()
+        assert len(contents) == 100_000 and len(set(contents)) == 1  # one writer's whole copy
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(path) for path in paths)
