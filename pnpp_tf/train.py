@@ -59,15 +59,17 @@ def train_model(config):
     os.makedirs(config.model_dir, exist_ok=True)
     _configure_determinism_and_numerics(config)
     distribute.check_batch_fits(strategy, config.batch_size, config.classes_per_batch, config.sampler)
-    trainer = Trainer(config, strategy, train_split, sampler, evaluator, evaluated_on, epochs, lr_drop_epochs)
+    trainer = Trainer(config, strategy, train_split, sampler, evaluator, evaluated_on, epochs, lr_drop_epochs,
+                      _flag_values(config))
     model = trainer.build_model()
     finished = _finished_results(config, trainer.restore(), trainer.total_epochs)
     if finished is not None:
         logging.info("%s/results.json: this run is finished; not training again.", config.model_dir)
         return model, finished
+    _check_resumable(config, trainer.record)
 
     trainer.fit()
-    results = trainer.results(skipped_images, _flag_values(config))
+    results = trainer.results(skipped_images)
     if distribute.is_chief(strategy):
         model.embedder.save(os.path.join(config.model_dir, "embedder.keras"))
         write_json(os.path.join(config.model_dir, "results.json"), results)
@@ -104,21 +106,49 @@ def _finished_results(config, finished_epochs, total_epochs):
         return None
     with open(path, encoding="utf-8") as file:
         results = json.load(file)
-    earlier, now = _comparable(results.get("flags", {})), _comparable(_flag_values(config))
-    # Flags added since that run was made: it ran with their defaults.
-    defaults = {name: FLAGS[name].default for name in now}
-    changed = sorted(k for k in set(earlier) | set(now) if earlier.get(k, defaults.get(k)) != now.get(k))
+    changed = _changed_flags(results.get("flags", {}), config)
     if changed:
         raise ValueError(f"--model_dir={config.model_dir} holds a finished run with other flags "
                          f"({', '.join(changed)}); choose another --model_dir.")
     return results
 
 
-def _comparable(flag_values):
-    """The flag values that decide what a run computes: not --verbose, nor where --cache_dir is."""
-    values = {name: value for name, value in flag_values.items() if name != "verbose"}
-    values["cache_dir"] = bool(values.get("cache_dir"))
-    return values
+def _check_resumable(config, record):
+    """Refuses to resume a checkpointed run with flags that change what it computes."""
+    # Checkpoints written before the record held the flags are resumed unchecked.
+    changed = _changed_flags(record["flags"], config, allowed={"epochs"}) if "flags" in record else []
+    if changed:
+        raise ValueError(f"--model_dir={config.model_dir} holds an unfinished run made with other flags "
+                         f"({', '.join(changed)}); rerun with its flags to resume it (see its results "
+                         "or checkpoints), or choose another --model_dir.")
+
+
+# Flags that change how a run is watched, stored or found, not what it computes: a run is resumed,
+# or recognised as finished, whatever their values.
+_BOOKKEEPING_FLAGS = frozenset({"verbose", "debug_numerics", "keep_checkpoints", "checkpoint_every_steps",
+                                "eval_batch_size", "eval_every", "model_dir", "data_dir"})
+
+
+def _changed_flags(earlier_values, config, allowed=()):
+    """The flags whose values in `config` differ from `earlier_values` in what a run computes.
+
+    Args:
+        earlier_values: {flag name: value} an earlier run recorded.
+        config: this run's flags.
+        allowed: flags that may also differ (e.g. --epochs, to train a resumed run for longer).
+
+    Returns:
+        The sorted names of the changed flags. Where --cache_dir is does not count, whether there
+        is one does; a flag the earlier run did not know counts as its default.
+    """
+    def comparable(values):
+        values = {name: value for name, value in values.items() if name not in _BOOKKEEPING_FLAGS | set(allowed)}
+        values["cache_dir"] = bool(values.get("cache_dir"))
+        return values
+
+    earlier, now = comparable(earlier_values), comparable(_flag_values(config))
+    defaults = {name: FLAGS[name].default for name in now}
+    return sorted(name for name in set(earlier) | set(now) if earlier.get(name, defaults.get(name)) != now.get(name))
 
 
 def _data(config):

@@ -57,10 +57,13 @@ class Trainer:
         evaluated_on: the name of the evaluator's split: "val_half", "test" or "query_gallery".
         epochs: main (post-warm-up) epochs.
         lr_drop_epochs: main epochs after which --mode=trainval drops the learning rates.
+        flag_values: {flag name: value} of this run, kept in every checkpoint and in results.json.
     """
 
-    def __init__(self, config, strategy, train_split, sampler, evaluator, evaluated_on, epochs, lr_drop_epochs):
+    def __init__(self, config, strategy, train_split, sampler, evaluator, evaluated_on, epochs, lr_drop_epochs,
+                 flag_values):
         self.config = config
+        self.flag_values = flag_values
         self.strategy = strategy
         self.train_split = train_split
         self.sampler = sampler
@@ -130,12 +133,11 @@ class Trainer:
             if self.finished_epochs < phase.end_epoch:
                 self._train_phase(phase)
 
-    def results(self, skipped_images, flag_values):
+    def results(self, skipped_images):
         """Measures the trained model and gathers what results.json records.
 
         Args:
             skipped_images: {split name: the unreadable images left out of it}.
-            flag_values: {flag name: value} of this run.
 
         Returns:
             The results dict.
@@ -158,7 +160,7 @@ class Trainer:
                 "final_eval_seconds": eval_seconds,
                 "train_images_per_second": images / max(self.train_seconds, 1e-9),
             },
-            "flags": flag_values,
+            "flags": self.flag_values,
         }
 
     def _train_phase(self, phase):
@@ -279,13 +281,15 @@ class Trainer:
             logs: the epoch's logs; None for a mid-epoch checkpoint.
 
         Returns:
-            The JSON-able record: history, metrics before training, training time, schedule state.
+            The JSON-able record: history, metrics before training, training time, schedule state,
+            flags.
         """
         for name, value in (logs or {}).items():
             self.history.setdefault(name, []).append(float(value))
         # train_seconds grows only at the end of a phase: add this phase's time so far.
         record = {"history": self.history, "before_training": self.before,
-                  "train_seconds": self.train_seconds + time.perf_counter() - phase_start}
+                  "train_seconds": self.train_seconds + time.perf_counter() - phase_start,
+                  "flags": self.flag_values}
         for callback in schedule:
             if hasattr(callback, "get_state"):
                 record["schedule"] = callback.get_state()

@@ -62,6 +62,8 @@ def test_killed_run_resumes_and_ends_with_the_uninterrupted_weights(tmp_path, un
     args = (*RUN, f"--data_dir={data_dir}", f"--model_dir={model_dir}", f"--checkpoint_every_steps={every_steps}")
     kill_after_first_checkpoint([sys.executable, "-m", "pnpp_tf.train", *args], model_dir, delay)
 
+    other = run_module("pnpp_tf.train", *args, "--lr=0.5")
+    assert other.returncode == 2 and "unfinished run made with other flags (lr)" in other.stderr
     resumed = run_module("pnpp_tf.train", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stderr and resumed_at in resumed.stderr
@@ -184,3 +186,16 @@ def test_a_finished_run_is_recognised_across_new_flags_and_cache_locations(tmp_p
                                                                  "cache_dir": "/scratch/b"}}))
     config.cache_dir = "/elsewhere"  # the same run, its cache in another place
     assert train._finished_results(config, 5, 5) is not None  # pylint: disable=protected-access
+
+
+def test_a_resumed_run_may_train_longer_and_be_watched_differently(tmp_path):
+    from pnpp_tf import train  # pylint: disable=import-outside-toplevel
+
+    flags = {flag.name: flag.default for flag in train.FLAGS.get_flags_for_module("pnpp_tf.flags")}
+    record = {"flags": {**flags, "model_dir": "/old/place"}}
+    config = types.SimpleNamespace(**{**flags, "model_dir": str(tmp_path), "epochs": flags["epochs"] + 10,
+                                      "verbose": 0, "eval_every": 5, "keep_checkpoints": 1})
+    train._check_resumable(config, record)  # pylint: disable=protected-access
+    config.temperature = 1.0
+    with pytest.raises(ValueError, match=r"unfinished run made with other flags \(temperature\)"):
+        train._check_resumable(config, record)  # pylint: disable=protected-access
