@@ -20,8 +20,9 @@ def run_module(module, *args, timeout=600):
     return run_python("-m", module, *args, timeout=timeout)
 
 
-def run_python(*args, timeout=600):
-    """Runs `python args...` with the repository importable; returns the CompletedProcess."""
+def run_python(*args, timeout=600, cwd=None):
+    """Runs `python args...` (in `cwd`) with the repository importable; returns the CompletedProcess."""
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=python_path)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=cwd)
