@@ -87,6 +87,38 @@ class RunCheckpoint:
         return manager.save(checkpoint_number=finished_epochs * steps_per_epoch + step_in_epoch)
 
 
+# Flags that change how a run is watched, stored or found, not what it computes: a run is resumed,
+# or recognised as finished, whatever their values.
+BOOKKEEPING_FLAGS = frozenset({"verbose", "debug_numerics", "keep_checkpoints", "checkpoint_every_steps",
+                               "eval_batch_size", "eval_every", "model_dir", "data_dir"})
+
+
+def changed_flags(earlier, now, defaults, allowed=()):
+    """The flags whose values differ between two runs in what the runs compute.
+
+    Where --cache_dir is does not count, whether there is one does; `BOOKKEEPING_FLAGS` do not
+    count either.
+
+    Args:
+        earlier: {flag name: value} an earlier run recorded.
+        now: {flag name: value} of this run.
+        defaults: {flag name: default}; a flag the earlier run did not know ran with its default.
+        allowed: flags that may also differ (e.g. "epochs", to train a resumed run for longer).
+
+    Returns:
+        The sorted names of the changed flags.
+    """
+    ignored = BOOKKEEPING_FLAGS | set(allowed)
+
+    def comparable(values):
+        values = {name: value for name, value in values.items() if name not in ignored}
+        values["cache_dir"] = bool(values.get("cache_dir"))
+        return values
+
+    earlier, now = comparable(earlier), comparable(now)
+    return sorted(name for name in set(earlier) | set(now) if earlier.get(name, defaults.get(name)) != now.get(name))
+
+
 class NonFiniteGuard(keras.callbacks.Callback):
     """Stops training at the first batch whose loss is NaN or infinite.
 

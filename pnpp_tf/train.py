@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from pnpp_tf import distribute, flags as pnpp_flags, plots
+from pnpp_tf import checkpointing, distribute, flags as pnpp_flags, plots
 from pnpp_tf.data import load_splits, pipeline, protocol
 from pnpp_tf.data.cache import ImageCache, default_short_side
 from pnpp_tf.data.image_check import drop_or_raise
@@ -123,32 +123,10 @@ def _check_resumable(config, record):
                          "or checkpoints), or choose another --model_dir.")
 
 
-# Flags that change how a run is watched, stored or found, not what it computes: a run is resumed,
-# or recognised as finished, whatever their values.
-_BOOKKEEPING_FLAGS = frozenset({"verbose", "debug_numerics", "keep_checkpoints", "checkpoint_every_steps",
-                                "eval_batch_size", "eval_every", "model_dir", "data_dir"})
-
-
 def _changed_flags(earlier_values, config, allowed=()):
-    """The flags whose values in `config` differ from `earlier_values` in what a run computes.
-
-    Args:
-        earlier_values: {flag name: value} an earlier run recorded.
-        config: this run's flags.
-        allowed: flags that may also differ (e.g. --epochs, to train a resumed run for longer).
-
-    Returns:
-        The sorted names of the changed flags. Where --cache_dir is does not count, whether there
-        is one does; a flag the earlier run did not know counts as its default.
-    """
-    def comparable(values):
-        values = {name: value for name, value in values.items() if name not in _BOOKKEEPING_FLAGS | set(allowed)}
-        values["cache_dir"] = bool(values.get("cache_dir"))
-        return values
-
-    earlier, now = comparable(earlier_values), comparable(_flag_values(config))
-    defaults = {name: FLAGS[name].default for name in now}
-    return sorted(name for name in set(earlier) | set(now) if earlier.get(name, defaults.get(name)) != now.get(name))
+    """`checkpointing.changed_flags` between an earlier run's recorded flags and `config`."""
+    defaults = {flag.name: flag.default for flag in FLAGS.get_flags_for_module("pnpp_tf.flags")}
+    return checkpointing.changed_flags(earlier_values, _flag_values(config), defaults, allowed)
 
 
 def _data(config):

@@ -17,7 +17,7 @@ import tensorflow as tf
 import pnpp_tf.model  # noqa: F401 - registers the layers embedder.keras refers to
 from cli_helpers import REPO, TINY_RUN, run_module, run_python
 from conftest import make_folder_dataset
-from pnpp_tf.checkpointing import NonFiniteGuard
+from pnpp_tf.checkpointing import NonFiniteGuard, changed_flags
 
 RUN = (*TINY_RUN, "--dataset=folder", "--eval_ks=1", "--eval_every=0", "--deterministic",
        "--warmup_epochs=1", "--epochs=5")
@@ -169,33 +169,24 @@ def test_a_worker_writing_elsewhere_resumes_from_the_chiefs_checkpoints(tmp_path
         np.testing.assert_array_equal(restored, saved)
 
 
-def test_a_finished_run_is_recognised_across_new_flags_and_cache_locations(tmp_path):
-    from pnpp_tf import train  # pylint: disable=import-outside-toplevel
-
-    flags = {flag.name: flag.default for flag in train.FLAGS.get_flags_for_module("pnpp_tf.flags")}
-    config = types.SimpleNamespace(**{**flags, "model_dir": str(tmp_path), "cache_dir": "/scratch/a"})
-    # Written before --cache_dir and --cache_short_side existed, by a run that used no cache.
-    earlier = {name: value for name, value in flags.items() if not name.startswith("cache_")}
-    (tmp_path / "results.json").write_text(json.dumps({"flags": {**earlier, "model_dir": str(tmp_path)}}))
-    with pytest.raises(ValueError, match=r"other flags \(cache_dir\)"):  # a cache now: other crops
-        train._finished_results(config, 5, 5)  # pylint: disable=protected-access
-
-    config.cache_dir = ""
-    assert train._finished_results(config, 5, 5) is not None  # pylint: disable=protected-access
-    (tmp_path / "results.json").write_text(json.dumps({"flags": {**flags, "model_dir": str(tmp_path),
-                                                                 "cache_dir": "/scratch/b"}}))
-    config.cache_dir = "/elsewhere"  # the same run, its cache in another place
-    assert train._finished_results(config, 5, 5) is not None  # pylint: disable=protected-access
+def test_flags_compare_across_new_flags_and_cache_locations():
+    defaults = {"lr": 4e-3, "cache_dir": "", "cache_short_side": 0, "verbose": 1}
+    # Recorded before --cache_dir and --cache_short_side existed, by a run that used no cache.
+    earlier = {"lr": 4e-3, "verbose": 1}
+    assert changed_flags(earlier, {**defaults, "cache_dir": "/scratch/a"}, defaults) == ["cache_dir"]
+    assert changed_flags(earlier, {**defaults, "verbose": 0}, defaults) == []
+    # The same run, its cache in another place.
+    assert changed_flags({**defaults, "cache_dir": "/scratch/b"}, {**defaults, "cache_dir": "/elsewhere"},
+                         defaults) == []
+    assert changed_flags(earlier, {**defaults, "lr": 0.5, "cache_short_side": 64}, defaults) == [
+        "cache_short_side", "lr"]
 
 
-def test_a_resumed_run_may_train_longer_and_be_watched_differently(tmp_path):
-    from pnpp_tf import train  # pylint: disable=import-outside-toplevel
-
-    flags = {flag.name: flag.default for flag in train.FLAGS.get_flags_for_module("pnpp_tf.flags")}
-    record = {"flags": {**flags, "model_dir": "/old/place"}}
-    config = types.SimpleNamespace(**{**flags, "model_dir": str(tmp_path), "epochs": flags["epochs"] + 10,
-                                      "verbose": 0, "eval_every": 5, "keep_checkpoints": 1})
-    train._check_resumable(config, record)  # pylint: disable=protected-access
-    config.temperature = 1.0
-    with pytest.raises(ValueError, match=r"unfinished run made with other flags \(temperature\)"):
-        train._check_resumable(config, record)  # pylint: disable=protected-access
+def test_a_resumed_run_may_train_longer_and_be_watched_differently():
+    earlier = {"epochs": 40, "temperature": 1 / 9, "verbose": 1, "eval_every": 1, "keep_checkpoints": 3,
+               "model_dir": "/old/place", "data_dir": "/old/data"}
+    now = {**earlier, "epochs": 50, "verbose": 0, "eval_every": 5, "keep_checkpoints": 1,
+           "model_dir": "/new/place", "data_dir": "/new/data"}
+    assert changed_flags(earlier, now, earlier, allowed={"epochs"}) == []
+    assert changed_flags(earlier, now, earlier) == ["epochs"]
+    assert changed_flags(earlier, {**now, "temperature": 1.0}, earlier, allowed={"epochs"}) == ["temperature"]
