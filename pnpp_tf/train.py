@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from pnpp_tf import checkpointing, distribute, flags as pnpp_flags, plots
 from pnpp_tf.data import load_splits, pipeline, protocol
 from pnpp_tf.data.cache import ImageCache, default_short_side
-from pnpp_tf.data.image_check import drop_or_raise
+from pnpp_tf.data.image_check import check_images, drop_or_raise
 from pnpp_tf.data.split import class_halves
 from pnpp_tf.io_utils import write_json
 from pnpp_tf.retrieval import RetrievalEvaluator
@@ -132,14 +132,13 @@ def _changed_flags(earlier_values, config, allowed=()):
 def _data(config):
     """(training Split, evaluator, name of the evaluated split, skipped images) for the flags."""
     splits = load_splits(config.dataset, config.data_dir)
-    known_good = set()
-    # An image with a cache entry decoded when it was cached. (Both caches may be the same one.)
-    for cache in {cache.short_side: cache for cache in _caches(config)}.values():
-        known_good |= cache.cached_images([path for split in splits.values() for path in split.paths])
+    caches = _caches(config)
     skipped = {}
     for name in list(splits):
+        # With a cache, the check decodes each image once, into the cache it will be read from.
+        check = ((caches[0] if name == "train" else caches[1]).check_and_build) if caches else check_images
         splits[name], bad = drop_or_raise(splits[name], name, config.on_bad_image, progress=config.verbose == 1,
-                                          known_good=known_good)
+                                          check=check)
         if bad:
             skipped[name] = bad
     logging.info("Data: %s", ", ".join(

@@ -110,8 +110,23 @@ def test_an_image_that_does_not_decode_is_named(tmp_path):
     good = write_image(str(tmp_path / "good.png"), rng)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(ValueError, match="broken.jpg: cannot decode"):
+    with pytest.raises(ValueError, match="broken.jpg: cannot read or decode this image for the cache"):
         ImageCache(str(tmp_path / "cache"), 16).cached_paths([good, str(broken)], progress=False)
+
+
+def test_the_start_up_check_with_a_cache_decodes_each_image_once(tmp_path):
+    rng = np.random.default_rng(4)
+    good = [write_image(str(tmp_path / f"good_{i}.png"), rng) for i in range(3)]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    cache = ImageCache(str(tmp_path / "cache"), 16)
+
+    first = cache.check_and_build([good[0], str(broken), *good[1:]], progress=False)
+    assert first.checked == 4 and [path for path, _ in first.bad] == [str(broken)]
+    assert first.bad[0][1]  # the decoder's reason
+    assert len(entries_in(tmp_path / "cache")) == 3  # the good ones, already cached
+    again = cache.check_and_build(good, progress=False)
+    assert again.checked == 0 and not again.bad  # cached images are known to decode
 
 
 def test_a_dataset_reads_from_the_cache_entirely_or_not_at_all(folder_dataset, tmp_path):

@@ -18,12 +18,13 @@ reclaim the space.
 
 import hashlib
 import os
+import time
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf.data import pipeline
+from pnpp_tf.data import image_check, pipeline
 from pnpp_tf.data.split import Split
 from pnpp_tf.io_utils import write_atomic
 
@@ -70,18 +71,41 @@ class ImageCache:
         return Split(self.cached_paths(split.paths, progress), split.labels, split.class_names)
 
     def cached_paths(self, paths, progress=True):
-        """The cache entry of every image in `paths` (in order), building the missing ones."""
+        """The cache entry of every image in `paths` (in order), building the missing ones.
+
+        Raises:
+            ValueError: an image does not decode (named, with the reason).
+        """
+        entries, check = self._build_missing(paths, progress)
+        if check.bad:
+            path, reason = check.bad[0]
+            raise ValueError(f"{path}: cannot read or decode this image for the cache ({reason}); check the "
+                             "data with `python -m pnpp_tf.check_data`.")
+        return entries
+
+    def check_and_build(self, paths, progress=True):
+        """Builds the missing entries of `paths` and reports the images that do not decode.
+
+        The start-up check of training with a cache: each image is decoded once, into its entry,
+        and an image that already has an entry is known to decode.
+
+        Returns:
+            An `ImageCheck` of the images decoded now, listing those that failed (no entry).
+        """
+        return self._build_missing(paths, progress)[1]
+
+    def _build_missing(self, paths, progress):
+        """(the entry of every path, an `ImageCheck` of building the missing ones)."""
+        start = time.perf_counter()
         entries = [self.entry_path(path) for path in paths]
         missing = [i for i, entry in enumerate(entries) if not tf.io.gfile.exists(entry)]
+        bad = []
         if missing:
             logging.info("Image cache %s: decoding %d of %d images (shorter side <= %d px)",
                          self.directory, len(missing), len(paths), self.short_side)
-            self._build([paths[i] for i in missing], [entries[i] for i in missing], progress)
-        return entries
-
-    def cached_images(self, paths):
-        """The paths among `paths` whose entries exist: images that decoded when they were cached."""
-        return {path for path in paths if tf.io.gfile.exists(self.entry_path(path))}
+            failed = self._build([paths[i] for i in missing], [entries[i] for i in missing], progress)
+            bad = [(path, image_check.decode_problem(path) or "unreadable") for path in failed]
+        return entries, image_check.ImageCheck(len(missing), bad, time.perf_counter() - start)
 
     def entry_path(self, path):
         """Where the entry of the image file `path` is (whether or not it exists yet)."""
@@ -93,22 +117,26 @@ class ImageCache:
         return os.path.join(self.directory, digest[:2], digest[2:] + pipeline.CACHED_IMAGE_SUFFIX)
 
     def _build(self, paths, entries, progress):
-        encoded = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths))).map(
-            self._encode, num_parallel_calls=os.cpu_count() or 1, deterministic=True
-        )
+        """Writes the entry of every image that decodes; returns the paths of those that do not."""
+        indices = tf.range(len(paths), dtype=tf.int64)
+        encoded = tf.data.Dataset.from_tensor_slices((indices, tf.constant(list(paths)))).map(
+            lambda index, path: (index, self._encode(path)),
+            num_parallel_calls=os.cpu_count() or 1, deterministic=True,
+        ).ignore_errors()  # the indices missing from the output are the images that failed
         bar = keras.utils.Progbar(len(paths), unit_name="image") if progress else None
-        done = 0
-        iterator = iter(encoded.prefetch(2))
-        while done < len(paths):
+        written = set()
+        for index, contents in encoded.prefetch(2).as_numpy_iterator():
             try:
-                contents = next(iterator)
-            except tf.errors.InvalidArgumentError as error:
-                raise ValueError(f"{paths[done]}: cannot decode this image for the cache ({error.message}); "
-                                 "check it with `python -m pnpp_tf.check_data`.") from None
-            write_atomic(entries[done], contents.numpy())
-            done += 1
+                write_atomic(entries[index], contents)
+            except OSError as error:
+                raise ValueError(f"--cache_dir={self.directory}: cannot write {entries[index]} ({error}); "
+                                 "free some space or choose another --cache_dir.") from None
+            written.add(int(index))
             if bar:
-                bar.add(1)
+                bar.update(int(index) + 1)
+        if bar and len(written) < len(paths):
+            bar.update(len(paths))
+        return [path for i, path in enumerate(paths) if i not in written]
 
     def _encode(self, path):
         image = pipeline.decode_image(path)

@@ -44,7 +44,7 @@ def check_images(paths, threads=8, progress=False):
     bar = keras.utils.Progbar(len(paths), unit_name="image") if progress and paths else None
     bad = []
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for done, (path, reason) in enumerate(zip(paths, pool.map(_decode_problem, paths)), start=1):
+        for done, (path, reason) in enumerate(zip(paths, pool.map(decode_problem, paths)), start=1):
             if reason:
                 bad.append((path, reason))
             if bar and (done % 200 == 0 or done == len(paths)):
@@ -52,7 +52,7 @@ def check_images(paths, threads=8, progress=False):
     return ImageCheck(len(paths), bad, time.perf_counter() - start)
 
 
-def drop_or_raise(split, name, on_bad_image, progress=False, known_good=frozenset()):
+def drop_or_raise(split, name, on_bad_image, progress=False, check=check_images):
     """Checks a split's images; with "skip" returns the split without the bad ones.
 
     Args:
@@ -60,18 +60,17 @@ def drop_or_raise(split, name, on_bad_image, progress=False, known_good=frozense
         name: the split's name, for messages.
         on_bad_image: "error" (raise, naming the files) or "skip" (drop them, logging each once).
         progress: show a progress bar.
-        known_good: paths already known to decode (e.g. those with an image cache entry); not
-            decoded again.
+        check: `(paths, progress=...) -> ImageCheck`: `check_images`, or an image cache's
+            `ImageCache.check_and_build`, which decodes each image once, into the cache.
 
     Returns:
         (the split, possibly smaller; the list of skipped paths).
     """
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"--on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}.")
-    result = check_images([path for path in split.paths if path not in known_good], progress=progress)
-    logging.info("%s: decoded %d images in %.1f s (%.2f s per 1000)%s", name, result.checked,
-                 result.seconds, result.seconds_per_thousand,
-                 f"; {len(split) - result.checked} already in the image cache" if known_good else "")
+    result = check(split.paths, progress=progress)
+    logging.info("%s: decoded %d images in %.1f s (%.2f s per 1000)", name, result.checked,
+                 result.seconds, result.seconds_per_thousand)
     if not result.bad:
         return split, []
     if on_bad_image == "error":
@@ -92,7 +91,7 @@ def drop_or_raise(split, name, on_bad_image, progress=False, known_good=frozense
     return kept, sorted(bad_paths)
 
 
-def _decode_problem(path):
+def decode_problem(path):
     """None if `path` decodes as the pipeline decodes it, else the reason it does not."""
     try:
         contents = tf.io.read_file(path)
