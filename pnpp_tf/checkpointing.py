@@ -119,7 +119,31 @@ def changed_flags(earlier, now, defaults, allowed=()):
     return sorted(name for name in set(earlier) | set(now) if earlier.get(name, defaults.get(name)) != now.get(name))
 
 
-class NonFiniteGuard(keras.callbacks.Callback):
+class _StepInEpoch(keras.callbacks.Callback):
+    """Knows the epoch and the step within it, counted from the epoch's start even when this fit
+    resumed mid-epoch (Keras counts a fit's batches from 0).
+
+    Args:
+        first_step: the step the first epoch of this fit starts at (0 unless resuming mid-epoch).
+    """
+
+    def __init__(self, first_step=0):
+        super().__init__()
+        self.first_step = first_step
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.first_step = 0  # only the resumed epoch started late
+
+    def step_in_epoch(self, batch):
+        """The 1-based step within the epoch of Keras' 0-based `batch` of this fit."""
+        return self.first_step + batch + 1
+
+
+class NonFiniteGuard(_StepInEpoch):
     """Stops training at the first batch whose loss is NaN or infinite.
 
     A non-finite gradient shows one step later, as the loss of the weights it produced. The
@@ -132,22 +156,14 @@ class NonFiniteGuard(keras.callbacks.Callback):
     """
 
     def __init__(self, first_step=0):
-        super().__init__()
-        self.first_step = first_step
+        super().__init__(first_step)
         self.tripped_at = None
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss) and self.tripped_at is None:
-            self.tripped_at = (self._epoch + 1, self.first_step + batch + 1, loss)
+            self.tripped_at = (self._epoch + 1, self.step_in_epoch(batch), loss)
             self.model.stop_training = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.first_step = 0  # only the resumed epoch started late
 
     def message(self, checkpoint):
         epoch, step, loss = self.tripped_at
@@ -157,22 +173,17 @@ class NonFiniteGuard(keras.callbacks.Callback):
                 "to find the operation that produced it.")
 
 
-class _SaveCheckpoints(keras.callbacks.Callback):
+class _SaveCheckpoints(_StepInEpoch):
     def __init__(self, checkpoint, record_fn, steps_per_epoch, guard, every_steps, first_step):
-        super().__init__()
+        super().__init__(first_step)
         self.checkpoint = checkpoint
         self.record_fn = record_fn
         self.steps_per_epoch = steps_per_epoch
         self.guard = guard
         self.every_steps = every_steps
-        self.first_step = first_step
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self.first_step + batch + 1
+        step = self.step_in_epoch(batch)
         if self._tripped() or not self.every_steps or step % self.every_steps or step >= self.steps_per_epoch:
             return
         path = self.checkpoint.save(self.model, self._epoch, self.record_fn(self._epoch, None), step,
@@ -180,7 +191,7 @@ class _SaveCheckpoints(keras.callbacks.Callback):
         logging.info("Saved %s (epoch %d, step %d)", path, self._epoch + 1, step)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.first_step = 0
+        super().on_epoch_end(epoch, logs)
         if self._tripped():
             return
         path = self.checkpoint.save(self.model, epoch + 1, self.record_fn(epoch, logs or {}), 0,
