@@ -153,8 +153,8 @@ def _data(config):
         train_split, gallery = splits["train"], splits.get("gallery")
         query = splits.get("test", splits.get("query"))
         evaluated_on = "test" if "test" in splits else "query_gallery"
-    if config.cache_dir:
-        train_split, query, gallery = _cached(config, train_split, query, gallery)
+    if caches:
+        train_split, query, gallery = _cached(caches, train_split, query, gallery, config.verbose == 1)
     evaluator = RetrievalEvaluator(query, config.image_size, ks, gallery=gallery, batch_size=config.eval_batch_size)
     return train_split, evaluator, evaluated_on, skipped
 
@@ -172,10 +172,9 @@ def _caches(config):
     return ImageCache(config.cache_dir, train_side), eval_cache
 
 
-def _cached(config, train_split, query, gallery):
-    """The splits read through the `ImageCache`s of `_caches`."""
-    progress = config.verbose == 1
-    train_cache, eval_cache = _caches(config)
+def _cached(caches, train_split, query, gallery, progress):
+    """The splits read through the (training, evaluation) `ImageCache`s of `_caches`."""
+    train_cache, eval_cache = caches
     return (train_cache.cached_split(train_split, progress), eval_cache.cached_split(query, progress),
             eval_cache.cached_split(gallery, progress) if gallery else None)
 

@@ -233,7 +233,7 @@ def run_worker(args, pipelines):
             "pipeline": name,
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else len(cores),
             "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores,
-            "map_parallel_calls": pipeline._PARALLEL_CALLS,
+            "map_parallel_calls": pipeline.PARALLEL_CALLS,
             "image_size": args.image_size,
             "batch_size": args.batch_size,
             "warmup_batches": args.warmup_batches,

@@ -57,6 +57,9 @@ class ImageCache:
             raise ValueError(f"--cache_short_side must be a positive number of pixels, got {short_side}.")
         self.directory = directory
         self.short_side = int(short_side)
+        # Entries seen on disk or written by this object: training's start-up check and the split
+        # it then reads look each image up once on (possibly remote) storage, not twice.
+        self._existing = set()
 
     def cached_split(self, split, progress=True):
         """`split` with each path replaced by its cache entry, building the missing entries.
@@ -98,13 +101,17 @@ class ImageCache:
         """(the entry of every path, an `ImageCheck` of building the missing ones)."""
         start = time.perf_counter()
         entries = [self.entry_path(path) for path in paths]
-        missing = [i for i, entry in enumerate(entries) if not tf.io.gfile.exists(entry)]
-        bad = []
+        missing = [i for i, entry in enumerate(entries)
+                   if entry not in self._existing and not tf.io.gfile.exists(entry)]
+        failed = []
         if missing:
             logging.info("Image cache %s: decoding %d of %d images (shorter side <= %d px)",
                          self.directory, len(missing), len(paths), self.short_side)
             failed = self._build([paths[i] for i in missing], [entries[i] for i in missing], progress)
-            bad = [(path, image_check.decode_problem(path) or "unreadable") for path in failed]
+        # Only now: a build that stops half way must not leave unwritten entries marked as there.
+        unwritten = set(failed)
+        self._existing.update(entry for path, entry in zip(paths, entries) if path not in unwritten)
+        bad = [(path, image_check.decode_problem(path) or "unreadable") for path in failed]
         return entries, image_check.ImageCheck(len(missing), bad, time.perf_counter() - start)
 
     def entry_path(self, path):
@@ -121,11 +128,12 @@ class ImageCache:
         indices = tf.range(len(paths), dtype=tf.int64)
         encoded = tf.data.Dataset.from_tensor_slices((indices, tf.constant(list(paths)))).map(
             lambda index, path: (index, self._encode(path)),
-            num_parallel_calls=os.cpu_count() or 1, deterministic=True,
+            num_parallel_calls=pipeline.PARALLEL_CALLS, deterministic=True,
         ).ignore_errors()  # the indices missing from the output are the images that failed
+        encoded = encoded.prefetch(pipeline.PREFETCH_BATCHES).with_options(pipeline.dataset_options())
         bar = keras.utils.Progbar(len(paths), unit_name="image") if progress else None
         written = set()
-        for index, contents in encoded.prefetch(2).as_numpy_iterator():
+        for index, contents in encoded.as_numpy_iterator():
             try:
                 write_atomic(entries[index], contents)
             except OSError as error:

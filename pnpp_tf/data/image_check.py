@@ -13,6 +13,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from pnpp_tf.data import pipeline
+
 ON_BAD_IMAGE = ("error", "skip")
 
 
@@ -97,7 +99,7 @@ def decode_problem(path):
         contents = tf.io.read_file(path)
         if int(tf.strings.length(contents)) == 0:
             return "empty file"
-        tf.io.decode_image(contents, channels=3, expand_animations=False)
+        pipeline.decode_image_bytes(contents)
     except tf.errors.NotFoundError:
         return "file not found"
     except tf.errors.InvalidArgumentError as error:

@@ -23,8 +23,8 @@ EVAL_RESIZE_RATIO = 288.0 / 256.0
 # every evaluation destroy an iterator; stalls of 1-8 s were measured here. No tf.data option
 # avoids it while the autotuner runs, and on these decode-and-crop pipelines the autotuner, a
 # private thread pool and max_intra_op_parallelism=1 all measured within noise of this setting.
-_PARALLEL_CALLS = os.cpu_count() or 1
-_PREFETCH_BATCHES = 2
+PARALLEL_CALLS = os.cpu_count() or 1
+PREFETCH_BATCHES = 2
 
 # Entries of `pnpp_tf.data.cache.ImageCache`: decoded pixels, read without decoding.
 CACHED_IMAGE_SUFFIX = ".tensor"
@@ -193,10 +193,10 @@ def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, see
         return image, tf.gather(label_table, index)
 
     dataset = tf.data.Dataset.from_tensor_slices(order).enumerate()
-    dataset = dataset.map(load, num_parallel_calls=_PARALLEL_CALLS, deterministic=True)
+    dataset = dataset.map(load, num_parallel_calls=PARALLEL_CALLS, deterministic=True)
     per_replica = sampler.batch_size // num_replicas
-    dataset = dataset.batch(per_replica, drop_remainder=True).prefetch(_PREFETCH_BATCHES)
-    return dataset.with_options(_options())
+    dataset = dataset.batch(per_replica, drop_remainder=True).prefetch(PREFETCH_BATCHES)
+    return dataset.with_options(dataset_options())
 
 
 def eval_dataset(paths, image_size, batch_size=64):
@@ -209,10 +209,10 @@ def eval_dataset(paths, image_size, batch_size=64):
     dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths)))
     dataset = dataset.map(
         lambda path: resize_and_center_crop(read(path), image_size),
-        num_parallel_calls=_PARALLEL_CALLS,
+        num_parallel_calls=PARALLEL_CALLS,
         deterministic=True,
     )
-    return dataset.batch(batch_size).prefetch(_PREFETCH_BATCHES).with_options(_options())
+    return dataset.batch(batch_size).prefetch(PREFETCH_BATCHES).with_options(dataset_options())
 
 
 def decode_image(path):
@@ -273,7 +273,8 @@ def resize_and_center_crop(image, size):
     return tf.image.crop_to_bounding_box(image, top, left, size, size)
 
 
-def _options():
+def dataset_options():
+    """The `tf.data.Options` of every pipeline here: the autotuner off (see `PARALLEL_CALLS`)."""
     options = tf.data.Options()
     options.autotune.enabled = False
     return options

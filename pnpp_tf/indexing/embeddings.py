@@ -6,14 +6,13 @@ A file that cannot be decoded is skipped, with the reason why.
 """
 
 import os
-import re
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf.data import pipeline
+from pnpp_tf.data import image_check, pipeline
 from pnpp_tf.data.folder import IMAGE_EXTENSIONS
 
 
@@ -64,12 +63,10 @@ def embed_paths(embedder, paths, batch_size=64, verbose=1):
     dataset = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
     dataset = dataset.map(
         lambda path: (path, pipeline.resize_and_center_crop(pipeline.decode_image(path), size)),
-        num_parallel_calls=os.cpu_count() or 1, deterministic=True,
+        num_parallel_calls=pipeline.PARALLEL_CALLS, deterministic=True,
     )
-    dataset = dataset.ignore_errors(log_warning=False).batch(batch_size).prefetch(2)
-    options = tf.data.Options()
-    options.autotune.enabled = False  # as pipeline.eval_dataset: see its _PARALLEL_CALLS note
-    dataset = dataset.with_options(options)
+    dataset = dataset.ignore_errors(log_warning=False).batch(batch_size).prefetch(pipeline.PREFETCH_BATCHES)
+    dataset = dataset.with_options(pipeline.dataset_options())
     progress = keras.utils.Progbar(len(paths), unit_name="image") if verbose else None
     embeddings, kept = [], []
     for batch_paths, images in dataset:
@@ -80,7 +77,7 @@ def embed_paths(embedder, paths, batch_size=64, verbose=1):
     if progress and len(paths) and (not kept or position[kept[-1]] + 1 < len(paths)):
         progress.update(len(paths))
     kept_set = set(kept)
-    skipped = [(path, unreadable_reason(path) or "unreadable while indexing")
+    skipped = [(path, image_check.decode_problem(path) or "unreadable while indexing")
                for path in paths if path not in kept_set]
     for path, reason in skipped[:20]:
         logging.warning("Skipped unreadable image %s: %s", path, reason)
@@ -91,14 +88,3 @@ def embed_paths(embedder, paths, batch_size=64, verbose=1):
     matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
     return matrix.astype(np.float32), kept, skipped
 
-
-def unreadable_reason(path):
-    """Why the pipeline cannot decode `path`, as one line (or "" if it now can)."""
-    try:
-        pipeline.decode_image(path)
-    except (tf.errors.OpError, OSError) as error:
-        message = getattr(error, "message", None) or str(error)
-        message = re.sub(r"\{\{[^}]*\}\}\s*", "", message.splitlines()[0] if message else "")
-        message = re.sub(r"\s*\[Op:\w+\].*$", "", message).strip()
-        return f"{type(error).__name__}: {message}" if message else type(error).__name__
-    return ""
