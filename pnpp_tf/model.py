@@ -167,7 +167,8 @@ class ProxyNCAModel(keras.Model):
         # The scale of this step, read before the main optimiser updates it.
         scale = self.optimizer.scale_loss(1.0) if loss_scale_optimizer else 1.0
         if self.clip_value:
-            main_gradients = _clip_global_gradients(main_gradients, self.clip_value * scale, replicas)
+            main_gradients = _clip_global_gradients(main_gradients, self.clip_value * scale, replicas,
+                                                    keep_non_finite=loss_scale_optimizer)
         if loss_scale_optimizer:
             # The proxies' gradient is computed in float32 end to end (proxies, logits and the
             # embedding layer are float32), so it cannot overflow: it only needs unscaling.
@@ -196,15 +197,22 @@ class ProxyNCAModel(keras.Model):
         return cls(**config)
 
 
-def _clip_global_gradients(gradients, clip_value, replicas):
+def _clip_global_gradients(gradients, clip_value, replicas, keep_non_finite=False):
     """Clips by value the gradient of the global batch; returns each replica's share of it.
 
     With one replica this is plain clipping. With several, the replicas' gradients are summed
     first (the optimiser's own sum of the returned shares then restores the clipped total).
+    With `keep_non_finite`, Inf and NaN pass unclipped: a float16 overflow must still reach the
+    LossScaleOptimizer's finite check, which skips the step and lowers the scale.
     """
     if replicas > 1:
         gradients = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-    clipped = [tf.clip_by_value(g, -tf.cast(clip_value, g.dtype), tf.cast(clip_value, g.dtype)) for g in gradients]
+
+    def clip(g):
+        clipped = tf.clip_by_value(g, -tf.cast(clip_value, g.dtype), tf.cast(clip_value, g.dtype))
+        return tf.where(tf.math.is_finite(g), clipped, g) if keep_non_finite else clipped
+
+    clipped = [clip(g) for g in gradients]
     return [g / replicas for g in clipped] if replicas > 1 else clipped
 
 

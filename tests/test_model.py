@@ -160,3 +160,13 @@ def test_clip_value_clips_backbone_and_embedding_gradients_but_not_the_proxies()
     assert np.abs(model.loss_layer.proxies.numpy() - proxies_before).max() > 10 * bound
     with pytest.raises(ValueError, match="clip_value"):
         model.compile(optimizer=TorchAdam(1.0), proxy_optimizer=TorchAdam(1.0), clip_value=-1)
+
+
+def test_clipping_under_loss_scaling_lets_an_overflow_through_to_the_finite_check():
+    from pnpp_tf.model import _clip_global_gradients  # pylint: disable=import-outside-toplevel
+
+    gradient = tf.constant([np.inf, -np.inf, np.nan, 50.0, -3.0], tf.float16)
+    kept = _clip_global_gradients([gradient], 10.0, replicas=1, keep_non_finite=True)[0].numpy()
+    np.testing.assert_array_equal(kept, np.array([np.inf, -np.inf, np.nan, 10.0, -3.0], np.float16))
+    plain = _clip_global_gradients([gradient], 10.0, replicas=1)[0].numpy()
+    np.testing.assert_array_equal(plain[[0, 1, 3, 4]], np.array([10.0, -10.0, 10.0, -3.0], np.float16))
