@@ -68,7 +68,7 @@ def evaluate(config):
         raise ValueError("--output_dir (or --model_dir) is required: eval_<dataset>.json is "
                          "written there.")
     eval_protocol = protocol(config.dataset)
-    ks = _parse_ks(config.eval_ks) or list(eval_protocol.ks)
+    ks = pnpp_flags.parse_eval_ks(config.eval_ks) or list(eval_protocol.ks)
     with_nmi = eval_protocol.nmi if config.nmi == "auto" else config.nmi == "true"
     if config.block_size < 0:
         raise ValueError(f"--block_size must be >= 0, got {config.block_size}.")
@@ -230,16 +230,6 @@ def _resolve_saved_model(path):
     chosen = os.path.join(path, versions[-1][1])
     logging.info("Using version %s of %s", versions[-1][1], path)
     return chosen
-
-
-def _parse_ks(values):
-    try:
-        ks = sorted({int(k) for k in values})
-    except ValueError:
-        raise ValueError(f"--eval_ks must be positive integers, got {','.join(values)}.") from None
-    if ks and ks[0] < 1:
-        raise ValueError(f"--eval_ks must be positive integers, got {','.join(values)}.")
-    return ks
 
 
 def _percent(value):

@@ -15,6 +15,21 @@ from pnpp_tf.losses import VARIANTS
 from pnpp_tf.model import POOLINGS
 
 
+def parse_eval_ks(values):
+    """The sorted, distinct K of --eval_ks (a list of strings); () when it is empty.
+
+    Raises:
+        ValueError: a value is not a positive integer.
+    """
+    try:
+        ks = sorted({int(k) for k in values})
+    except ValueError:
+        raise ValueError(f"--eval_ks must be positive integers, got {','.join(values)}.") from None
+    if ks and ks[0] < 1:
+        raise ValueError(f"--eval_ks must be positive integers, got {','.join(values)}.")
+    return tuple(ks)
+
+
 def define_data_flags():
     """Flags naming the data and where results go."""
     flags.DEFINE_enum("dataset", "glyphs", DATASETS, "Dataset reader.")

@@ -143,7 +143,7 @@ def _data(config):
             skipped[name] = bad
     logging.info("Data: %s", ", ".join(
         f"{name} {len(s)} images of {s.num_classes} classes" for name, s in splits.items()))
-    ks = _parse_ks(config.eval_ks) or protocol(config.dataset).ks
+    ks = pnpp_flags.parse_eval_ks(config.eval_ks) or protocol(config.dataset).ks
     if config.mode == "train":
         train_split, query = class_halves(splits["train"])
         gallery, evaluated_on = None, "val_half"
@@ -201,13 +201,6 @@ def _schedule(config):
         raise ValueError(f"{path}: best_epoch is {epochs}; the stage-1 run recorded no epoch.")
     logging.info("Schedule from %s: %d epochs, LR drops after epochs %s", path, epochs, drops)
     return epochs, drops
-
-
-def _parse_ks(values):
-    ks = sorted(set(_parse_ints(values, "--eval_ks")))
-    if ks and ks[0] < 1:
-        raise ValueError(f"--eval_ks must be positive integers, got {','.join(values)}.")
-    return tuple(ks)
 
 
 def _parse_ints(values, flag):
