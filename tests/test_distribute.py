@@ -20,16 +20,41 @@ WORKER = str(REPO / "tests" / "distributed_worker.py")
 
 
 def test_mirrored_step_on_two_cpus_equals_the_single_device_step(tmp_path):
+    """Synchronised BatchNorm, the replicas' gradient sum and global clipping give one device's step.
+
+    Compared in float64. In float32 the comparison is ill-posed: max pooling routes its gradient to
+    the larger of two inputs, and a window whose two largest inputs differ by less than float32
+    rounding sends it one way on one device and the other way on two. On the test's own batch one
+    of 32768 block-2 windows holds 0.37777007 and 0.37776908 (a gap of 2.6e-6 relative): on a CPU
+    without AVX-512 the default kernels round them apart in opposite orders, and every gradient
+    below that layer moves by up to 4 % (first conv kernel 7.9e-4 apart after one step, while the
+    float64 step agrees with the multi-replica float32 one to 1.9e-7). In float64 such a tie would
+    need a gap below 1e-15. What stays float32 in a float64 model is the loss (the proxies and
+    logits are float32 by design); its rounding, ~1e-7 of each gradient, moves the proxies (learning
+    rate 1, so a step of g / (|g| + 1)) by at most ~1e-6, within `atol`.
+
+    The float32 step is still checked where it is continuous: the loss and BatchNorm's moving
+    statistics depend on the forward pass only, so they agree to float32 rounding of the batch
+    statistics (~1e-6 relative).
+    """
     out = tmp_path / "weights.npz"
     result = run_python(WORKER, "mirrored_step", str(out), str(REPO / "tests"), str(tmp_path / "data"))
     assert result.returncode == 0, result.stderr[-3000:]
     weights = np.load(out)
     assert int(weights["default_replicas"]) == 1 and int(weights["mirrored_replicas"]) == 2
-    names = sorted(k for k in weights if k.startswith("default_") and k != "default_replicas")
+
+    def compare(dtype, names, **tolerance):
+        for name in names:
+            np.testing.assert_allclose(weights[f"{dtype}:mirrored:{name}"], weights[f"{dtype}:default:{name}"],
+                                       err_msg=f"{dtype} {name}", **tolerance)
+
+    names = [k.split(":", 2)[2] for k in weights if k.startswith("float64:default:") and not k.endswith(":loss")]
     assert len(names) > 20  # backbone, BatchNorm statistics, embedding layer and proxies
-    for name in names:
-        np.testing.assert_allclose(weights[name.replace("default", "mirrored", 1)], weights[name],
-                                   rtol=1e-4, atol=1e-5, err_msg=name)
+    assert weights[f"float64:default:{names[0]}"].dtype == np.float64
+    compare("float64", names, rtol=1e-4, atol=1e-5)
+    moving = [name for name in names if "moving_" in name]
+    assert len(moving) == 16  # mean and variance of the eight BatchNorm layers
+    compare("float32", ["loss"] + moving, rtol=1e-5, atol=1e-6)
 
 
 def free_port():
