@@ -13,6 +13,7 @@ from pnpp_tf.distribute import STRATEGIES
 from pnpp_tf.data.pipeline import SAMPLERS
 from pnpp_tf.losses import VARIANTS
 from pnpp_tf.model import POOLINGS
+from pnpp_tf.serving import DEFAULT_MAX_PIXELS
 
 
 def parse_eval_ks(values):
@@ -41,6 +42,9 @@ def define_data_flags():
     flags.DEFINE_integer("eval_batch_size", 64, "Images per inference batch.")
     flags.DEFINE_enum("on_bad_image", "error", ON_BAD_IMAGE, "An image that does not decode: error "
                       "(stop, naming it) or skip (train without it; logged, counted in results.json).")
+    flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "Largest width x height of an image read from the "
+                         "data; a larger one counts as a bad image (see --on_bad_image). Read from the file "
+                         "header before decoding, so one huge file cannot exhaust memory.", lower_bound=1)
 
 
 def define_cache_flags():

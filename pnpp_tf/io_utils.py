@@ -8,20 +8,101 @@ a copy and a delete, so there only the finished file is guaranteed whole, not th
 """
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import socket
 import uuid
 
 
+class OutOfSpaceError(OSError):
+    """A file could not be written whole because its file system is full.
+
+    The message is one line naming the path, the space the write needed (when known) and what is
+    free, for the entry points to print as it is.
+    """
+
+    def __init__(self, path, needed_bytes=None):
+        self.path = path
+        self.needed_bytes = needed_bytes
+        needed = f" needs about {_megabytes(needed_bytes)}," if needed_bytes else ""
+        super().__init__(errno.ENOSPC, f"{path}: no space left on the device:{needed} "
+                                       f"{_megabytes(free_bytes(path))} free. Free some space, or write elsewhere.")
+
+    def __str__(self):
+        return self.strerror
+
+
+def free_bytes(path):
+    """Bytes free on the file system holding `path` (or its nearest existing parent); None if unknown."""
+    folder = os.path.abspath(path)
+    while folder and not os.path.isdir(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def is_out_of_space(error):
+    """True for a full disk as Python (ENOSPC, EDQUOT) or `tf.io.gfile` (ResourceExhausted) reports it."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel - see `replacing`
+
+    if isinstance(error, tf.errors.ResourceExhaustedError):
+        return True
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _megabytes(count):
+    return "an unknown amount" if count is None else f"{count / 1e6:.1f} MB"
+
+
+def read_json_object(path, what="file"):
+    """The JSON object (a dict) in `path`.
+
+    Args:
+        path: a local or remote (`tf.io.gfile`) path.
+        what: what the file is, for the message (e.g. "results.json of a training run").
+
+    Raises:
+        ValueError: one line naming `path` when it is missing, unreadable, not JSON, or JSON but
+            not an object.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel - see `replacing`
+
+    try:
+        with tf.io.gfile.GFile(path, "rb") as file:
+            payload = json.loads(file.read().decode("utf-8"))
+    except tf.errors.NotFoundError:
+        raise ValueError(f"{path}: no such {what}.") from None
+    except (tf.errors.OpError, OSError) as error:
+        raise ValueError(f"{path}: cannot read this {what} ({getattr(error, 'message', error)}).") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: this {what} is not valid JSON ({error}); it may have been cut short. "
+                         "Restore or delete it.") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: this {what} holds a JSON {type(payload).__name__}, not an object; "
+                         "restore or delete it.")
+    return payload
+
+
 @contextlib.contextmanager
-def replacing(path):
+def replacing(path, needed_bytes=None):
     """Yields a temporary sibling of `path` to write, then renames it onto `path`.
+
+    Args:
+        path: the file to write.
+        needed_bytes: its expected size, if known, for the message of a full disk.
 
     The parent directory is created first. If the block raises (a crash, an interrupt), the
     temporary is removed and `path` is left as it was.
 
     Raises:
+        OutOfSpaceError: the file system filled up (nothing is left behind).
         OSError: for the errors of `tf.io.gfile` (which are not OSErrors), raised by the block or
             by the rename, so callers catch one kind of I/O error.
     """
@@ -41,6 +122,8 @@ def replacing(path):
         with contextlib.suppress(tf.errors.OpError):
             if tf.io.gfile.exists(temporary):
                 tf.io.gfile.remove(temporary)
+        if is_out_of_space(error) and not isinstance(error, OutOfSpaceError):
+            raise OutOfSpaceError(path, needed_bytes) from error
         if isinstance(error, tf.errors.OpError):
             raise OSError(f"{path}: {error.message}") from error
         raise
@@ -50,7 +133,7 @@ def write_atomic(path, contents):
     """Writes `contents` (bytes, or str as UTF-8) to `path` through `replacing`."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel - see `replacing`
 
-    with replacing(path) as partial, tf.io.gfile.GFile(partial, "wb") as file:
+    with replacing(path, len(contents)) as partial, tf.io.gfile.GFile(partial, "wb") as file:
         file.write(contents)
 
 
