@@ -51,7 +51,7 @@ def build_embedder(
     if int(embedding_dim) < 1:
         raise ValueError(f"embedding_dim must be positive, got {embedding_dim}.")
     input_shape = (int(image_size), int(image_size), 3)
-    trunk = spec.build_trunk(input_shape, backbones.resolve_weights(spec, weights))
+    trunk = _build_trunk(spec, input_shape, backbones.resolve_weights(spec, weights))
 
     images = keras.Input(input_shape, name="images")
     x = backbones.ImageNormalization(spec.normalization, name="normalization")(images)
@@ -71,6 +71,18 @@ def build_embedder(
         name="embedding",
     )(x)
     return keras.Model(images, embeddings, name="embedder")
+
+
+def _build_trunk(spec, input_shape, weights):
+    """`spec.build_trunk`, with a weights file that does not load named in a one-line ValueError."""
+    if weights is None or weights in spec.pretrained_weights:
+        return spec.build_trunk(input_shape, weights)
+    try:
+        return spec.build_trunk(input_shape, weights)
+    except (OSError, ValueError) as error:  # h5py's OSError for a non-HDF5 file, Keras' ValueError for a mismatch
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--weights={weights}: cannot load this file into backbone {spec.name!r} ({reason}); "
+                         "pass a weights file saved from this backbone, or --weights=none.") from error
 
 
 @keras.saving.register_keras_serializable(package="pnpp_tf")

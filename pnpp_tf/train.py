@@ -17,12 +17,12 @@ import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from pnpp_tf import checkpointing, distribute, flags as pnpp_flags, plots
+from pnpp_tf import checkpointing, distribute, flags as pnpp_flags, plots, run_lock
 from pnpp_tf.data import load_splits, pipeline, protocol
 from pnpp_tf.data.cache import ImageCache, default_short_side
 from pnpp_tf.data.image_check import check_images, drop_or_raise
 from pnpp_tf.data.split import class_halves
-from pnpp_tf.io_utils import write_json
+from pnpp_tf.io_utils import OutOfSpaceError, read_json_object, write_json
 from pnpp_tf.retrieval import RetrievalEvaluator
 from pnpp_tf.trainer import SCHEDULE_FILE, NumericalFault, Trainer
 
@@ -46,11 +46,22 @@ def train(config):
 
 
 def train_model(config):
-    """Like `train`, returning (the trained `ProxyNCAModel`, the results dict)."""
+    """Like `train`, returning (the trained `ProxyNCAModel`, the results dict).
+
+    Raises:
+        ValueError: bad flags or data, or --model_dir is in use by another run.
+    """
     if not config.model_dir:
         raise ValueError("--model_dir is required: checkpoints and results.json are written there.")
     # First: a multi-worker strategy must exist before any other TensorFlow op runs.
     strategy = distribute.make_strategy(config.strategy, config.tpu)
+    # Before anything is read from --model_dir: a second run on it must stop before it restores
+    # (and later overwrites) the first one's checkpoints. Only the chief writes there.
+    with run_lock.lock_unless(distribute.is_chief(strategy), config.model_dir):
+        return _train_model_locked(config, strategy)
+
+
+def _train_model_locked(config, strategy):
     epochs, lr_drop_epochs = _schedule(config)
     train_split, evaluator, evaluated_on, skipped_images = _data(config)
     sampler = pipeline.make_sampler(
@@ -66,7 +77,7 @@ def train_model(config):
     if finished is not None:
         logging.info("%s/results.json: this run is finished; not training again.", config.model_dir)
         return model, finished
-    _check_resumable(config, trainer.record)
+    _check_resumable(config, trainer.record, trainer.finished_epochs, trainer.total_epochs)
 
     trainer.fit()
     results = trainer.results(skipped_images)
@@ -104,23 +115,34 @@ def _finished_results(config, finished_epochs, total_epochs):
     path = os.path.join(config.model_dir, "results.json")
     if finished_epochs < total_epochs or not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as file:
-        results = json.load(file)
-    changed = _changed_flags(results.get("flags", {}), config)
+    results = read_json_object(path, "results.json of a training run")
+    if not isinstance(results.get("flags"), dict):
+        raise ValueError(f"{path}: no 'flags' object, so it cannot be matched with this command; "
+                         "restore the file or choose another --model_dir.")
+    changed = _changed_flags(results["flags"], config)
     if changed:
         raise ValueError(f"--model_dir={config.model_dir} holds a finished run with other flags "
                          f"({', '.join(changed)}); choose another --model_dir.")
     return results
 
 
-def _check_resumable(config, record):
-    """Refuses to resume a checkpointed run with flags that change what it computes."""
+def _check_resumable(config, record, finished_epochs, total_epochs):
+    """Refuses to resume a checkpointed run with flags that change what it computes.
+
+    --epochs may grow, never shrink below what the checkpoint has trained: the run's history and
+    its results would disagree.
+    """
     # Checkpoints written before the record held the flags are resumed unchecked.
     changed = _changed_flags(record["flags"], config, allowed={"epochs"}) if "flags" in record else []
     if changed:
         raise ValueError(f"--model_dir={config.model_dir} holds an unfinished run made with other flags "
                          f"({', '.join(changed)}); rerun with its flags to resume it (see its results "
                          "or checkpoints), or choose another --model_dir.")
+    if finished_epochs > total_epochs:
+        raise ValueError(f"--epochs={config.epochs}: the run in --model_dir={config.model_dir} has already "
+                         f"trained {finished_epochs - config.warmup_epochs} main epochs (after "
+                         f"{config.warmup_epochs} of warm-up); --epochs may only grow when resuming. Pass "
+                         f"--epochs={finished_epochs - config.warmup_epochs} or more, or choose another --model_dir.")
 
 
 def _changed_flags(earlier_values, config, allowed=()):
@@ -190,13 +212,15 @@ def _schedule(config):
     if not config.lr_schedule_from:
         return config.epochs, drops
     path = os.path.join(config.lr_schedule_from, SCHEDULE_FILE)
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"--lr_schedule_from={config.lr_schedule_from}: no {SCHEDULE_FILE} there; run "
+                         "--mode=train with that --model_dir first.")
+    schedule = read_json_object(path, "stage-1 schedule")
     try:
-        with open(path, encoding="utf-8") as file:
-            schedule = json.load(file)
         epochs, drops = int(schedule["best_epoch"]), [int(e) for e in schedule["lr_drop_epochs"]]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"--lr_schedule_from: cannot read a stage-1 schedule from {path} ({error}); "
-                         "run --mode=train with that --model_dir first.") from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: not a stage-1 schedule (no integer best_epoch and lr_drop_epochs: "
+                         f"{error!r}); rerun --mode=train with that --model_dir.") from error
     if epochs < 1:
         raise ValueError(f"{path}: best_epoch is {epochs}; the stage-1 run recorded no epoch.")
     logging.info("Schedule from %s: %d epochs, LR drops after epochs %s", path, epochs, drops)
@@ -219,7 +243,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     try:
         results = train(FLAGS)
-    except ValueError as error:
+    except (ValueError, OutOfSpaceError) as error:
         print(f"pnpp_tf.train: error: {error}", file=sys.stderr)
         sys.exit(2)
     except NumericalFault as error:
@@ -229,4 +253,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=pnpp_flags.parse_flags_or_exit("pnpp_tf.train"))

@@ -79,6 +79,13 @@ def break_overlap(data_dir):
     return "train_class_00.*disjoint"
 
 
+def break_weights_file(data_dir):
+    with open(os.path.join(os.path.dirname(data_dir), "random.weights.h5"), "wb") as file:
+        file.write(os.urandom(4096))
+    return (r"--weights=.*random.weights.h5: cannot load this file into backbone 'small_cnn' \(Unable to .*"
+            r"file signature not found\)\); pass a weights file saved from this backbone, or --weights=none")
+
+
 def break_data_dir(data_dir):
     shutil.rmtree(data_dir)
     return "--data_dir=.* does not exist"
@@ -90,6 +97,7 @@ def break_data_dir(data_dir):
     (break_unreadable_image, []),
     (break_unreadable_image, ["--cache_dir={tmp}/cache"]),  # the check that fills the cache
     (break_overlap, []),
+    (break_weights_file, ["--weights={tmp}/random.weights.h5"]),
     (lambda d: "--batch_size=10 is not divisible by --classes_per_batch=4", ["--batch_size=10", "--classes_per_batch=4"]),
 ])
 def test_bad_input_gives_a_one_line_error(tmp_path, breaker, extra):
@@ -101,3 +109,32 @@ def test_bad_input_gives_a_one_line_error(tmp_path, breaker, extra):
     errors = [line for line in result.stderr.splitlines() if line.startswith("pnpp_tf.train: error:")]
     assert len(errors) == 1 and re.search(pattern, errors[0]), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_resuming_refuses_a_damaged_results_json_and_fewer_epochs_naming_them(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data")
+    model_dir = tmp_path / "run"
+    args = (*TINY_FOLDER_RUN, f"--data_dir={data_dir}", f"--model_dir={model_dir}")
+    assert run_train(*args).returncode == 0
+    results = model_dir / "results.json"
+    text = results.read_text()
+
+    def one_line_error(*extra):
+        result = run_train(*args, *extra)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("pnpp_tf.train: error:")]
+        assert len(errors) == 1, result.stderr[-3000:]
+        return errors[0]
+
+    results.write_text(text[: len(text) // 2])  # a copy cut short
+    assert one_line_error().startswith(f"pnpp_tf.train: error: {results}: this results.json of a training run "
+                                       "is not valid JSON (")
+    results.write_text("[1]")
+    assert one_line_error() == (f"pnpp_tf.train: error: {results}: this results.json of a training run holds a "
+                                "JSON list, not an object; restore or delete it.")
+    results.unlink()  # as if killed after the last checkpoint, before results.json
+    assert one_line_error("--epochs=1") == (
+        f"pnpp_tf.train: error: --epochs=1: the run in --model_dir={model_dir} has already trained 2 main "
+        "epochs (after 1 of warm-up); --epochs may only grow when resuming. Pass --epochs=2 or more, or choose "
+        "another --model_dir.")
+    assert not results.exists()
