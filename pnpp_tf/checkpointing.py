@@ -3,17 +3,33 @@
 A checkpoint holds the model (backbone, embedding layer, proxies, BatchNorm statistics), both
 optimisers (Adam moments, iteration counts, learning rates), the number of finished epochs and a
 JSON record of the rest: the per-epoch history, the metrics before training, the LR schedule's
-state and, for a mid-epoch checkpoint, the step within the epoch. The sampler and the augmentation need no state: both are functions of (seed, epoch,
-position). TensorFlow writes a checkpoint's files before it points the `checkpoint` index at
-them, so a kill mid-write leaves the previous checkpoint in use; only the last few are kept.
+state and, for a mid-epoch checkpoint, the step within the epoch. The sampler and the
+augmentation need no state: both are functions of (seed, epoch, position). TensorFlow writes a
+checkpoint's files before it points the `checkpoint` index at them, so a kill mid-write leaves the
+previous checkpoint in use; only the last few are kept. A run resumes from the newest checkpoint
+that reads back whole, reporting any newer one it passes over (cut short by a full disk, say); a
+save that fails leaves none of its files behind.
 """
 
+import contextlib
 import json
 import math
+import os
+import re
+import time
 
 import keras
 import tensorflow as tf
 from absl import logging
+
+from pnpp_tf.io_utils import OutOfSpaceError, is_out_of_space, variables_bytes, write_atomic
+
+INDEX_FILE = "checkpoint"  # TensorFlow's list of a directory's checkpoints, newest named first
+_PREFIX = "ckpt"  # tf.train.CheckpointManager's name for them: ckpt-<number>.index, .data-*
+_NOT_CHOSEN = object()
+# What reading a checkpoint raises: OpErrors, and the builtin exceptions TensorFlow translates
+# some statuses into (IndexError for a file cut short, ValueError, RuntimeError).
+_READ_ERRORS = (tf.errors.OpError, IndexError, ValueError, RuntimeError)
 
 
 class RunCheckpoint:
@@ -33,34 +49,59 @@ class RunCheckpoint:
         self.keep = keep
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="finished_epochs")
         self.record = tf.Variable("{}", dtype=tf.string, trainable=False, name="record")
+        self._resume_point = _NOT_CHOSEN
+        self._saved = None
+        self._manager, self._tracked = None, None
 
     @property
     def latest(self):
         """The newest checkpoint written by this run, else the one it resumes from (or None)."""
-        return tf.train.latest_checkpoint(self.directory) or tf.train.latest_checkpoint(self.restore_from)
+        return self._saved or self.resume_point()
+
+    def resume_point(self):
+        """The checkpoint this run resumes from, the newest intact one, chosen once so that
+        `restore_model` and `restore_optimizers` both restore it.
+
+        Returns:
+            Its path prefix; None when there is no checkpoint at all (a fresh start).
+
+        Raises:
+            ValueError: there are checkpoints, but none reads back whole.
+        """
+        if self._resume_point is _NOT_CHOSEN:
+            directories = list(dict.fromkeys((self.directory, self.restore_from)))
+            self._resume_point = newest_intact_checkpoint(directories)
+        return self._resume_point
 
     def restore_model(self, model):
-        """Restores the model, the epoch count and the record from the latest checkpoint.
+        """Restores the model, the epoch count and the record from the resume point.
 
         Returns:
             (finished epochs, record dict); (0, {}) when there is no checkpoint yet.
+
+        Raises:
+            ValueError: there are checkpoints, but none reads back whole.
         """
-        if not self.latest:
+        prefix = self.resume_point()
+        if not prefix:
             return 0, {}
         # The embedder and the loss layer, not the model: a model carries its optimisers, which
         # would be restored (deferred) into the fresh ones of a new phase.
         tf.train.Checkpoint(embedder=model.embedder, loss_layer=model.loss_layer, epoch=self.epoch,
-                            record=self.record).restore(self.latest).expect_partial()
+                            record=self.record).restore(prefix).expect_partial()
         record = json.loads(self.record.numpy().decode("utf-8"))
         step = record.get("step_in_epoch", 0)
-        logging.info("Resuming from %s: %d epochs done%s", self.latest, int(self.epoch.numpy()),
+        logging.info("Resuming from %s: %d epochs done%s", prefix, int(self.epoch.numpy()),
                      f" and {step} steps of the next" if step else "")
         return int(self.epoch.numpy()), record
 
     def restore_optimizers(self, model):
-        """Restores both optimisers' state (call after compiling, when resuming mid-phase)."""
-        checkpoint = tf.train.Checkpoint(optimizer=model.optimizer, proxy_optimizer=model.proxy_optimizer)
-        checkpoint.restore(self.latest).expect_partial()
+        """Restores both optimisers' state from the resume point (call after compiling, when
+        resuming mid-phase)."""
+        prefix = self.resume_point()
+        if prefix:
+            checkpoint = tf.train.Checkpoint(optimizer=model.optimizer, proxy_optimizer=model.proxy_optimizer)
+            checkpoint.restore(prefix).expect_partial()
 
     def callback(self, record_fn, steps_per_epoch, guard=None, every_steps=0, first_step=0):
         """A Keras callback writing a checkpoint after every epoch (and every N steps).
@@ -72,19 +113,183 @@ class RunCheckpoint:
             guard: a `NonFiniteGuard`; nothing is saved once it has tripped.
             every_steps: also save every this many steps within an epoch (0: only at its end).
             first_step: the step the first epoch of this fit starts at (resuming mid-epoch).
+
+        The callback raises `OutOfSpaceError` out of `fit` when the disk is full.
         """
         return _SaveCheckpoints(self, record_fn, steps_per_epoch, guard, every_steps, first_step)
 
     def save(self, model, finished_epochs, record, step_in_epoch=0, steps_per_epoch=1):
-        """Writes one checkpoint, numbered by the global step, and keeps the last `keep`."""
+        """Writes one checkpoint, numbered by the global step, and keeps the last `keep`.
+
+        Returns:
+            The checkpoint's path prefix.
+
+        Raises:
+            OutOfSpaceError: the disk filled up. None of this checkpoint's files is left, and
+                the `checkpoint` index still names the previous one.
+        """
         record = {**record, "step_in_epoch": step_in_epoch}
         self.epoch.assign(finished_epochs)
         self.record.assign(json.dumps(record))
-        checkpoint = tf.train.Checkpoint(embedder=model.embedder, loss_layer=model.loss_layer,
-                                         optimizer=model.optimizer, proxy_optimizer=model.proxy_optimizer,
-                                         epoch=self.epoch, record=self.record)
-        manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=self.keep)
-        return manager.save(checkpoint_number=finished_epochs * steps_per_epoch + step_in_epoch)
+        manager = self._manager_for(model)
+        number = finished_epochs * steps_per_epoch + step_in_epoch
+        prefix = os.path.join(self.directory, f"{_PREFIX}-{number}")
+        earlier = set(tf.io.gfile.glob(f"{prefix}.*"))
+        try:
+            self._saved = manager.save(checkpoint_number=number)
+        except BaseException as error:
+            _remove_partial_save(self.directory, prefix, earlier)
+            # Its bookkeeping may now count the checkpoint just removed.
+            self._manager = None
+            if is_out_of_space(error):
+                needed = variables_bytes([*model.embedder.weights, *model.loss_layer.weights,
+                                          *model.optimizer.variables, *model.proxy_optimizer.variables])
+                raise OutOfSpaceError(prefix, needed) from error
+            raise
+        return self._saved
+
+    def _manager_for(self, model):
+        """The `tf.train.CheckpointManager` of `model` and its current optimisers, made once per
+        phase (each phase compiles new optimisers)."""
+        parts = {"embedder": model.embedder, "loss_layer": model.loss_layer,
+                 "optimizer": model.optimizer, "proxy_optimizer": model.proxy_optimizer}
+        if self._manager is None or any(parts[name] is not self._tracked[name] for name in parts):
+            _repair_index(self.directory)
+            checkpoint = tf.train.Checkpoint(**parts, epoch=self.epoch, record=self.record)
+            self._manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=self.keep)
+            self._tracked = parts
+        return self._manager
+
+
+def newest_intact_checkpoint(directories):
+    """The newest checkpoint in `directories` (searched in order) that reads back whole,
+    logging a warning that names the bad file of each one passed over.
+
+    Returns:
+        Its path prefix; None when there is no checkpoint at all.
+
+    Raises:
+        ValueError: one line: there are checkpoints, but none reads back whole.
+    """
+    problems = []
+    for directory in directories:
+        for prefix in checkpoints_in(directory):
+            problem = checkpoint_problem(prefix)
+            if problem is None:
+                if problems:
+                    logging.warning("Resuming from %s, the newest intact checkpoint; the training "
+                                    "after it is done again.", prefix)
+                return prefix
+            logging.warning("Passing over an unreadable checkpoint: %s.", problem)
+            problems.append(problem)
+    if problems:
+        where = " or ".join(directories)
+        raise ValueError(f"{where}: no intact checkpoint to resume from ({'; '.join(problems)}). "
+                         f"Restore the checkpoints from a copy, or move {directories[0]} away to "
+                         "start the run afresh.")
+    return None
+
+
+def checkpoints_in(directory):
+    """The checkpoints (path prefixes ".../ckpt-N") of `directory`, newest first: those its
+    `checkpoint` index lists, then any others found beside it (all when the index is unreadable).
+    """
+    found = _found_checkpoints(directory)
+    listed = _listed_checkpoints(directory)
+    if listed is None:
+        listed = []
+        if found:
+            logging.warning("%s, the index of the checkpoints, is unreadable; using the %d "
+                            "checkpoint(s) found beside it.", os.path.join(directory, INDEX_FILE),
+                            len(found))
+    return list(dict.fromkeys(listed + found))
+
+
+def checkpoint_problem(prefix):
+    """Why the checkpoint `prefix` cannot be restored, naming its bad file; None if it can.
+
+    Every value is read, so a data file cut short or corrupted (its checksums then fail) shows
+    here, before anything is restored, rather than midway through a restore.
+    """
+    index = f"{prefix}.index"
+    if not tf.io.gfile.exists(index):
+        return f"{index} is missing (the checkpoint's files are gone)"
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+    except _READ_ERRORS as error:
+        return f"{index} is unreadable ({_reason(error)})"
+    try:
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except _READ_ERRORS as error:
+        data = sorted(tf.io.gfile.glob(f"{prefix}.data-*")) or [f"{prefix}.data-*"]
+        return f"{', '.join(data)} is unreadable ({_reason(error)})"
+    return None
+
+
+def _listed_checkpoints(directory):
+    """The checkpoints the `checkpoint` index of `directory` lists, newest first: [] without an
+    index, None when it is unreadable."""
+    if not tf.io.gfile.exists(os.path.join(directory, INDEX_FILE)):
+        return []
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except ValueError:  # an empty index
+        state = None
+    if state is None or not state.model_checkpoint_path:
+        return None
+    return list(dict.fromkeys([state.model_checkpoint_path, *reversed(state.all_model_checkpoint_paths)]))
+
+
+def _found_checkpoints(directory):
+    """The checkpoints whose .index is in `directory`, newest (highest number) first."""
+    indexes = [path for path in tf.io.gfile.glob(os.path.join(directory, f"{_PREFIX}-*.index"))
+               if _checkpoint_number(path) >= 0]
+    return [path[:-len(".index")] for path in sorted(indexes, key=_checkpoint_number, reverse=True)]
+
+
+def _repair_index(directory):
+    """Rewrites an unreadable `checkpoint` index to list the checkpoints beside it: TensorFlow's
+    manager refuses an empty index, and forgets the checkpoints of a garbled one, which it would
+    then never delete."""
+    found = _found_checkpoints(directory)
+    if not found or _listed_checkpoints(directory) is not None:
+        return
+    # The text form of TensorFlow's CheckpointState; every entry younger than the "preserved"
+    # time, so that the manager deletes them in turn as it saves newer ones.
+    now = time.time()
+    lines = [f'model_checkpoint_path: "{os.path.basename(found[0])}"']
+    lines += [f'all_model_checkpoint_paths: "{os.path.basename(p)}"' for p in reversed(found)]
+    lines += [f"all_model_checkpoint_timestamps: {now}"] * len(found)
+    lines.append(f"last_preserved_timestamp: {now - 1}")
+    write_atomic(os.path.join(directory, INDEX_FILE), "\n".join(lines) + "\n")
+    logging.warning("Rewrote the unreadable checkpoint index %s, listing %s.",
+                    os.path.join(directory, INDEX_FILE), ", ".join(reversed(found)))
+
+
+def _remove_partial_save(directory, prefix, earlier):
+    """Removes what a failed save of `prefix` left: TensorFlow's `<prefix>_temp` folder, the
+    files of `prefix` that were not there before it (`earlier`), and a temporary of the index."""
+    leftovers = [path for path in tf.io.gfile.glob(f"{prefix}.*") if path not in earlier]
+    leftovers += tf.io.gfile.glob(os.path.join(directory, f"{INDEX_FILE}.tmp*"))
+    for path in leftovers:
+        with contextlib.suppress(tf.errors.OpError):
+            tf.io.gfile.remove(path)
+    with contextlib.suppress(tf.errors.OpError):
+        if tf.io.gfile.isdir(f"{prefix}_temp"):
+            tf.io.gfile.rmtree(f"{prefix}_temp")
+
+
+def _checkpoint_number(path):
+    match = re.search(rf"{_PREFIX}-(\d+)\.index$", path)
+    return int(match.group(1)) if match else -1
+
+
+def _reason(error):
+    """The gist of a TensorFlow error message, on one line."""
+    message = getattr(error, "message", None) or str(error)
+    message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)  # TensorFlow's "{{function_node ...}}"
+    return " ".join(message.split()) or type(error).__name__
 
 
 # Flags that change how a run is watched, stored or found, not what it computes: a run is resumed,

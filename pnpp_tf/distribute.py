@@ -68,14 +68,14 @@ def check_batch_fits(strategy, batch_size, classes_per_batch, sampler_kind):
 
 
 def distributed_train_dataset(strategy, paths, labels, sampler, image_size, epochs, first_epoch, seed, flip,
-                              first_step=0):
+                              first_step=0, max_pixels=pipeline.DEFAULT_MAX_PIXELS):
     """The training batches of `pipeline.train_dataset`, split over the strategy's replicas.
 
     With one replica this is the plain dataset. Otherwise every input pipeline builds the same
     global batches and keeps its contiguous slice, batched per replica.
     """
     arguments = dict(paths=paths, labels=labels, sampler=sampler, image_size=image_size, epochs=epochs,
-                     first_epoch=first_epoch, seed=seed, flip=flip, first_step=first_step)
+                     first_epoch=first_epoch, seed=seed, flip=flip, first_step=first_step, max_pixels=max_pixels)
     if strategy.num_replicas_in_sync == 1:
         return pipeline.train_dataset(**arguments)
 

@@ -24,8 +24,8 @@ from absl import app, flags, logging
 import pnpp_tf.model  # noqa: F401 - registers the custom layers embedder.keras refers to
 from pnpp_tf import evaluation, flags as pnpp_flags
 from pnpp_tf.data import load_splits, protocol
-from pnpp_tf.data.datasets import verify_images
-from pnpp_tf.io_utils import write_atomic
+from pnpp_tf.data.image_check import drop_or_raise
+from pnpp_tf.io_utils import OutOfSpaceError, write_atomic
 from pnpp_tf.retrieval import RetrievalEvaluator
 
 FLAGS = flags.FLAGS
@@ -55,7 +55,7 @@ def evaluate(config):
     Args:
         config: an object with the attributes of this module's flags (e.g. absl's FLAGS):
             dataset, data_dir, model_dir, saved_model, output_dir, image_size, eval_ks,
-            eval_batch_size, backend, nmi, block_size and verbose.
+            eval_batch_size, on_bad_image, max_pixels, backend, nmi, block_size and verbose.
 
     Returns:
         The dict also written to `<output_dir>/eval_<dataset>.json`.
@@ -75,12 +75,9 @@ def evaluate(config):
     model, model_path, model_size = load_embedder(config.model_dir, config.saved_model)
     image_size = model_size or config.image_size
 
-    splits = load_splits(config.dataset, config.data_dir)
-    query = splits.get("test", splits.get("query"))
-    gallery = splits.get("gallery")
-    verify_images(query.paths + (gallery.paths if gallery else []))
+    query, gallery, skipped = _checked_splits(config)
     evaluator = RetrievalEvaluator(query, image_size, ks, gallery=gallery,
-                                   batch_size=config.eval_batch_size)
+                                   batch_size=config.eval_batch_size, max_pixels=config.max_pixels)
     logging.info("Evaluating %s on %s: %d query and %d gallery images at %d px", model_path,
                  config.dataset, len(query), len(gallery) if gallery else 0, image_size)
 
@@ -115,6 +112,7 @@ def evaluate(config):
         "num_query_images": len(query),
         "num_gallery_images": len(gallery) if gallery else None,
         "num_classes": query.num_classes,
+        "skipped_images": skipped,
         "timings": {
             "embed_seconds": embed_seconds,
             "images_per_second": num_images / max(embed_seconds, 1e-9),
@@ -126,6 +124,20 @@ def evaluate(config):
     write_atomic(stem + ".json", json.dumps(results, indent=2, sort_keys=True) + "\n")
     write_atomic(stem + ".md", markdown_table(results))
     return results
+
+
+def _checked_splits(config):
+    """(query, gallery or None, {split name: skipped paths}) after the start-up check of every
+    image (`image_check.drop_or_raise`: --on_bad_image, --max_pixels)."""
+    splits = load_splits(config.dataset, config.data_dir)
+    names = ["test"] if "test" in splits else ["query", "gallery"]
+    checked, skipped = {}, {}
+    for name in names:
+        checked[name], bad = drop_or_raise(splits[name], name, config.on_bad_image,
+                                           max_pixels=config.max_pixels)
+        if bad:
+            skipped[name] = bad
+    return checked.get("test", checked.get("query")), checked.get("gallery"), skipped
 
 
 def load_embedder(model_dir, saved_model=None):
@@ -241,7 +253,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     try:
         results = evaluate(FLAGS)
-    except (ValueError, ImportError) as error:
+    except (ValueError, ImportError, OutOfSpaceError) as error:
         print(f"pnpp_tf.evaluate: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({"dataset": results["dataset"], "metrics": results["metrics"]}))

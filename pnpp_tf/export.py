@@ -12,23 +12,23 @@ Reads <model_dir>/embedder.keras and results.json (dataset, data_dir, image_size
 """
 
 import dataclasses
-import json
 import os
-import shutil
 import sys
 
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-import pnpp_tf.model  # noqa: F401 - registers the custom layers embedder.keras refers to
 from pnpp_tf import parity, serving
 from pnpp_tf.data import DATASETS, load_splits, pipeline
 from pnpp_tf.data.datasets import verify_images
+from pnpp_tf.indexing.saved_embedder import load_keras_model
+from pnpp_tf.io_utils import OutOfSpaceError, read_json_object, replacing_dir, variables_bytes, write_atomic
 
 FORMATS = ("saved_model", "tflite")
 TFLITE_VARIANTS = ("float32", "float16", "dynamic_int8", "full_int8")
+
+
 def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, data_dir=None,
            tflite_variants=TFLITE_VARIANTS, max_pixels=serving.DEFAULT_MAX_PIXELS,
            representative_images=100, max_eval_images=0, latency_images=50, batch_size=64,
@@ -53,6 +53,10 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
 
     Returns:
         The report dict, also written to `<export_dir>/parity/<version>.json` (and `.md`).
+
+    Raises:
+        ValueError: bad arguments, or an unreadable embedder.keras or results.json.
+        OutOfSpaceError: the disk filled up; every file written is whole, the partial one removed.
     """
     formats, tflite_variants = _check_choices(formats, tflite_variants)
     for name, value, least in (("representative_images", representative_images, 1),
@@ -87,12 +91,10 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
     if "tflite" in formats:
         calibration = _representative_images(splits["train"], image_size, representative_images)
         tflite_dir = os.path.join(export_dir, "tflite", str(version))
-        os.makedirs(tflite_dir, exist_ok=True)
         for variant in tflite_variants:
             path = os.path.join(tflite_dir, f"embedder_{variant}.tflite")
             logging.info("Converting to TFLite %s", variant)
-            with open(path, "wb") as file:
-                file.write(convert_to_tflite(module, variant, calibration))
+            write_atomic(path, convert_to_tflite(module, variant, calibration))
             variants.append(parity.TFLiteVariant(litert, path, variant, num_threads))
 
     report = parity.measure_parity(variants, held_out, image_size, batch_size, latency_images)
@@ -111,20 +113,23 @@ def load_trained_embedder(model_dir):
 
     Returns:
         (embedder, dict with "dataset", "data_dir", "image_size" and "recall@1" where known).
+
+    Raises:
+        ValueError: naming the file, if embedder.keras is missing or unreadable, or results.json
+            is unreadable or from another run.
     """
     path = os.path.join(model_dir or "", "embedder.keras")
     if not os.path.isfile(path):
         raise ValueError(f"--model_dir={model_dir} has no embedder.keras; train a model there "
                          "first with python -m pnpp_tf.train.")
-    embedder = keras.saving.load_model(path, compile=False)
+    embedder = load_keras_model(path)
     run = {}
     results_path = os.path.join(model_dir, "results.json")
     if os.path.isfile(results_path):
-        with open(results_path, encoding="utf-8") as file:
-            results = json.load(file)
-        run = {k: v for k, v in results.get("flags", {}).items()
+        results = read_json_object(results_path, "results.json of a training run")
+        run = {k: v for k, v in _mapping(results, "flags", results_path).items()
                if k in ("dataset", "data_dir", "image_size")}
-        run["recall@1"] = results.get("metrics", {}).get("recall@1")
+        run["recall@1"] = _mapping(results, "metrics", results_path).get("recall@1")
     size = embedder.input.shape[1]
     if run.get("image_size") not in (None, size):
         raise ValueError(f"{results_path} says image_size={run['image_size']} but {path} takes "
@@ -155,16 +160,25 @@ def resolve_version(export_dir, version=None):
 
 def write_saved_model(module, export_dir, version):
     """Writes `<export_dir>/<version>` whole or not at all: TF Serving watches the directory and
-    would load a half-written version."""
+    would load a half-written version.
+
+    Raises:
+        OutOfSpaceError: the disk filled up; no part of the version is left.
+    """
     path = os.path.join(export_dir, str(version))
-    partial = os.path.join(export_dir, f".partial-{version}-{os.getpid()}")
     logging.info("Writing the SavedModel to %s", path)
-    try:
+    with replacing_dir(path, variables_bytes(module.model_variables)) as partial:
         module.save(partial)
-        os.replace(partial, path)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return path
+
+
+def _mapping(results, key, path):
+    """`results[key]`, a JSON object, or {} if absent."""
+    value = results.get(key, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: its {key!r} is a JSON {type(value).__name__}, not an object; "
+                         "is it a training run's results.json?")
+    return value
 
 
 def convert_to_tflite(module, variant, representative_images=None):
@@ -260,7 +274,7 @@ def main(argv):
             FLAGS.data_dir, FLAGS.tflite_variants, FLAGS.max_pixels, FLAGS.representative_images,
             FLAGS.max_eval_images, FLAGS.latency_images, FLAGS.eval_batch_size, FLAGS.tflite_threads,
         )
-    except ValueError as error:
+    except (ValueError, OutOfSpaceError) as error:
         print(f"pnpp_tf.export: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(parity.markdown_report(report))

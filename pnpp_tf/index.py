@@ -4,8 +4,10 @@
 
 --model is a training run's model_dir (embedder.keras) or an exported SavedModel (a version
 directory, or the export base directory, whose highest version is used). Images are found
-recursively (JPEG, PNG, BMP, GIF, WebP) and cropped as evaluation crops them. A file that cannot
-be decoded is skipped, reported and listed in the index. Search it with python -m pnpp_tf.search.
+recursively (JPEG, PNG, BMP, GIF, WebP; symbolic links followed, loops of them passed over) and
+cropped as evaluation crops them. A file that cannot be read or decoded (a dangling link or a loop
+of links too), or whose header gives more than --max_pixels pixels, is skipped, reported and
+listed in the index. Search it with python -m pnpp_tf.search.
 """
 
 import os
@@ -14,6 +16,7 @@ import time
 
 from absl import app, flags
 
+from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS
 from pnpp_tf.indexing.embeddings import find_images
 from pnpp_tf.indexing.saved_embedder import load_embedder
 from pnpp_tf.indexing.search_index import build_index
@@ -31,20 +34,25 @@ def define_flags():
     flags.DEFINE_string("index", None, "The index file to write (.npz).")
     flags.DEFINE_integer("batch_size", 64, "Images per inference batch.")
     flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+    flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "Largest width x height of an image to index; a "
+                         "larger one is skipped and reported, its size read from the header, undecoded.",
+                         lower_bound=1)
 
 
-def run(model, images, index_path, batch_size=64, progress=True):
+def run(model, images, index_path, batch_size=64, progress=True, max_pixels=DEFAULT_MAX_PIXELS):
     """Builds and writes the index; returns it. Raises ValueError on bad input."""
     if not model or not images or not index_path:
         raise ValueError("--model, --images and --index are all required.")
     model, images, index_path = (os.path.expanduser(p) for p in (model, images, index_path))
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}.")
+    if max_pixels < 1:
+        raise ValueError(f"--max_pixels must be at least 1, got {max_pixels}.")
     if os.path.isdir(index_path):
         raise ValueError(f"--index={index_path} is a directory; give a file name, e.g. photos.npz.")
     paths = find_images(images)
     embedder = load_embedder(model)
-    index = build_index(embedder, paths, images, batch_size, verbose=int(progress))
+    index = build_index(embedder, paths, images, batch_size, verbose=int(progress), max_pixels=max_pixels)
     try:
         index.save(index_path)
     except OSError as error:
@@ -57,7 +65,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     start = time.perf_counter()
     try:
-        index = run(FLAGS.model, FLAGS.images, FLAGS.index, FLAGS.batch_size, FLAGS.progress)
+        index = run(FLAGS.model, FLAGS.images, FLAGS.index, FLAGS.batch_size, FLAGS.progress, FLAGS.max_pixels)
     except ValueError as error:
         print(f"pnpp_tf.index: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -2,6 +2,12 @@
 
     with replacing("out/index.npz") as partial:    # a temporary sibling of the file
         write_somehow(partial)                      # renamed onto out/index.npz on success
+    with replacing_dir("export/3") as partial:      # a directory artefact (a SavedModel version)
+        tf.saved_model.save(module, partial)
+    save_keras_atomic(embedder, "run/embedder.keras")
+
+A full disk raises `OutOfSpaceError`, one line naming the path, the space needed and the space
+free, and leaves nothing half written.
 
 Paths go through `tf.io.gfile`, so they may be local or remote (e.g. gs://). A remote rename is
 a copy and a delete, so there only the finished file is guaranteed whole, not the atomic swap.
@@ -91,12 +97,14 @@ def read_json_object(path, what="file"):
 
 
 @contextlib.contextmanager
-def replacing(path, needed_bytes=None):
+def replacing(path, needed_bytes=None, suffix=""):
     """Yields a temporary sibling of `path` to write, then renames it onto `path`.
 
     Args:
         path: the file to write.
         needed_bytes: its expected size, if known, for the message of a full disk.
+        suffix: what the temporary name ends with, for writers that insist on an extension
+            (Keras saves only to names ending in ".keras").
 
     The parent directory is created first. If the block raises (a crash, an interrupt), the
     temporary is removed and `path` is left as it was.
@@ -109,24 +117,102 @@ def replacing(path, needed_bytes=None):
     # Here, not at the top: `pnpp_tf.plots` imports this module and otherwise needs no TensorFlow.
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    # Unique per writer: workers on several machines (or in containers, all pid 1) may write the
-    # same file at once, e.g. the same image cache entry; each renames its own whole copy.
-    temporary = f"{path}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temporary = _temporary_name(path, suffix)
     try:
-        folder = os.path.dirname(path)
-        if folder:
-            tf.io.gfile.makedirs(folder)
+        _make_parent(path)
         yield temporary
         tf.io.gfile.rename(temporary, path, overwrite=True)
     except BaseException as error:
         with contextlib.suppress(tf.errors.OpError):
             if tf.io.gfile.exists(temporary):
                 tf.io.gfile.remove(temporary)
-        if is_out_of_space(error) and not isinstance(error, OutOfSpaceError):
+        _raise_as_os_error(error, path, temporary, needed_bytes)
+
+
+@contextlib.contextmanager
+def replacing_dir(path, needed_bytes=None):
+    """Yields a temporary sibling directory name to create and fill, then renames it to `path`.
+
+    For directory artefacts such as a SavedModel version, which a watcher (TF Serving) must never
+    see half written. A directory cannot be swapped for another in one rename, so `path` must not
+    exist yet. Local paths only: object stores (gs://) do not rename directories.
+
+    Args:
+        path: the directory to produce.
+        needed_bytes: its expected size, if known, for the message of a full disk.
+
+    Raises:
+        OutOfSpaceError: the file system filled up (the temporary directory is removed).
+        OSError: `path` exists already, or another error of `tf.io.gfile`.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel - see `replacing`
+
+    temporary = _temporary_name(path)
+    try:
+        _make_parent(path)
+        yield temporary
+        tf.io.gfile.rename(temporary, path, overwrite=False)
+    except BaseException as error:
+        with contextlib.suppress(tf.errors.OpError):
+            if tf.io.gfile.exists(temporary):
+                tf.io.gfile.rmtree(temporary)
+        _raise_as_os_error(error, path, temporary, needed_bytes)
+
+
+def save_keras_atomic(model, path):
+    """Saves a Keras model to `path` (a name ending in ".keras") whole or not at all.
+
+    Raises:
+        ValueError: `path` does not end in ".keras".
+        OutOfSpaceError: the file system filled up; an earlier file at `path` is left as it was.
+    """
+    if not str(path).endswith(".keras"):
+        raise ValueError(f"{path}: a Keras model file's name must end in .keras.")
+    with replacing(str(path), variables_bytes(model.weights), suffix=".keras") as partial:
+        model.save(partial)
+
+
+def variables_bytes(variables):
+    """The bytes the values of `variables` (Keras or TensorFlow) take: about what saving them needs."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel - see `replacing`
+
+    total = 0
+    for variable in variables:
+        count = 1
+        for dim in variable.shape:
+            count *= int(dim or 0)
+        total += count * tf.as_dtype(variable.dtype).size
+    return total
+
+
+def _temporary_name(path, suffix=""):
+    # Unique per writer: workers on several machines (or in containers, all pid 1) may write the
+    # same file at once, e.g. the same image cache entry; each renames its own whole copy.
+    return f"{path}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+
+
+def _make_parent(path):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel - see `replacing`
+
+    folder = os.path.dirname(path)
+    if folder:
+        tf.io.gfile.makedirs(folder)
+
+
+def _raise_as_os_error(error, path, temporary, needed_bytes):
+    """Re-raises what a write of `path` through `temporary` raised: a full disk as an
+    `OutOfSpaceError` naming `path` (not the temporary, which is gone), a `tf.io.gfile` error as
+    an OSError naming `path`, anything else as it is."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel - see `replacing`
+
+    if is_out_of_space(error):
+        if not isinstance(error, OutOfSpaceError):
             raise OutOfSpaceError(path, needed_bytes) from error
-        if isinstance(error, tf.errors.OpError):
-            raise OSError(f"{path}: {error.message}") from error
-        raise
+        if str(error.path).startswith(temporary):
+            raise OutOfSpaceError(path, needed_bytes or error.needed_bytes) from error
+    if isinstance(error, tf.errors.OpError):
+        raise OSError(f"{path}: {error.message}") from error
+    raise error
 
 
 def write_atomic(path, contents):

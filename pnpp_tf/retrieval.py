@@ -22,9 +22,12 @@ class RetrievalEvaluator:
         ks: the K of Recall@K.
         gallery: optional `Split` to search in.
         batch_size: images per inference batch.
+        max_pixels: an image file over this many pixels stops the evaluation undecoded
+            (`pipeline.eval_dataset`); the start-up check should have left it out.
     """
 
-    def __init__(self, query, image_size, ks, gallery=None, batch_size=64):
+    def __init__(self, query, image_size, ks, gallery=None, batch_size=64,
+                 max_pixels=pipeline.DEFAULT_MAX_PIXELS):
         self.query = query
         self.gallery = gallery
         self.ks = tuple(int(k) for k in ks)
@@ -35,9 +38,9 @@ class RetrievalEvaluator:
                 f"{'gallery images' if gallery else 'other evaluation images'} exist; "
                 "lower --eval_ks."
             )
-        self._query_images = pipeline.eval_dataset(query.paths, image_size, batch_size)
+        self._query_images = pipeline.eval_dataset(query.paths, image_size, batch_size, max_pixels)
         self._gallery_images = (
-            pipeline.eval_dataset(gallery.paths, image_size, batch_size) if gallery else None
+            pipeline.eval_dataset(gallery.paths, image_size, batch_size, max_pixels) if gallery else None
         )
 
     def embed(self, model, verbose=0):

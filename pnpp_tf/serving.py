@@ -11,7 +11,7 @@ after reading its width and height from the file header and refusing any image o
 
 import tensorflow as tf
 
-from pnpp_tf.data import pipeline
+from pnpp_tf.data import image_header, pipeline
 from pnpp_tf.losses import l2_normalize
 
 IMAGES_SIGNATURE = "serving_default"
@@ -19,13 +19,8 @@ BYTES_SIGNATURE = "serve_image_bytes"
 IMAGES_INPUT = "images"
 BYTES_INPUT = "image_bytes"
 OUTPUT = "embedding"
-# 2**25 pixels, e.g. 8192 x 4096: a 48-megapixel phone photo is refused, a 12-megapixel one is not.
-# Peak memory per image in flight is about 15 bytes per pixel (uint8 decode + float32 copy).
-DEFAULT_MAX_PIXELS = 1 << 25
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_PNG_HEADER_BYTES = 24  # signature (8), IHDR length (4), b"IHDR" (4), width (4), height (4)
+# The budget training and evaluation apply to every image too (their --max_pixels).
+DEFAULT_MAX_PIXELS = image_header.DEFAULT_MAX_PIXELS
 
 
 class EmbedderServingModule(tf.Module):
@@ -118,58 +113,19 @@ class EmbedderServingModule(tf.Module):
 
         Raises `tf.errors.InvalidArgumentError` (naming `image_bytes[index]`) for data that is
         neither JPEG nor PNG, a header without a positive width and height, or more than
-        `max_pixels` pixels; the decoder raises its own "Invalid JPEG/PNG data" for a corrupt or
-        truncated body.
+        `max_pixels` pixels (`pipeline.decode_image_bytes`, which reads the header first); the
+        decoder raises its own "Invalid JPEG/PNG data" for a corrupt or truncated body.
         """
-        height, width = _header_height_width(contents, index)
-        pixels = tf.cast(height, tf.int64) * tf.cast(width, tf.int64)
-        checks = [
-            tf.debugging.Assert(
-                tf.logical_and(height > 0, width > 0),
-                [tf.strings.format("image_bytes[{}]: the image header gives no positive width and "
-                                   "height (truncated or corrupt file).", index)],
-            ),
-            tf.debugging.Assert(
-                pixels <= self._max_pixels,
-                [tf.strings.format(
-                    "image_bytes[{}] is {}x{} = {} pixels, more than max_pixels="
-                    f"{self._max_pixels}; resize it before sending.", (index, width, height, pixels))],
-            ),
-        ]
-        with tf.control_dependencies(checks):
-            image = pipeline.decode_image_bytes(contents)
-        return pipeline.resize_and_center_crop(image, self._size)
-
-
-def _header_height_width(contents, index):
-    """(height, width) from a JPEG or PNG header, before any decoding; (0, 0) if unreadable."""
-    # Padded, so that the fixed offsets below exist however short the input is.
-    header = tf.strings.substr(contents, 0, _PNG_HEADER_BYTES)
-    header = tf.strings.join([header, b"\0" * _PNG_HEADER_BYTES])
-    is_jpeg = tf.equal(tf.strings.substr(header, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC)
-    is_png = tf.equal(tf.strings.substr(header, 0, len(_PNG_MAGIC)), _PNG_MAGIC)
-    check = tf.debugging.Assert(
-        tf.logical_or(is_jpeg, is_png),
-        [tf.strings.format("image_bytes[{}] ({} bytes) is not a JPEG or PNG image.",
-                           (index, tf.strings.length(contents)))],
-    )
-    with tf.control_dependencies([check]):
-        return tf.cond(
-            is_jpeg, lambda: _jpeg_height_width(contents), lambda: _png_height_width(header)
+        fmt = image_header.image_format(contents)
+        check = tf.debugging.Assert(
+            tf.logical_or(fmt == image_header.JPEG, fmt == image_header.PNG),
+            [tf.strings.format("image_bytes[{}] ({} bytes) is not a JPEG or PNG image.",
+                               (index, tf.strings.length(contents)))],
         )
-
-
-def _jpeg_height_width(contents):
-    shape = tf.io.extract_jpeg_shape(contents)
-    return shape[0], shape[1]
-
-
-def _png_height_width(header):
-    # IHDR holds width then height, big-endian; the PNG spec caps both at 2**31 - 1.
-    width_height = tf.io.decode_raw(tf.strings.substr(header, 16, 8), tf.int32, little_endian=False)
-    valid = tf.equal(tf.strings.substr(header, 12, 4), b"IHDR")
-    width_height = tf.where(valid, width_height, tf.zeros_like(width_height))
-    return width_height[1], width_height[0]
+        with tf.control_dependencies([check]):
+            name = tf.strings.format("image_bytes[{}]", index)
+            image = pipeline.decode_image_bytes(contents, self._max_pixels, name)
+        return pipeline.resize_and_center_crop(image, self._size)
 
 
 def normalized_embeddings(embedder, images):

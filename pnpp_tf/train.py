@@ -22,7 +22,7 @@ from pnpp_tf.data import load_splits, pipeline, protocol
 from pnpp_tf.data.cache import ImageCache, default_short_side
 from pnpp_tf.data.image_check import check_images, drop_or_raise
 from pnpp_tf.data.split import class_halves
-from pnpp_tf.io_utils import OutOfSpaceError, read_json_object, write_json
+from pnpp_tf.io_utils import OutOfSpaceError, read_json_object, save_keras_atomic, write_json
 from pnpp_tf.retrieval import RetrievalEvaluator
 from pnpp_tf.trainer import SCHEDULE_FILE, NumericalFault, Trainer
 
@@ -82,7 +82,7 @@ def _train_model_locked(config, strategy):
     trainer.fit()
     results = trainer.results(skipped_images)
     if distribute.is_chief(strategy):
-        model.embedder.save(os.path.join(config.model_dir, "embedder.keras"))
+        save_keras_atomic(model.embedder, os.path.join(config.model_dir, "embedder.keras"))
         write_json(os.path.join(config.model_dir, "results.json"), results)
         _draw_curves(config, results["history"])
     return model, results
@@ -160,7 +160,7 @@ def _data(config):
         # With a cache, the check decodes each image once, into the cache it will be read from.
         check = ((caches[0] if name == "train" else caches[1]).check_and_build) if caches else check_images
         splits[name], bad = drop_or_raise(splits[name], name, config.on_bad_image, progress=config.verbose == 1,
-                                          check=check)
+                                          check=check, max_pixels=config.max_pixels)
         if bad:
             skipped[name] = bad
     logging.info("Data: %s", ", ".join(
@@ -176,8 +176,10 @@ def _data(config):
         query = splits.get("test", splits.get("query"))
         evaluated_on = "test" if "test" in splits else "query_gallery"
     if caches:
-        train_split, query, gallery = _cached(caches, train_split, query, gallery, config.verbose == 1)
-    evaluator = RetrievalEvaluator(query, config.image_size, ks, gallery=gallery, batch_size=config.eval_batch_size)
+        train_split, query, gallery = _cached(caches, train_split, query, gallery, config.verbose == 1,
+                                              config.max_pixels)
+    evaluator = RetrievalEvaluator(query, config.image_size, ks, gallery=gallery, batch_size=config.eval_batch_size,
+                                   max_pixels=config.max_pixels)
     return train_split, evaluator, evaluated_on, skipped
 
 
@@ -194,11 +196,12 @@ def _caches(config):
     return ImageCache(config.cache_dir, train_side), eval_cache
 
 
-def _cached(caches, train_split, query, gallery, progress):
+def _cached(caches, train_split, query, gallery, progress, max_pixels):
     """The splits read through the (training, evaluation) `ImageCache`s of `_caches`."""
     train_cache, eval_cache = caches
-    return (train_cache.cached_split(train_split, progress), eval_cache.cached_split(query, progress),
-            eval_cache.cached_split(gallery, progress) if gallery else None)
+    return (train_cache.cached_split(train_split, progress, max_pixels),
+            eval_cache.cached_split(query, progress, max_pixels),
+            eval_cache.cached_split(gallery, progress, max_pixels) if gallery else None)
 
 
 def _schedule(config):

@@ -255,7 +255,7 @@ class Trainer:
         data = distribute.distributed_train_dataset(
             self.strategy, self.train_split.paths, self.train_split.labels, self.sampler, config.image_size,
             segment.end_epoch - segment.first_epoch, first_epoch=segment.first_epoch, seed=config.seed,
-            flip=config.flip, first_step=segment.first_step,
+            flip=config.flip, first_step=segment.first_step, max_pixels=config.max_pixels,
         )
         guard = checkpointing.NonFiniteGuard(first_step=segment.first_step)
         save = self.checkpoint.callback(record_fn, steps, guard, config.checkpoint_every_steps, segment.first_step)

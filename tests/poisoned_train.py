@@ -11,8 +11,8 @@ from pnpp_tf.data import pipeline
 _decode = pipeline.decode_image
 
 
-def _poisoned_decode(path):
-    image = _decode(path)
+def _poisoned_decode(path, *args, **kwargs):
+    image = _decode(path, *args, **kwargs)
     is_training_image = tf.strings.regex_full_match(path, ".*/train/.*")
     return tf.where(is_training_image, tf.fill(tf.shape(image), float("nan")), image)
 

@@ -30,3 +30,20 @@ def test_runs_resumes_and_tabulates(tmp_path):
     second = run_ablation(*args)
     assert second.returncode == 0
     assert second.stdout.count("done before") == 3
+
+
+def test_an_unreadable_results_json_of_a_finished_variant_is_named(tmp_path):
+    output = tmp_path / "ablation"
+    (output / "full").mkdir(parents=True)
+    results = output / "full" / "results.json"
+    for contents, problem in (('{"metrics": {"recall', "is not valid JSON"),
+                              ("[1]", "holds a JSON list, not an object"),
+                              ('{"metrics": {}}', "lacks what a finished run records")):
+        results.write_text(contents)
+        result = run_ablation("--only=full", f"--output_dir={output}", *TINY_RUN)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "done before" in result.stdout and "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("tools/ablation.py: error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"tools/ablation.py: error: {results}")
+        assert problem in errors[0]
+        assert sorted(p.name for p in output.iterdir()) == ["full"]  # no table written

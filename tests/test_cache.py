@@ -143,3 +143,18 @@ def test_a_dataset_reads_from_the_cache_entirely_or_not_at_all(folder_dataset, t
 def test_bad_settings_are_refused(directory, side, message):
     with pytest.raises(ValueError, match=message):
         ImageCache(directory, side)
+
+
+def test_an_image_over_max_pixels_gets_no_entry(tmp_path):
+    rng = np.random.default_rng(5)
+    small = write_image(str(tmp_path / "small.png"), rng, size=(20, 10))
+    large = write_image(str(tmp_path / "large.png"), rng, size=(40, 30))
+    cache = ImageCache(str(tmp_path / "cache"), 16)
+    result = cache.check_and_build([small, large], progress=False, max_pixels=1199)
+    assert result.too_large == [large] and result.bad == [(large, "40x30 = 1200 pixels, more than max_pixels=1199")]
+    assert len(entries_in(tmp_path / "cache")) == 1  # the small one's
+    with pytest.raises(ValueError, match="large.png: cannot read or decode this image for the cache "
+                                         r"\(40x30 = 1200 pixels, more than max_pixels=1199\)"):
+        cache.cached_paths([small, large], progress=False, max_pixels=1199)
+    assert len(cache.cached_paths([small, large], progress=False, max_pixels=1200)) == 2
+    assert len(entries_in(tmp_path / "cache")) == 2

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from conftest import make_folder_dataset
 from pnpp_tf import evaluate, evaluation
-from pnpp_tf.data import load_splits, pipeline
+from pnpp_tf.data import image_header, load_splits, pipeline
 from pnpp_tf.model import build_embedder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -33,7 +33,8 @@ def config(**overrides):
     """The evaluate() settings the flags give by default, with `overrides`."""
     values = dict(dataset="folder", data_dir=None, model_dir=None, saved_model=None,
                   output_dir=None, image_size=256, eval_ks=[], eval_batch_size=8, backend="tf",
-                  nmi="auto", block_size=0, verbose=0)
+                  nmi="auto", block_size=0, verbose=0, on_bad_image="error",
+                  max_pixels=image_header.DEFAULT_MAX_PIXELS)
     values.update(overrides)
     return types.SimpleNamespace(**values)
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import make_folder_dataset
+from full_disk import fill_leaving, listing, small_disk  # noqa: F401 - small_disk is a fixture
 from pnpp_tf import export, serving
 from pnpp_tf.data import load_splits, pipeline
 from pnpp_tf.model import ProxyNCAModel, build_embedder
@@ -85,7 +86,7 @@ def _encode(size, fmt):
 def test_saved_model_layout_and_float_signature(exported):
     version_dir = exported["export_dir"] / "1"
     assert (version_dir / "saved_model.pb").is_file() and (version_dir / "variables").is_dir()
-    assert not [n for n in os.listdir(exported["export_dir"]) if n.startswith(".partial")]
+    assert not [n for n in os.listdir(exported["export_dir"]) if "partial" in n]
     loaded = exported["loaded"]
     assert int(loaded.image_size.numpy()) == IMAGE_SIZE
     assert int(loaded.embedding_dim.numpy()) == EMBEDDING_DIM
@@ -317,3 +318,59 @@ def test_cli_error_is_one_line(exported, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("pnpp_tf.export: error:")]
     assert len(errors) == 1 and re.search(r"--model_dir=.*nowhere has no embedder.keras", errors[0])
     assert "Traceback" not in result.stderr
+
+
+def _run_copy(exported, tmp_path, results=None, cut_embedder=False):
+    """A model_dir like the trained one, with results.json replaced by `results` (text)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    embedder = (exported["model_dir"] / "embedder.keras").read_bytes()
+    (run / "embedder.keras").write_bytes(embedder[:len(embedder) // 2] if cut_embedder else embedder)
+    if results is not None:
+        (run / "results.json").write_text(results)
+    return run
+
+
+@pytest.mark.parametrize("results, problem", [
+    ('{"flags": {"dataset": "fol', r"results.json: this results.json of a training run is not valid JSON"),
+    ("[1]", r"results.json: this results.json of a training run holds a JSON list, not an object"),
+    ('{"flags": [1]}', r"results.json: its 'flags' is a JSON list, not an object"),
+])
+def test_an_unreadable_results_json_is_named(exported, tmp_path, results, problem):
+    run = _run_copy(exported, tmp_path, results)
+    with pytest.raises(ValueError, match=problem) as raised:
+        export.export(str(run), str(tmp_path / "out"))
+    assert str(raised.value).startswith(str(run / "results.json")) and "\n" not in str(raised.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cut_short_embedder_is_named(exported, tmp_path):
+    run = _run_copy(exported, tmp_path, cut_embedder=True)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(run / 'embedder.keras'))} is not a whole .keras "
+                                         r"file \(\d+ bytes\): it may have been cut short"):
+        export.export(str(run), str(tmp_path / "out"))
+
+
+def test_a_saved_model_that_does_not_fit_leaves_no_version(exported, small_disk):
+    export_dir = small_disk / "export"
+    module = serving.EmbedderServingModule(exported["embedder"], max_pixels=MAX_PIXELS)
+    fill_leaving(small_disk, 1_000_000)
+    with pytest.raises(export.OutOfSpaceError) as raised:
+        export.write_saved_model(module, str(export_dir), 1)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(f"{export_dir / '1'}: no space left on the device: "
+                                                      "needs about 4.7 MB")
+    assert listing(small_disk) == ["export"]  # no version, no temporary
+    assert export.resolve_version(str(export_dir)) == 1
+
+
+def test_cli_on_a_full_disk_is_one_line_and_leaves_no_partial_export(exported, small_disk):
+    export_dir = small_disk / "export"
+    fill_leaving(small_disk, 1_000_000)
+    result = run_export(f"--model_dir={exported['model_dir']}", f"--export_dir={export_dir}",
+                        "--format=saved_model", "--latency_images=2", f"--max_pixels={MAX_PIXELS}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pnpp_tf.export: error:")]
+    assert len(errors) == 1 and f"{export_dir / '1'}: no space left on the device" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert listing(export_dir) == []

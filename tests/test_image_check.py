@@ -1,6 +1,7 @@
 """Every kind of odd and bad image file, through the pipeline, for both --on_bad_image settings."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -75,3 +76,29 @@ def test_training_skips_and_reports_bad_images(tmp_path, odd_files):
     assert "Skipping unreadable image" in result.stderr and "truncated.jpg" in result.stderr
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["skipped_images"] == {"train": [str(target)]}
+
+
+def test_images_over_max_pixels_are_named_with_their_size(odd_files):
+    good, bad = odd_files
+    split = Split([good["rgb.jpg"], good["rgb.png"], bad["text.png"]], np.array([0, 1, 1]), ["a", "b"])
+    over = "30x20 = 600 pixels, more than max_pixels=599"
+    with pytest.raises(ValueError, match=rf"3 unreadable or too large \(2 over --max_pixels\) image\(s\) in train: "
+                                         rf".*rgb.jpg \({over}\); .*rgb.png \({over}\); .*text.png \(Unknown image"
+                                         r".*raise --max_pixels, or pass --on_bad_image=skip"):
+        drop_or_raise(split, "train", "error", max_pixels=599)
+    with pytest.raises(ValueError, match=r"^1 too large image\(s\) in train: "):
+        drop_or_raise(Split([good["rgb.jpg"]], np.array([0]), ["a"]), "train", "error", max_pixels=599)
+    kept, skipped = drop_or_raise(split, "train", "skip", max_pixels=600)
+    assert kept.paths == [good["rgb.jpg"], good["rgb.png"]] and skipped == [bad["text.png"]]
+
+
+def test_files_that_cannot_be_read_are_named_not_fatal(tmp_path):
+    os.symlink("loop.png", tmp_path / "loop.png")
+    os.symlink("b.jpg", tmp_path / "a.jpg")
+    os.symlink("a.jpg", tmp_path / "b.jpg")
+    os.symlink("nowhere.png", tmp_path / "dangling.png")
+    (tmp_path / "folder.png").mkdir()
+    paths = [str(tmp_path / name) for name in ("loop.png", "a.jpg", "dangling.png", "folder.png")]
+    reasons = dict(check_images(paths).bad)
+    assert [reasons[path] for path in paths] == ["Too many levels of symbolic links"] * 2 + [
+        "file not found", "Is a directory"]

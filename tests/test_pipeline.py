@@ -4,6 +4,7 @@ import collections
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from pnpp_tf.data import load_splits, pipeline
 
@@ -98,3 +99,15 @@ def test_greyscale_and_alpha_images_decode_to_rgb(folder_dataset):
     test = load_splits("folder", folder_dataset)["test"]
     for path in test.paths:
         assert pipeline.decode_image(path).shape[-1] == 3
+
+
+def test_the_pipelines_refuse_an_image_over_max_pixels_undecoded(folder_dataset):
+    splits = load_splits("folder", folder_dataset)
+    test, train = splits["test"], splits["train"]  # 40 x 36 images: 1440 pixels each
+    message = rf"{test.paths[0]} is 40x36 = 1440 pixels, more than max_pixels=1439"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        list(pipeline.eval_dataset(test.paths, 32, batch_size=5, max_pixels=1439))
+    assert len(list(pipeline.eval_dataset(test.paths, 32, batch_size=5, max_pixels=1440))) == 3
+    sampler = pipeline.RandomSampler(len(train), batch_size=4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="is 40x36 = 1440 pixels, more than max_pixels=1439"):
+        list(pipeline.train_dataset(train.paths, train.labels, sampler, 24, epochs=1, max_pixels=1439))

@@ -11,6 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import make_folder_dataset
+from full_disk import fill_leaving, listing, small_disk  # noqa: F401 - small_disk is a fixture
 from pnpp_tf import plots
 from pnpp_tf.plots import curves
 from pnpp_tf.model import build_embedder
@@ -142,3 +143,33 @@ def test_retrieval_grid_tool(tmp_path):
     assert _png_size(grid) == plots.grid_size(3, 3, title=True)
     assert tool.main([f"--model={run}", f"--output={grid}", "--split=nope", "--quiet"]) == 2
     assert tool.main([f"--model={tmp_path}", f"--output={grid}", "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("tool_name, args, results, problem", [
+    ("plot_training", [], "[1]", "holds a JSON list, not an object"),
+    ("plot_training", [], '{"history": {"loss": [6.0, 4.', "is not valid JSON"),
+    ("retrieval_grid", ["--output=grid.png"], '{"flags": {"data', "is not valid JSON"),
+    ("retrieval_grid", ["--output=grid.png"], "[1]", "holds a JSON list, not an object"),
+])
+def test_tools_name_an_unreadable_results_json(tmp_path, capsys, tool_name, args, results, problem):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(results)
+    flag = "--model_dir" if tool_name == "plot_training" else "--model"
+    assert _tool(tool_name).main([f"{flag}={run}", *args]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"{tool_name}.py: error: {run / 'results.json'}: this results.json")
+    assert problem in error and "\n" not in error
+    assert not list(tmp_path.glob("**/*.png"))
+
+
+def test_plot_training_on_a_full_disk_is_one_line_and_leaves_no_png(tmp_path, capsys, small_disk):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"history": HISTORY}))
+    fill_leaving(small_disk, 4096)
+    output = small_disk / "curves.png"
+    assert _tool("plot_training").main([f"--model_dir={run}", f"--output={output}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"plot_training.py: error: {output}: no space left on the device:")
+    assert "\n" not in error and listing(small_disk) == []

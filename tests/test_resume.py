@@ -190,3 +190,33 @@ def test_a_resumed_run_may_train_longer_and_be_watched_differently():
     assert changed_flags(earlier, now, earlier, allowed={"epochs"}) == []
     assert changed_flags(earlier, now, earlier) == ["epochs"]
     assert changed_flags(earlier, {**now, "temperature": 1.0}, earlier, allowed={"epochs"}) == ["temperature"]
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_and_none_intact_is_one_line(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data")
+    model_dir = tmp_path / "run"
+    common = (*TINY_RUN, "--dataset=folder", "--eval_ks=1", "--eval_every=0", f"--data_dir={data_dir}",
+              f"--model_dir={model_dir}")
+    assert run_module("pnpp_tf.train", *common).returncode == 0  # 1 warm-up + 2 epochs: 3 checkpoints
+    checkpoints = model_dir / "checkpoints"
+    *_, older, newest = tf.train.get_checkpoint_state(str(checkpoints)).all_model_checkpoint_paths
+    with open(f"{newest}.data-00000-of-00001", "r+b") as file:
+        file.truncate(1000)
+
+    # Trained for one epoch more: from the intact checkpoint before the damaged one.
+    resumed = run_module("pnpp_tf.train", *common, "--epochs=3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{newest}.data-00000-of-00001 is unreadable (Read less bytes than requested)" in resumed.stderr
+    assert f"Resuming from {older}: 2 epochs done" in resumed.stderr
+    results = json.loads((model_dir / "results.json").read_text())
+    assert len(results["history"]["loss"]) == 4 and all(map(math.isfinite, results["history"]["loss"]))
+    assert 0.0 <= results["metrics"]["recall@1"] <= 1.0
+
+    for index in checkpoints.glob("ckpt-*.index"):
+        index.write_bytes(b"")
+    failed = run_module("pnpp_tf.train", *common, "--epochs=4")
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("pnpp_tf.train: error:")]
+    assert len(errors) == 1 and f"{checkpoints}: no intact checkpoint to resume from" in errors[0]
+    assert f"move {checkpoints} away to start the run afresh" in errors[0]
+    assert "Traceback" not in failed.stderr

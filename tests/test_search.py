@@ -56,6 +56,23 @@ def test_find_images_is_recursive_sorted_and_skips_other_files(setup):
         find_images(str(setup["root"] / "missing"))
 
 
+def test_find_images_follows_folder_links_once_and_keeps_file_links_to_report(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    root, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    for path in (root / "real" / "a.png", elsewhere / "b.png"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+    os.symlink(elsewhere, root / "outside")  # a link out of the root: followed
+    os.symlink(root / "real", root / "alias")  # a second way into real/: searched once, as real/
+    os.symlink("..", root / "real" / "up")  # back to the root: a loop
+    os.symlink("loop.jpg", root / "loop.jpg")  # a file link that cannot be followed: kept, to report
+    os.mkfifo(root / "pipe.png")  # reading it would never end
+    paths = find_images(str(root))
+    assert paths == [str(root / "loop.jpg"), str(root / "outside" / "b.png"), str(root / "real" / "a.png")]
+    warned = caplog.text
+    assert f"Not following {root / 'alias'}" in warned and f"Not following {root / 'real' / 'up'}" in warned
+
+
 def test_index_counts_unreadable_files_and_finds_each_image_first(setup, tmp_path):
     embedder = load_embedder(setup["model_dir"])
     assert (embedder.kind, embedder.image_size, embedder.embedding_dim) == ("keras", 32, 16)

@@ -10,11 +10,15 @@ metrics), the delta to the full recipe, and the wall time of each run.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
+
+# Runnable as a plain script from a checkout: make `pnpp_tf` importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pnpp_tf.io_utils import OutOfSpaceError, read_json_object, write_atomic, write_json  # noqa: E402
 
 # (name, what the paper calls the component, train flags of the variant). The learning rate of
 # "no fast proxies" is filled in from the run's --lr.
@@ -50,10 +54,25 @@ def main(argv=None):
             parser.error(f"--only: unknown variants {unknown}; choose from {[n for n, _, _ in variants]}.")
         variants = [v for v in variants if v[0] in wanted]
 
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        table = _run_variants(args.output_dir, variants, train_args)
+        _write(args.output_dir, table)
+    except (ValueError, OutOfSpaceError) as error:
+        print(f"tools/ablation.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(_markdown(table))
+
+
+def _run_variants(output_dir, variants, train_args):
+    """Trains each variant not trained before; returns the table's rows, with their deltas.
+
+    Raises:
+        ValueError: a finished variant's results.json is unreadable.
+    """
+    os.makedirs(output_dir, exist_ok=True)
     rows = []
     for index, (name, description, flags) in enumerate(variants, start=1):
-        model_dir = os.path.join(args.output_dir, _directory_name(name))
+        model_dir = os.path.join(output_dir, _directory_name(name))
         results_file = os.path.join(model_dir, "results.json")
         if os.path.isfile(results_file):
             print(f"[{index}/{len(variants)}] {name}: done before, reading {results_file}", flush=True)
@@ -67,11 +86,8 @@ def main(argv=None):
                 raise SystemExit(f"tools/ablation.py: variant {name} failed; its log is above. Fix it and "
                                  "rerun the same command: finished variants are kept.")
             print(f"    finished in {time.perf_counter() - start:.0f} s", flush=True)
-        with open(results_file, encoding="utf-8") as file:
-            rows.append(_row(name, description, flags, json.load(file)))
-    table = _with_deltas(rows)
-    _write(args.output_dir, table)
-    print(_markdown(table))
+        rows.append(_row(name, description, flags, results_file))
+    return _with_deltas(rows)
 
 
 def _variants(lr):
@@ -99,7 +115,17 @@ def _flag_value(train_args, name):
     return value
 
 
-def _row(name, description, flags, results):
+def _row(name, description, flags, results_file):
+    """The table's row of a variant, from its results.json."""
+    results = read_json_object(results_file, "results.json of a training run")
+    try:
+        return _row_of(name, description, flags, results)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{results_file} lacks what a finished run records ({type(error).__name__}: "
+                         f"{error}); delete it to train the variant {name} again.") from None
+
+
+def _row_of(name, description, flags, results):
     metrics = results["metrics"]
     return {
         "variant": name,
@@ -135,10 +161,8 @@ def _markdown(rows):
 
 
 def _write(output_dir, rows):
-    with open(os.path.join(output_dir, "ablation.json"), "w", encoding="utf-8") as file:
-        json.dump(rows, file, indent=2)
-    with open(os.path.join(output_dir, "ablation.md"), "w", encoding="utf-8") as file:
-        file.write(_markdown(rows) + "\n")
+    write_json(os.path.join(output_dir, "ablation.json"), rows)
+    write_atomic(os.path.join(output_dir, "ablation.md"), _markdown(rows) + "\n")
 
 
 def _directory_name(name):

@@ -10,7 +10,6 @@ drawn at those epochs. The training CLI draws the same figure at the end of ever
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -19,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pnpp_tf import plots  # noqa: E402
+from pnpp_tf.io_utils import OutOfSpaceError, read_json_object  # noqa: E402
 
 SOURCES = ("auto", "results", "logs")
 
@@ -27,7 +27,8 @@ def plot_run(model_dir, output=None, source="auto", title=None):
     """Writes the curves of the run in `model_dir`; returns (output path, source used).
 
     Raises:
-        ValueError: if the chosen source is missing or holds no history.
+        ValueError: if the chosen source is missing, unreadable or holds no history.
+        OutOfSpaceError: the disk filled up; no partial PNG is left.
     """
     if source not in SOURCES:
         raise ValueError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}.")
@@ -37,11 +38,7 @@ def plot_run(model_dir, output=None, source="auto", title=None):
     results_path = os.path.join(model_dir, "results.json")
     results = {}
     if os.path.isfile(results_path):
-        try:
-            with open(results_path, encoding="utf-8") as file:
-                results = json.load(file)
-        except ValueError as error:
-            raise ValueError(f"{results_path} is not valid JSON ({error}).") from None
+        results = read_json_object(results_path, "results.json of a training run")
     run_flags = results.get("flags", {})
     history, epochs = results.get("history") or {}, None
     if source == "results" and not history:
@@ -79,7 +76,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         output, source = plot_run(args.model_dir, args.output, args.source, args.title)
-    except ValueError as error:
+    except (ValueError, OutOfSpaceError) as error:
         print(f"plot_training.py: error: {error}", file=sys.stderr)
         return 2
     print(f"Wrote {output} ({plots.CURVES_SIZE[0]}x{plots.CURVES_SIZE[1]} px) from the {source} "

@@ -16,7 +16,6 @@ random classes (0: all), one colour per class.
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -31,6 +30,7 @@ from pnpp_tf.data import DATASETS, load_splits  # noqa: E402
 from pnpp_tf.indexing.embeddings import embed_paths  # noqa: E402
 from pnpp_tf.indexing.neighbours import cosine_distance, nearest  # noqa: E402
 from pnpp_tf.indexing.saved_embedder import load_embedder  # noqa: E402
+from pnpp_tf.io_utils import OutOfSpaceError, read_json_object  # noqa: E402
 
 
 def make_pictures(model, output, scatter=None, dataset=None, data_dir=None, split=None,
@@ -111,8 +111,7 @@ def _dataset_of(model, dataset, data_dir):
     """(dataset, data_dir) from the flags, else from the training run's results.json."""
     results_path = os.path.join(model or "", "results.json")
     if (not dataset or not data_dir) and os.path.isfile(results_path):
-        with open(results_path, encoding="utf-8") as file:
-            run_flags = json.load(file).get("flags", {})
+        run_flags = read_json_object(results_path, "results.json of a training run").get("flags", {})
         dataset = dataset or run_flags.get("dataset")
         data_dir = data_dir or run_flags.get("data_dir")
     if not dataset or not data_dir:
@@ -175,7 +174,7 @@ def main(argv=None):
             args.model, args.output, args.scatter, args.dataset, args.data_dir, args.split,
             args.queries, args.k, args.seed, args.scatter_classes, args.max_images,
             args.batch_size, verbose=0 if args.quiet else 1)
-    except ValueError as error:
+    except (ValueError, OutOfSpaceError) as error:
         print(f"retrieval_grid.py: error: {error}", file=sys.stderr)
         return 2
     width, height = summary["grid_size"]

@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf.data import image_check, pipeline
+from pnpp_tf.data import image_check, image_header, pipeline
 from pnpp_tf.data.split import Split
 from pnpp_tf.io_utils import write_atomic
 
@@ -61,43 +61,46 @@ class ImageCache:
         # it then reads look each image up once on (possibly remote) storage, not twice.
         self._existing = set()
 
-    def cached_split(self, split, progress=True):
+    def cached_split(self, split, progress=True, max_pixels=image_header.DEFAULT_MAX_PIXELS):
         """`split` with each path replaced by its cache entry, building the missing entries.
 
         Args:
             split: a `Split` of image files.
             progress: show a progress bar while building entries.
+            max_pixels: an image over this many pixels is not decoded (`--max_pixels`).
 
         Returns:
             A `Split` with the same labels and class names.
         """
-        return Split(self.cached_paths(split.paths, progress), split.labels, split.class_names)
+        return Split(self.cached_paths(split.paths, progress, max_pixels), split.labels, split.class_names)
 
-    def cached_paths(self, paths, progress=True):
+    def cached_paths(self, paths, progress=True, max_pixels=image_header.DEFAULT_MAX_PIXELS):
         """The cache entry of every image in `paths` (in order), building the missing ones.
 
         Raises:
-            ValueError: an image does not decode (named, with the reason).
+            ValueError: an image does not decode, or is over `max_pixels` (named, with the reason).
         """
-        entries, check = self._build_missing(paths, progress)
+        entries, check = self._build_missing(paths, progress, max_pixels)
         if check.bad:
             path, reason = check.bad[0]
             raise ValueError(f"{path}: cannot read or decode this image for the cache ({reason}); check the "
                              "data with `python -m pnpp_tf.check_data`.")
         return entries
 
-    def check_and_build(self, paths, progress=True):
+    def check_and_build(self, paths, progress=True, max_pixels=image_header.DEFAULT_MAX_PIXELS):
         """Builds the missing entries of `paths` and reports the images that do not decode.
 
         The start-up check of training with a cache: each image is decoded once, into its entry,
-        and an image that already has an entry is known to decode.
+        and an image that already has an entry is known to decode. An image over `max_pixels`
+        is not decoded and gets no entry; an entry built earlier under a larger budget is kept,
+        as its pixels are already downsized.
 
         Returns:
             An `ImageCheck` of the images decoded now, listing those that failed (no entry).
         """
-        return self._build_missing(paths, progress)[1]
+        return self._build_missing(paths, progress, max_pixels)[1]
 
-    def _build_missing(self, paths, progress):
+    def _build_missing(self, paths, progress, max_pixels):
         """(the entry of every path, an `ImageCheck` of building the missing ones)."""
         start = time.perf_counter()
         entries = [self.entry_path(path) for path in paths]
@@ -107,12 +110,14 @@ class ImageCache:
         if missing:
             logging.info("Image cache %s: decoding %d of %d images (shorter side <= %d px)",
                          self.directory, len(missing), len(paths), self.short_side)
-            failed = self._build([paths[i] for i in missing], [entries[i] for i in missing], progress)
+            failed = self._build([paths[i] for i in missing], [entries[i] for i in missing], progress,
+                                 max_pixels)
         # Only now: a build that stops half way must not leave unwritten entries marked as there.
         unwritten = set(failed)
         self._existing.update(entry for path, entry in zip(paths, entries) if path not in unwritten)
-        bad = [(path, image_check.decode_problem(path) or "unreadable") for path in failed]
-        return entries, image_check.ImageCheck(len(missing), bad, time.perf_counter() - start)
+        problems = [(path, image_check.image_problem(path, max_pixels) or image_check.Problem("unreadable"))
+                    for path in failed]
+        return entries, image_check.ImageCheck.of_problems(len(missing), problems, time.perf_counter() - start)
 
     def entry_path(self, path):
         """Where the entry of the image file `path` is (whether or not it exists yet)."""
@@ -123,11 +128,11 @@ class ImageCache:
         # Two-level fan-out keeps directories small for datasets of 100k+ images (SOP).
         return os.path.join(self.directory, digest[:2], digest[2:] + pipeline.CACHED_IMAGE_SUFFIX)
 
-    def _build(self, paths, entries, progress):
+    def _build(self, paths, entries, progress, max_pixels):
         """Writes the entry of every image that decodes; returns the paths of those that do not."""
         indices = tf.range(len(paths), dtype=tf.int64)
         encoded = tf.data.Dataset.from_tensor_slices((indices, tf.constant(list(paths)))).map(
-            lambda index, path: (index, self._encode(path)),
+            lambda index, path: (index, self._encode(path, max_pixels)),
             num_parallel_calls=pipeline.PARALLEL_CALLS, deterministic=True,
         ).ignore_errors()  # the indices missing from the output are the images that failed
         encoded = encoded.prefetch(pipeline.PREFETCH_BATCHES).with_options(pipeline.dataset_options())
@@ -146,8 +151,8 @@ class ImageCache:
             bar.update(len(paths))
         return [path for i, path in enumerate(paths) if i not in written]
 
-    def _encode(self, path):
-        image = pipeline.decode_image(path)
+    def _encode(self, path, max_pixels):
+        image = pipeline.decode_image(path, max_pixels)
         shape = tf.cast(tf.shape(image)[:2], tf.float32)
         scale = tf.minimum(1.0, self.short_side / tf.reduce_min(shape))
         target = tf.cast(tf.round(shape * scale), tf.int32)

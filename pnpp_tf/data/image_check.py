@@ -2,18 +2,21 @@
 
 TensorFlow's decoder (the one training uses) reads JPEG (greyscale and CMYK too), PNG (8 and 16
 bit, palette, alpha), GIF (first frame), BMP and WebP. A file it rejects (empty, truncated, not an
-image) would otherwise stop training hours in, or be silently dropped by a tolerant pipeline.
+image) would otherwise stop training hours in, or be silently dropped by a tolerant pipeline. An
+image whose header gives more than `max_pixels` pixels is refused undecoded, as the pipeline
+refuses it (`pnpp_tf.data.image_header`).
 """
 
 import concurrent.futures
 import dataclasses
+import re
 import time
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf.data import pipeline
+from pnpp_tf.data import image_header, pipeline
 
 ON_BAD_IMAGE = ("error", "skip")
 
@@ -23,38 +26,57 @@ class ImageCheck:
     """The outcome of decoding a list of files."""
 
     checked: int
-    bad: list  # [(path, reason)]
+    bad: list  # [(path, reason)], the images over the pixel budget included
     seconds: float
+    too_large: list = dataclasses.field(default_factory=list)  # the paths of `bad` over max_pixels
 
     @property
     def seconds_per_thousand(self):
         return 1000.0 * self.seconds / max(self.checked, 1)
 
+    @classmethod
+    def of_problems(cls, checked, problems, seconds):
+        """An `ImageCheck` from [(path, `image_problem`'s answer)] for the files checked."""
+        problems = [(path, problem) for path, problem in problems if problem]
+        return cls(checked, [(path, problem.reason) for path, problem in problems], seconds,
+                   [path for path, problem in problems if problem.too_large])
 
-def check_images(paths, threads=8, progress=False):
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Why an image file cannot be used: the reason, and whether it is its size (max_pixels)."""
+
+    reason: str
+    too_large: bool = False
+
+
+def check_images(paths, threads=8, progress=False, max_pixels=image_header.DEFAULT_MAX_PIXELS):
     """Decodes every file as training would and collects the ones that fail.
 
     Args:
         paths: image file paths.
         threads: files decoded at once (TensorFlow's decoders release the GIL).
         progress: show a progress bar.
+        max_pixels: a file whose header gives more pixels fails, without being decoded.
 
     Returns:
         An `ImageCheck`.
     """
+    _decoded_size.get_concrete_function()  # traced once here: threads calling it first would each trace it
     start = time.perf_counter()
     bar = keras.utils.Progbar(len(paths), unit_name="image") if progress and paths else None
-    bad = []
+    problems = []
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for done, (path, reason) in enumerate(zip(paths, pool.map(decode_problem, paths)), start=1):
-            if reason:
-                bad.append((path, reason))
+        answers = pool.map(lambda path: image_problem(path, max_pixels), paths)
+        for done, (path, problem) in enumerate(zip(paths, answers), start=1):
+            problems.append((path, problem))
             if bar and (done % 200 == 0 or done == len(paths)):
                 bar.update(done)
-    return ImageCheck(len(paths), bad, time.perf_counter() - start)
+    return ImageCheck.of_problems(len(paths), problems, time.perf_counter() - start)
 
 
-def drop_or_raise(split, name, on_bad_image, progress=False, check=check_images):
+def drop_or_raise(split, name, on_bad_image, progress=False, check=check_images,
+                  max_pixels=image_header.DEFAULT_MAX_PIXELS):
     """Checks a split's images; with "skip" returns the split without the bad ones.
 
     Args:
@@ -62,26 +84,28 @@ def drop_or_raise(split, name, on_bad_image, progress=False, check=check_images)
         name: the split's name, for messages.
         on_bad_image: "error" (raise, naming the files) or "skip" (drop them, logging each once).
         progress: show a progress bar.
-        check: `(paths, progress=...) -> ImageCheck`: `check_images`, or an image cache's
-            `ImageCache.check_and_build`, which decodes each image once, into the cache.
+        check: `(paths, progress=..., max_pixels=...) -> ImageCheck`: `check_images`, or an image
+            cache's `ImageCache.check_and_build`, which decodes each image once, into the cache.
+        max_pixels: the pixel budget (`--max_pixels`): a larger image counts as a bad one.
 
     Returns:
         (the split, possibly smaller; the list of skipped paths).
     """
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"--on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}.")
-    result = check(split.paths, progress=progress)
+    result = check(split.paths, progress=progress, max_pixels=max_pixels)
     logging.info("%s: decoded %d images in %.1f s (%.2f s per 1000)", name, result.checked,
                  result.seconds, result.seconds_per_thousand)
     if not result.bad:
         return split, []
     if on_bad_image == "error":
-        shown = "; ".join(f"{path} ({reason})" for path, reason in result.bad[:3])
-        more = f" and {len(result.bad) - 3} more" if len(result.bad) > 3 else ""
-        raise ValueError(f"{len(result.bad)} unreadable image(s) in {name}: {shown}{more}. Replace or "
-                         "remove them, or pass --on_bad_image=skip to train without them.")
+        raise ValueError(_bad_images_message(result, name))
+    too_large = set(result.too_large)
     for path, reason in result.bad:
-        logging.warning("Skipping unreadable image %s (%s)", path, reason)
+        if path in too_large:
+            logging.warning("Skipping image %s, over --max_pixels (%s)", path, reason)
+        else:
+            logging.warning("Skipping unreadable image %s (%s)", path, reason)
     bad_paths = {path for path, _ in result.bad}
     keep = [path not in bad_paths for path in split.paths]
     kept = dataclasses.replace(split, paths=[p for p, k in zip(split.paths, keep) if k],
@@ -93,22 +117,64 @@ def drop_or_raise(split, name, on_bad_image, progress=False, check=check_images)
     return kept, sorted(bad_paths)
 
 
-def decode_problem(path):
-    """None if `path` decodes as the pipeline decodes it, else the reason it does not."""
+def _bad_images_message(result, name):
+    """The one-line error for the bad images of a split: how many, the first three, what to do."""
+    shown = "; ".join(f"{path} ({reason})" for path, reason in result.bad[:3])
+    more = f" and {len(result.bad) - 3} more" if len(result.bad) > 3 else ""
+    large = len(result.too_large)
+    kind = ("unreadable" if not large else "too large" if large == len(result.bad)
+            else f"unreadable or too large ({large} over --max_pixels)")
+    shrink = ", shrink them, raise --max_pixels" if large else ""
+    return (f"{len(result.bad)} {kind} image(s) in {name}: {shown}{more}. Replace or remove them{shrink}, "
+            "or pass --on_bad_image=skip to go on without them.")
+
+
+def image_problem(path, max_pixels=image_header.DEFAULT_MAX_PIXELS):
+    """None if `path` decodes as the pipeline decodes it (within `max_pixels`), else a `Problem`."""
     try:
         contents = tf.io.read_file(path)
-        if int(tf.strings.length(contents)) == 0:
-            return "empty file"
-        pipeline.decode_image_bytes(contents)
     except tf.errors.NotFoundError:
-        return "file not found"
-    except tf.errors.InvalidArgumentError as error:
-        return _first_line(error.message)
+        return Problem("file not found")
+    except tf.errors.OpError as error:  # e.g. a directory, or a loop of symbolic links
+        return Problem(_first_line(error.message, path))
+    if int(tf.strings.length(contents)) == 0:
+        return Problem("empty file")
+    try:
+        _decoded_size(contents, tf.cast(max_pixels, tf.int64))
+    except tf.errors.OpError:
+        return _explain(contents, max_pixels)
     return None
 
 
-def _first_line(message):
+def decode_problem(path, max_pixels=image_header.DEFAULT_MAX_PIXELS):
+    """None if `path` decodes as the pipeline decodes it, else the reason it does not."""
+    problem = image_problem(path, max_pixels)
+    return problem.reason if problem else None
+
+
+# One traced call per file: eagerly, the header's ops alone take ten times a small image's decode.
+@tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)], autograph=False)
+def _decoded_size(contents, max_pixels):
+    return tf.size(pipeline.decode_image_bytes(contents, max_pixels), out_type=tf.int64)
+
+
+def _explain(contents, max_pixels):
+    """The `Problem` of `contents`, which failed to decode: a traced function's error buries the
+    reason, so the header and then the decoder are asked again, eagerly."""
+    try:
+        refuse, too_large, reason = image_header.header_problem(contents, max_pixels)
+        if bool(refuse):
+            return Problem(reason.numpy().decode("utf-8"), bool(too_large))
+        pipeline.decode_image_bytes(contents, max_pixels)
+    except tf.errors.OpError as error:
+        return Problem(_first_line(error.message))
+    return Problem("undecodable")
+
+
+def _first_line(message, path=None):
     lines = [line for line in str(message).splitlines() if line.strip()]
     # TF prefixes messages with the op's name in braces; the reason follows it.
     text = lines[0] if lines else "undecodable"
-    return text.split("}} ", 1)[-1].strip()
+    text = re.sub(r"\s*\[Op:\w+\].*$", "", text.split("}} ", 1)[-1].strip())
+    # File errors start with the path, which the caller shows already.
+    return text[len(path) + 2:] if path and text.startswith(f"{path}; ") else text

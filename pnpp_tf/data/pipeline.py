@@ -2,13 +2,16 @@
 
 Everything XLA cannot compile (file reads, decoding, crop sampling) happens here, outside the
 compiled train step. Images leave the pipeline as float32 RGB in [0, 255]; the embedder
-normalises them for its backbone.
+normalises them for its backbone. Every image file is decoded by `decode_image_bytes`, which
+reads the size from the file header first and refuses an image of more than `max_pixels` pixels.
 """
 
 import os
 
 import numpy as np
 import tensorflow as tf
+
+from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS, header_problem
 
 # RECIPE: RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)); test: resize to 288, crop 256.
 CROP_AREA_RANGE = (0.08, 1.0)
@@ -144,7 +147,8 @@ class ClassBalancedSampler:
 
 
 def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, seed=0, flip=True,
-                  num_replicas=1, pipeline_index=0, num_pipelines=1, first_step=0):
+                  num_replicas=1, pipeline_index=0, num_pipelines=1, first_step=0,
+                  max_pixels=DEFAULT_MAX_PIXELS):
     """Class-balanced, augmented training batches for `epochs` epochs.
 
     Args:
@@ -161,6 +165,9 @@ def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, see
             contiguous slice of every global batch that belongs to its replicas.
         num_pipelines: number of input pipelines.
         first_step: batches of the first epoch to leave out (resuming mid-epoch).
+        max_pixels: an image file whose header gives more pixels stops the dataset with an
+            `InvalidArgumentError` naming it, undecoded (`decode_image_bytes`): the start-up check
+            should have left it out, but the file may have changed since.
 
     Returns:
         A `tf.data.Dataset` of (images [b, S, S, 3] float32 in [0, 255], labels [b] int32), with
@@ -181,7 +188,7 @@ def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, see
 
     path_table = tf.constant(list(paths))
     label_table = tf.constant(np.asarray(labels, dtype=np.int32))
-    read = _image_reader(paths)
+    read = _image_reader(paths, max_pixels)
 
     def load(i, index):
         crop_seed, flip_seed = tf.unstack(
@@ -199,13 +206,15 @@ def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, see
     return dataset.with_options(dataset_options())
 
 
-def eval_dataset(paths, image_size, batch_size=64):
+def eval_dataset(paths, image_size, batch_size=64, max_pixels=DEFAULT_MAX_PIXELS):
     """Batches of evaluation images (resize shorter side, center crop), in the order of `paths`.
+
+    An image file over `max_pixels` stops the dataset undecoded, as in `train_dataset`.
 
     Returns:
         A `tf.data.Dataset` of float32 images [B, S, S, 3] in [0, 255].
     """
-    read = _image_reader(paths)
+    read = _image_reader(paths, max_pixels)
     dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths)))
     dataset = dataset.map(
         lambda path: resize_and_center_crop(read(path), image_size),
@@ -215,9 +224,10 @@ def eval_dataset(paths, image_size, batch_size=64):
     return dataset.batch(batch_size).prefetch(PREFETCH_BATCHES).with_options(dataset_options())
 
 
-def decode_image(path):
-    """Reads and decodes an image file to float32 RGB [H, W, 3] (greyscale and alpha become RGB)."""
-    return decode_image_bytes(tf.io.read_file(path))
+def decode_image(path, max_pixels=DEFAULT_MAX_PIXELS):
+    """Reads and decodes an image file to float32 RGB [H, W, 3] (greyscale and alpha become RGB),
+    refusing it (`decode_image_bytes`) when its header gives more than `max_pixels` pixels."""
+    return decode_image_bytes(tf.io.read_file(path), max_pixels, name=path)
 
 
 def read_cached_image(path):
@@ -227,21 +237,31 @@ def read_cached_image(path):
     return tf.cast(image, tf.float32)
 
 
-def _image_reader(paths):
+def _image_reader(paths, max_pixels):
     """`read_cached_image` for paths into an `ImageCache`, `decode_image` for image files."""
     cached = [str(path).endswith(CACHED_IMAGE_SUFFIX) for path in paths]
     if all(cached) and cached:
+        # Entries hold pixels already downsized by a build that kept to the budget.
         return read_cached_image
     if any(cached):
         raise ValueError(f"{sum(cached)} of {len(paths)} paths are image cache entries "
                          f"(*{CACHED_IMAGE_SUFFIX}); a dataset reads from the cache entirely or not at all: pass "
                          "ImageCache.cached_split's paths for the whole split, or plain image paths.")
-    return decode_image
+    return lambda path: decode_image(path, max_pixels)
 
 
-def decode_image_bytes(contents):
-    """Decodes an encoded image (a scalar tf.string) like `decode_image`; also used by serving."""
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+def decode_image_bytes(contents, max_pixels=DEFAULT_MAX_PIXELS, name="image"):
+    """Decodes an encoded image (a scalar tf.string) like `decode_image`; also used by serving.
+
+    The header is read first (`header_problem`): an image of more than `max_pixels` pixels, or
+    whose header gives no size, raises `tf.errors.InvalidArgumentError` naming `name` (a string or
+    string tensor) before the decoder allocates anything.
+    """
+    refuse, too_large, reason = header_problem(contents, max_pixels)
+    message = tf.strings.join([name, tf.where(too_large, " is ", ": "), reason])
+    check = tf.debugging.Assert(tf.logical_not(refuse), [message])
+    with tf.control_dependencies([check]):
+        image = tf.io.decode_image(contents, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return tf.cast(image, tf.float32)
 

@@ -8,6 +8,7 @@ that was trained; `pnpp_tf.model.build_embedder` builds a new one to train.
 """
 
 import os
+import zipfile
 
 import keras
 import numpy as np
@@ -84,10 +85,25 @@ def load_embedder(model):
                      "(an export base directory).")
 
 
-def _load_keras(path):
+def load_keras_model(path):
+    """The Keras model in the .keras file `path` (uncompiled), pnpp_tf's custom layers known.
+
+    Raises:
+        ValueError: naming `path`, if it is not a whole .keras file (one cut short by a full
+            disk, say, which Keras reports as "File not found").
+    """
     import pnpp_tf.model  # noqa: F401 pylint: disable=import-outside-toplevel - registers its layers
 
-    embedder = keras.saving.load_model(path, compile=False)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a whole .keras file ({os.path.getsize(path)} bytes): it may "
+                         "have been cut short. Save or train the model again.")
+    return keras.saving.load_model(path, compile=False)
+
+
+def _load_keras(path):
+    embedder = load_keras_model(path)
     shape = tuple(embedder.input.shape)
     if len(shape) != 4 or shape[1] is None or shape[1] != shape[2]:
         raise ValueError(f"{path} does not take square images [N, S, S, 3]; input shape {shape}.")

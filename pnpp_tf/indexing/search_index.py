@@ -21,9 +21,11 @@ import dataclasses
 import json
 import os
 import time
+import zipfile
 
 import numpy as np
 
+from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS
 from pnpp_tf.indexing.embeddings import embed_paths
 from pnpp_tf.indexing.neighbours import cosine_distance, nearest
 from pnpp_tf.io_utils import replacing
@@ -51,15 +53,20 @@ class SearchIndex:
         return len(self.paths)
 
     def save(self, path):
-        """Writes the index to `path` (an .npz archive) whole or not at all."""
+        """Writes the index to `path` (an .npz archive) whole or not at all.
+
+        Raises:
+            OutOfSpaceError: the disk filled up; an earlier file at `path` is left as it was.
+        """
+        arrays = {
+            "embeddings": np.asarray(self.embeddings, np.float32),
+            "paths": np.asarray(self.paths, dtype=np.str_),
+            "metadata": np.asarray(json.dumps(self.metadata, sort_keys=True)),
+        }
+        needed = sum(array.nbytes for array in arrays.values())
         # A local file object: numpy then appends no ".npz" to the name, and zipfile can seek.
-        with replacing(path) as partial, open(partial, "wb") as file:
-            np.savez(
-                file,
-                embeddings=np.asarray(self.embeddings, np.float32),
-                paths=np.asarray(self.paths, dtype=np.str_),
-                metadata=np.asarray(json.dumps(self.metadata, sort_keys=True)),
-            )
+        with replacing(path, needed) as partial, open(partial, "wb") as file:
+            np.savez(file, **arrays)
 
     @classmethod
     def load(cls, path):
@@ -76,9 +83,14 @@ class SearchIndex:
                 embeddings = archive["embeddings"].astype(np.float32)
                 paths = [str(p) for p in archive["paths"]]
                 metadata = json.loads(str(archive["metadata"]))
-        except (OSError, KeyError, ValueError) as error:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            # A cut-short archive is a BadZipFile, which is none of the others.
             raise ValueError(f"--index={path} is not an index written by pnpp_tf.index "
-                             f"({type(error).__name__}: {error}).") from None
+                             f"({type(error).__name__}: {error}); if it was cut short, build it "
+                             "again with python -m pnpp_tf.index.") from None
+        if not isinstance(metadata, dict):
+            raise ValueError(f"--index={path} is not an index written by pnpp_tf.index (its "
+                             f"metadata is a JSON {type(metadata).__name__}, not an object).")
         if embeddings.ndim != 2 or len(embeddings) != len(paths):
             raise ValueError(f"--index={path} is inconsistent: embeddings {embeddings.shape}, "
                              f"{len(paths)} paths.")
@@ -94,13 +106,13 @@ class SearchIndex:
         return cosine_distance(similarities), indices, used
 
 
-def build_index(embedder, paths, images_root=None, batch_size=64, verbose=1):
-    """Embeds `paths` (skipping unreadable files) into a `SearchIndex`.
+def build_index(embedder, paths, images_root=None, batch_size=64, verbose=1, max_pixels=DEFAULT_MAX_PIXELS):
+    """Embeds `paths` (skipping unreadable files and those over `max_pixels`) into a `SearchIndex`.
 
     Raises:
         ValueError: if no image could be read.
     """
-    embeddings, kept, skipped = embed_paths(embedder, paths, batch_size, verbose)
+    embeddings, kept, skipped = embed_paths(embedder, paths, batch_size, verbose, max_pixels)
     if not kept:
         raise ValueError(f"None of the {len(paths)} images could be read, e.g. "
                          f"{skipped[0][0]} ({skipped[0][1]}).")
