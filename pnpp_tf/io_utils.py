@@ -117,16 +117,9 @@ def replacing(path, needed_bytes=None, suffix=""):
     # Here, not at the top: `pnpp_tf.plots` imports this module and otherwise needs no TensorFlow.
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    temporary = _temporary_name(path, suffix)
-    try:
-        _make_parent(path)
+    with _renamed_into_place(path, _temporary_name(path, suffix), needed_bytes, tf.io.gfile.remove,
+                             overwrite=True) as temporary:
         yield temporary
-        tf.io.gfile.rename(temporary, path, overwrite=True)
-    except BaseException as error:
-        with contextlib.suppress(tf.errors.OpError):
-            if tf.io.gfile.exists(temporary):
-                tf.io.gfile.remove(temporary)
-        _raise_as_os_error(error, path, temporary, needed_bytes)
 
 
 @contextlib.contextmanager
@@ -147,15 +140,24 @@ def replacing_dir(path, needed_bytes=None):
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel - see `replacing`
 
-    temporary = _temporary_name(path)
+    with _renamed_into_place(path, _temporary_name(path), needed_bytes, tf.io.gfile.rmtree,
+                             overwrite=False) as temporary:
+        yield temporary
+
+
+@contextlib.contextmanager
+def _renamed_into_place(path, temporary, needed_bytes, remove, overwrite):
+    """The shared body of `replacing` and `replacing_dir`: `remove` deletes a failed temporary."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel - see `replacing`
+
     try:
         _make_parent(path)
         yield temporary
-        tf.io.gfile.rename(temporary, path, overwrite=False)
+        tf.io.gfile.rename(temporary, path, overwrite=overwrite)
     except BaseException as error:
         with contextlib.suppress(tf.errors.OpError):
             if tf.io.gfile.exists(temporary):
-                tf.io.gfile.rmtree(temporary)
+                remove(temporary)
         _raise_as_os_error(error, path, temporary, needed_bytes)
 
 
