@@ -11,6 +11,8 @@ from typing import Callable
 import keras
 from keras import layers
 
+from pnpp_tf.errors import UserError
+
 # RECIPE: BatchNorm trains with PyTorch's momentum 0.1, which is Keras' momentum 0.9.
 BATCH_NORM_MOMENTUM = 0.9
 
@@ -52,7 +54,7 @@ def register_backbone(backbone):
 def get_backbone(name):
     """Returns the registered `Backbone` called `name`."""
     if name not in _REGISTRY:
-        raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(_REGISTRY)}.")
+        raise UserError(f"Unknown backbone {name!r}; choose one of {sorted(_REGISTRY)}.")
     return _REGISTRY[name]
 
 
@@ -78,7 +80,7 @@ def resolve_weights(backbone, weights):
     if os.path.isfile(weights):
         return weights
     choices = ", ".join(("none",) + backbone.pretrained_weights + ("a weights file path",))
-    raise ValueError(
+    raise UserError(
         f"--weights={weights!r} is neither a file nor a known name for backbone "
         f"{backbone.name!r}; choose one of: {choices}."
     )

@@ -1,5 +1,7 @@
-"""Keras callbacks for training: zero-shot Recall@K, learning-rate logging and schedules."""
+"""Keras callbacks for training: zero-shot Recall@K, learning rates and their schedules, the
+training clock, a stop on non-finite losses and checkpoints."""
 
+import math
 import time
 
 import keras
@@ -12,27 +14,48 @@ class RecallAtK(keras.callbacks.Callback):
     """Embeds the evaluation split every `every_n_epochs` epochs and logs Recall@K.
 
     The values go into the epoch logs as "<prefix>recall@K" (and "<prefix>map@r"), so History,
-    TensorBoard and any later callback see them.
+    TensorBoard and any later callback see them. After the run's last epoch it measures
+    everything the final results report (with NMI if asked), kept as `final_metrics`, so that
+    the same weights are not embedded twice.
 
     Args:
         evaluator: a `pnpp_tf.retrieval.RetrievalEvaluator`.
         every_n_epochs: evaluate after every n-th epoch (and never when n is 0).
         prefix: prefix of the logged names.
+        last_epoch: the Keras index of the run's last epoch, measured in full whatever
+            `every_n_epochs` says; None: none is.
+        with_nmi: the measurement after `last_epoch` includes NMI.
+
+    Attributes:
+        final_metrics: the metrics after `last_epoch`, once it has been trained; else None.
+        seconds: the time spent measuring.
     """
 
-    def __init__(self, evaluator, every_n_epochs=1, prefix="test_"):
+    def __init__(self, evaluator, every_n_epochs=1, prefix="test_", last_epoch=None, with_nmi=False):
         super().__init__()
         if every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be >= 0, got {every_n_epochs}.")
         self.evaluator = evaluator
         self.every_n_epochs = every_n_epochs
         self.prefix = prefix
+        self.last_epoch = last_epoch
+        self.with_nmi = with_nmi
+        self.final_metrics = None
+        self.seconds = 0.0
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.every_n_epochs or (epoch + 1) % self.every_n_epochs:
+        if self.model.stop_training:
+            return  # an epoch cut short (a non-finite loss) has nothing worth measuring
+        last = epoch == self.last_epoch
+        if not last and (not self.every_n_epochs or (epoch + 1) % self.every_n_epochs):
             return
         start = time.perf_counter()
-        metrics = self.evaluator.measure(self.model)
+        metrics = self.evaluator.measure(self.model, with_nmi=last and self.with_nmi)
+        self.seconds += time.perf_counter() - start
+        if last:
+            self.final_metrics = metrics
+        if not self.every_n_epochs or (epoch + 1) % self.every_n_epochs:
+            return  # measured for the results only: the history keeps its --eval_every rhythm
         logged = {f"recall@{k}": metrics[f"recall@{k}"] for k in self.evaluator.ks}
         logged["map@r"] = metrics["map@r"]
         if logs is not None:
@@ -40,6 +63,27 @@ class RecallAtK(keras.callbacks.Callback):
         summary = " ".join(f"{name}={value:.4f}" for name, value in logged.items())
         logging.info("epoch %d %s: %s (%.1fs)", epoch + 1, self.prefix.rstrip("_"), summary,
                      time.perf_counter() - start)
+
+
+class TrainingClock(keras.callbacks.Callback):
+    """Times the epochs' training loops: from an epoch's start to its end, before any other
+    callback's end-of-epoch work (list it first), so per-epoch evaluation and checkpoints are
+    left out. Keras has read the epoch's metrics back by then, so the time is the device's too.
+
+    Attributes:
+        seconds: the time spent in the training loops (input, steps, per-batch callbacks).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = 0.0
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds += time.perf_counter() - self._start
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -150,3 +194,111 @@ def _optimizers(model):
 
 def _learning_rates(model):
     return [float(keras.ops.convert_to_numpy(o.learning_rate)) for o in _optimizers(model)]
+
+
+class _StepInEpoch(keras.callbacks.Callback):
+    """Knows the epoch and the step within it, counted from the epoch's start even when this fit
+    resumed mid-epoch (Keras counts a fit's batches from 0).
+
+    Args:
+        first_step: the step the first epoch of this fit starts at (0 unless resuming mid-epoch).
+    """
+
+    def __init__(self, first_step=0):
+        super().__init__()
+        self.first_step = first_step
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.first_step = 0  # only the resumed epoch started late
+
+    def step_in_epoch(self, batch):
+        """The 1-based step within the epoch of Keras' 0-based `batch` of this fit."""
+        return self.first_step + batch + 1
+
+
+class NonFiniteGuard(_StepInEpoch):
+    """Stops training at the first batch whose loss is NaN or infinite.
+
+    A non-finite gradient shows one step later, as the loss of the weights it produced. The
+    checkpoint callback saves nothing once the guard has tripped, so the last checkpoint on disk
+    is the last good state.
+
+    Args:
+        first_step: the step the first epoch of this fit starts at (resuming mid-epoch), so that
+            the reported step counts from the start of the epoch, as the checkpoints do.
+    """
+
+    def __init__(self, first_step=0):
+        super().__init__(first_step)
+        self.tripped_at = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss) and self.tripped_at is None:
+            self.tripped_at = (self._epoch + 1, self.step_in_epoch(batch), loss)
+            self.model.stop_training = True
+
+    def message(self, checkpoint):
+        epoch, step, loss = self.tripped_at
+        last = checkpoint.latest or "none yet"
+        return (f"Non-finite loss ({loss}) in epoch {epoch} at step {step}: training stopped. The last "
+                f"good checkpoint is {last}. Lower --lr or --proxy_lr, or rerun with --debug_numerics "
+                "to find the operation that produced it.")
+
+
+class SaveCheckpoints(_StepInEpoch):
+    """Writes a checkpoint after every epoch, and every `every_steps` steps within one.
+
+    Args:
+        checkpoint: the run's `RunCheckpoint`.
+        record_fn: `(epoch, logs) -> dict`, the JSON-able record saved with the weights; called
+            with `logs=None` for a mid-epoch checkpoint.
+        steps_per_epoch: batches in a full epoch.
+        guard: a `NonFiniteGuard`; nothing is saved once it has tripped.
+        every_steps: also save every this many steps within an epoch (0: only at its end).
+        first_step: the step the first epoch of this fit starts at (resuming mid-epoch).
+
+    A full disk raises `OutOfSpaceError` out of `fit`.
+
+    Attributes:
+        seconds: the time spent saving.
+        mid_epoch_seconds: the part of it spent within epochs (inside `TrainingClock`'s time).
+    """
+
+    def __init__(self, checkpoint, record_fn, steps_per_epoch, guard, every_steps, first_step):
+        super().__init__(first_step)
+        self.checkpoint = checkpoint
+        self.record_fn = record_fn
+        self.steps_per_epoch = steps_per_epoch
+        self.guard = guard
+        self.every_steps = every_steps
+        self.seconds = 0.0
+        self.mid_epoch_seconds = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.step_in_epoch(batch)
+        if self._tripped() or not self.every_steps or step % self.every_steps or step >= self.steps_per_epoch:
+            return
+        start = time.perf_counter()
+        path = self._save(self._epoch, self.record_fn(self._epoch, None), step)
+        self.mid_epoch_seconds += time.perf_counter() - start
+        logging.info("Saved %s (epoch %d, step %d)", path, self._epoch + 1, step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self._tripped():
+            return
+        logging.info("Saved %s", self._save(epoch + 1, self.record_fn(epoch, logs or {}), 0))
+
+    def _save(self, finished_epochs, record, step):
+        start = time.perf_counter()
+        path = self.checkpoint.save(self.model, finished_epochs, record, step, self.steps_per_epoch)
+        self.seconds += time.perf_counter() - start
+        return path
+
+    def _tripped(self):
+        return self.guard is not None and self.guard.tripped_at is not None

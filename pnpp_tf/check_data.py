@@ -11,16 +11,14 @@ class-balanced batch takes (their images repeat within a batch). Exit status 0: 
 1: problems found; 2: the dataset cannot be read at all.
 """
 
-import json
 import sys
 
-from absl import app, flags
-
-from pnpp_tf.data import DATASETS, load_splits
+from pnpp_tf import flags
+from pnpp_tf.config import CheckDataConfig
+from pnpp_tf.data import load_splits
 from pnpp_tf.data.image_check import check_images
 from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS
-
-FLAGS = flags.FLAGS
+from pnpp_tf.io_utils import write_json
 
 
 def check_dataset(dataset, data_dir, images_per_class=4, progress=True, max_pixels=DEFAULT_MAX_PIXELS):
@@ -147,32 +145,15 @@ def _verdict(report):
     return f"Problems found: {'; '.join(advice)}{skip}."
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        if FLAGS.batch_size % FLAGS.classes_per_batch:
-            raise ValueError(f"--batch_size={FLAGS.batch_size} is not divisible by "
-                             f"--classes_per_batch={FLAGS.classes_per_batch}.")
-        images_per_class = FLAGS.batch_size // FLAGS.classes_per_batch
-        report = check_dataset(FLAGS.dataset, FLAGS.data_dir, images_per_class, progress=True,
-                               max_pixels=FLAGS.max_pixels)
-    except ValueError as error:
-        print(f"pnpp_tf.check_data: error: {error}", file=sys.stderr)
-        sys.exit(2)
+def main(config):
+    images_per_class = config.batch_size // config.classes_per_batch
+    report = check_dataset(config.dataset, config.data_dir, images_per_class, progress=True,
+                           max_pixels=config.max_pixels)
     print(summary_table(report, images_per_class))
-    if FLAGS.json:
-        with open(FLAGS.json, "w", encoding="utf-8") as file:
-            json.dump(report, file, indent=2)
-    sys.exit(0 if report["ok"] else 1)
+    if config.json:
+        write_json(config.json, report)
+    return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":
-    flags.DEFINE_enum("dataset", None, DATASETS, "Dataset reader.", required=True)
-    flags.DEFINE_string("data_dir", None, "Dataset directory.", required=True)
-    flags.DEFINE_integer("batch_size", 32, "Training batch size (to find classes smaller than a batch's share).")
-    flags.DEFINE_integer("classes_per_batch", 8, "Classes per batch.")
-    flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "Largest width x height of an image, as training's "
-                         "--max_pixels: a larger one is reported, read from its header, undecoded.", lower_bound=1)
-    flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
-    app.run(main)
+    flags.run(main, CheckDataConfig, "pnpp_tf.check_data")

@@ -13,6 +13,7 @@ import tensorflow as tf
 from absl import logging
 
 from pnpp_tf.data import pipeline
+from pnpp_tf.errors import UserError
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
@@ -35,12 +36,12 @@ def make_strategy(name, tpu=None):
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
-            raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable describing "
+            raise UserError("--strategy=multi_worker needs the TF_CONFIG environment variable describing "
                              "the cluster and this task (see README, 'Training on several machines').")
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
         return _tpu_strategy(tpu)
-    raise ValueError(f"--strategy must be one of {STRATEGIES}, got {name!r}.")
+    raise UserError(f"--strategy must be one of {STRATEGIES}, got {name!r}.")
 
 
 def _tpu_strategy(tpu):
@@ -52,8 +53,8 @@ def _tpu_strategy(tpu):
         # TensorFlow's own message ("Please provide a TPU Name to connect to.") does not say which
         # flag to set.
         where = f"--tpu={tpu}" if tpu else "this machine (no --tpu given, so a local TPU VM)"
-        raise ValueError(f"--strategy=tpu: no TPU reachable at {where} ({error}). Run on a TPU VM, or "
-                         "set --tpu to the TPU's name or grpc://address.") from None
+        raise UserError(f"--strategy=tpu: no TPU reachable at {where} ({error}). Run on a TPU VM, or "
+                         "set --tpu to the TPU's name or grpc://address.") from error
     return tf.distribute.TPUStrategy(resolver)
 
 
@@ -61,9 +62,9 @@ def check_batch_fits(strategy, batch_size, classes_per_batch, sampler_kind):
     """Every replica must get the same number of whole classes."""
     replicas = strategy.num_replicas_in_sync
     if batch_size % replicas:
-        raise ValueError(f"--batch_size={batch_size} is not divisible by the {replicas} replicas.")
+        raise UserError(f"--batch_size={batch_size} is not divisible by the {replicas} replicas.")
     if sampler_kind == "balanced" and classes_per_batch % replicas:
-        raise ValueError(f"--classes_per_batch={classes_per_batch} is not divisible by the {replicas} replicas; "
+        raise UserError(f"--classes_per_batch={classes_per_batch} is not divisible by the {replicas} replicas; "
                          "each replica must receive whole classes.")
 
 

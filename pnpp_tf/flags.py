@@ -1,164 +1,116 @@
-"""absl flags shared by the entry points. Defaults are the paper's recipe for CUB-200-2011.
+"""The command line of the entry points: absl flags made from a config's fields, parsed into it.
 
-Every flag also works in a --flagfile (one `--name=value` per line); configs/ holds one per
-dataset.
+    def main(config):                     # a pnpp_tf.config.TrainConfig
+        ...                               # returns the exit status (None: 0)
+
+    if __name__ == "__main__":
+        flags.run(main, TrainConfig, "pnpp_tf.train")
+
+Flags exist only in the process of the program that runs: importing an entry point defines none,
+so entry points can be imported together and used from Python without absl. Every flag also
+works in a --flagfile (one `--name=value` per line); configs/ holds one per dataset.
+
+Only the entry points (`python -m pnpp_tf.<name>`) import this module; the modules below them
+take configs or plain arguments.
 """
 
-import functools
+import dataclasses
 import sys
-import types
 
-from absl import flags
+from absl import app, flags
 
-from pnpp_tf import backbones
-from pnpp_tf.data import DATASETS
-from pnpp_tf.data.image_check import ON_BAD_IMAGE
-from pnpp_tf.distribute import STRATEGIES
-from pnpp_tf.data.pipeline import SAMPLERS
-from pnpp_tf.losses import VARIANTS
-from pnpp_tf.model import POOLINGS
-from pnpp_tf.serving import DEFAULT_MAX_PIXELS
+from pnpp_tf.config import base_type
+from pnpp_tf.errors import UserError
+from pnpp_tf.io_utils import OutOfSpaceError
 
 
-def parse_eval_ks(values):
-    """The sorted, distinct K of --eval_ks (a list of strings); () when it is empty.
-
-    Raises:
-        ValueError: a value is not a positive integer.
-    """
-    try:
-        ks = sorted({int(k) for k in values})
-    except ValueError:
-        raise ValueError(f"--eval_ks must be positive integers, got {','.join(values)}.") from None
-    if ks and ks[0] < 1:
-        raise ValueError(f"--eval_ks must be positive integers, got {','.join(values)}.")
-    return tuple(ks)
-
-
-def define_data_flags(flag_values=flags.FLAGS):
-    """Flags naming the data and where results go."""
-    define = _definer(flag_values)
-    define.enum("dataset", "glyphs", DATASETS, "Dataset reader.")
-    define.string("data_dir", None, "Dataset directory (glyphs: rendered here on first use).")
-    define.string("model_dir", None, "Where checkpoints, logs and results.json are written.")
-    define.integer("image_size", 256, "Side of the square input images, in pixels.", lower_bound=16)
-    define.list("eval_ks", [], "The K of Recall@K; empty: the dataset's protocol "
-                "(1,2,4,8 for CUB/Cars/folder/glyphs, 1,10,100,1000 for SOP, 1,10,...,50 for In-Shop).")
-    define.integer("eval_batch_size", 64, "Images per inference batch.", lower_bound=1)
-    define.enum("on_bad_image", "error", ON_BAD_IMAGE, "An image that does not decode: error "
-                "(stop, naming it) or skip (train without it; logged, counted in results.json).")
-    define.integer("max_pixels", DEFAULT_MAX_PIXELS, "Largest width x height of an image read from the "
-                   "data; a larger one counts as a bad image (see --on_bad_image). Read from the file "
-                   "header before decoding, so one huge file cannot exhaust memory.", lower_bound=1)
-
-
-def define_cache_flags(flag_values=flags.FLAGS):
-    """Flags of the on-disk image cache (training only: evaluation reads each image once)."""
-    define = _definer(flag_values)
-    define.string("cache_dir", "", "Decode every image once into this directory (downsized to "
-                  "--cache_short_side) and read the decoded pixels in every epoch: for datasets whose "
-                  "decoded images fit on disk. Empty: decode the files every epoch.")
-    define.integer("cache_short_side", 0, "Shorter side of the cached training images, in pixels (smaller "
-                   "images are kept as they are); 0: 288/256 of --image_size, the side evaluation resizes "
-                   "to. Evaluation images are always cached at that side.", lower_bound=0)
-
-
-def define_model_flags(flag_values=flags.FLAGS):
-    """Flags shaping the embedder and the loss."""
-    define = _definer(flag_values)
-    define.enum("backbone", "resnet50", backbones.available_backbones(), "Backbone trunk.")
-    define.string("weights", "imagenet", "Backbone weights: imagenet, none, or a weights file path.")
-    define.integer("embedding_dim", 2048, "Embedding size.", lower_bound=1)
-    define.enum("pooling", "max", POOLINGS, "Global pooling of the last feature map.")
-    define.boolean("layer_norm", True, "LayerNorm (no affine parameters) on the pooled features.")
-    define.enum("loss", "proxynca_pp", VARIANTS, "proxynca_pp, or the original proxynca.")
-    define.float("temperature", 1.0 / 9.0, "Softmax temperature of the loss.")
-    _require_positive(flag_values, "temperature")
-
-
-def define_training_flags(flag_values=flags.FLAGS):
-    """Flags of the optimisation and the compute."""
-    define = _definer(flag_values)
-    define.enum("mode", "trainval", ["trainval", "train"],
-                "trainval: all training classes, test on the test classes. train (stage 1): first "
-                "half of the training classes, validate on the second half, reduce the LR on plateau "
-                "and record the schedule in <model_dir>/schedule.json.")
-    define.list("lr_drop_epochs", [], "trainval: main epochs after which both LRs drop by --lr_decay.")
-    define.string("lr_schedule_from", None, "trainval: a stage-1 model_dir whose schedule.json "
-                  "gives --lr_drop_epochs and --epochs (its best epoch).")
-    define.float("lr_decay", 0.1, "LR multiplier at each drop (both stages).")
-    define.integer("plateau_patience", 4, "train: epochs without validation improvement before a drop.",
-                   lower_bound=0)
-    define.integer("batch_size", 32, "Images per batch.", lower_bound=1)
-    define.integer("classes_per_batch", 8, "Distinct classes per batch (class-balanced sampling).", lower_bound=1)
-    define.enum("sampler", "balanced", SAMPLERS, "balanced: classes_per_batch classes x equal images "
-                "(ProxyNCA++); random: batches without class structure (the ablation).")
-    define.integer("epochs", 40, "Training epochs after the warm-up.", lower_bound=1)
-    define.integer("warmup_epochs", 5, "Epochs training only the embedding layer and proxies.", lower_bound=0)
-    define.float("lr", 4e-3, "Learning rate of the backbone and embedding layer.")
-    define.float("proxy_lr", 4e2, "Learning rate of the proxies.")
-    define.float("clip_value", 10.0, "Clip backbone and embedding gradients by value (0: off).", lower_bound=0)
-    define.boolean("flip", True, "Random horizontal flips in training.")
-    define.integer("eval_every", 1, "Measure Recall@K on the test split every N epochs (0: only at the end).",
-                   lower_bound=0)
-    define.enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for the train step; auto: on GPU only.")
-    define.enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"],
-                "Keras dtype policy of the backbone; loss, proxies and logits stay float32, and "
-                "float16 uses dynamic loss scaling.")
-    define.enum("strategy", "default", STRATEGIES, "tf.distribute strategy: default (one device), "
-                "mirrored (all local GPUs), multi_worker (TF_CONFIG cluster), tpu.")
-    define.string("tpu", None, "--strategy=tpu: TPU name or grpc:// address (empty: local TPU VM).")
-    define.boolean("sync_batch_norm", True, "With several replicas, BatchNorm statistics over the "
-                   "whole global batch (as on one device) rather than per replica.")
-    define.integer("seed", 0, "Seed of weights, sampling and augmentation.", lower_bound=0)
-    define.boolean("deterministic", False, "Deterministic TensorFlow ops: two runs with the same "
-                   "--seed give identical weights (slower on GPU).")
-    define.boolean("debug_numerics", False, "Check every op for NaN/Inf and name the first that "
-                   "produces one (slow: for debugging).")
-    define.integer("keep_checkpoints", 3, "Checkpoints kept in <model_dir>/checkpoints.", lower_bound=1)
-    define.integer("checkpoint_every_steps", 0, "Also checkpoint every N steps within an epoch "
-                   "(0: at the end of each epoch only); a rerun resumes at that step.", lower_bound=0)
-    define.integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.",
-                   lower_bound=0, upper_bound=2)
-    _require_positive(flag_values, "lr", "proxy_lr", "lr_decay")
-
-
-def parse_flags_or_exit(program):
-    """An `absl.app.run(flags_parser=...)` that reports a bad flag in one line and exits 2.
-
-    absl's own parser prints the error and a second line of help; every other error of the
-    entry points is one `<program>: error: ...` line with exit status 2, and so is this one.
+def define_flags(config_class, flag_values=flags.FLAGS):
+    """Defines one flag per field of `config_class`, with the field's default, help and bounds.
 
     Args:
-        program: the entry point's name, e.g. "pnpp_tf.train".
-
-    Returns:
-        The parser: `argv -> the arguments left after the flags`.
+        config_class: a `pnpp_tf.config.Config` dataclass.
+        flag_values: where to define them (tests pass a fresh `flags.FlagValues()`).
     """
+    for field in dataclasses.fields(config_class):
+        meta, kind = field.metadata, base_type(field.type)
+        common = {"name": field.name, "help": meta["help"], "flag_values": flag_values}
+        choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+        bounds = {"lower_bound": meta["lower"], "upper_bound": meta["upper"]}
+        if choices is not None:
+            flags.DEFINE_enum(default=field.default, enum_values=list(choices), **common)
+        elif kind is bool:
+            flags.DEFINE_boolean(default=field.default, **common)
+        elif kind is int:
+            flags.DEFINE_integer(default=field.default, **bounds, **common)
+        elif kind is float:
+            flags.DEFINE_float(default=field.default, **bounds, **common)
+        elif kind is tuple:
+            flags.DEFINE_list(default=[str(item) for item in field.default], **common)
+        elif kind is str:
+            flags.DEFINE_string(default=field.default, **common)
+        else:
+            raise TypeError(f"{config_class.__name__}.{field.name}: no flag for type {field.type}.")
+        if meta["positive"]:
+            flags.register_validator(field.name, lambda value: value is not None and value > 0,
+                                     message="must be greater than 0", flag_values=flag_values)
 
-    def parse(argv):
+
+def config_from_flags(config_class, flag_values=flags.FLAGS):
+    """The config of the parsed flags.
+
+    Raises:
+        UserError: the values break a check of the config.
+    """
+    return config_class(**{field.name: flag_values[field.name].value for field in dataclasses.fields(config_class)})
+
+
+def parse(config_class, argv):
+    """The config of a command line, parsed in a fresh set of flags (for tests and workers).
+
+    Args:
+        config_class: a `pnpp_tf.config.Config` dataclass.
+        argv: the program name, then the flags.
+
+    Raises:
+        flags.Error: a flag is unknown or out of range.
+        UserError: the values break a check of the config.
+    """
+    flag_values = flags.FlagValues()
+    define_flags(config_class, flag_values)
+    flag_values(list(argv))
+    return config_from_flags(config_class, flag_values)
+
+
+def run(main, config_class, program):
+    """Runs `main(config)` as a program: flags parsed into a `config_class`, user errors on one line.
+
+    A bad flag, a `UserError` or an `OutOfSpaceError` prints `<program>: error: <message>` and
+    exits with status 2; any other exception propagates with its traceback.
+
+    Args:
+        main: `config -> exit status` (None: 0).
+        config_class: a `pnpp_tf.config.Config` dataclass.
+        program: the entry point's name, e.g. "pnpp_tf.train".
+    """
+    define_flags(config_class)
+
+    def parse_flags(argv):
         try:
             return flags.FLAGS(argv)
         except flags.Error as error:
-            print(f"{program}: error: {error} (see --helpfull)", file=sys.stderr)
-            sys.exit(2)
+            _fail(program, f"{error} (see --helpfull)")
 
-    return parse
+    def run_main(argv):
+        if len(argv) > 1:
+            _fail(program, f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+        try:
+            return main(config_from_flags(config_class))
+        except (UserError, OutOfSpaceError) as error:
+            _fail(program, str(error))
 
-
-def _definer(flag_values):
-    """`flags.DEFINE_<kind>` as `definer.<kind>`, each defining its flag in `flag_values`.
-
-    Tests define the flags in a fresh `flags.FlagValues` to parse command lines without touching
-    the global FLAGS.
-    """
-    kinds = ("string", "integer", "float", "boolean", "enum", "list")
-    return types.SimpleNamespace(**{kind: functools.partial(getattr(flags, f"DEFINE_{kind}"),
-                                                            flag_values=flag_values) for kind in kinds})
+    app.run(run_main, flags_parser=parse_flags)
 
 
-def _require_positive(flag_values, *names):
-    """Range checks of float flags that must be strictly positive (absl's bounds are inclusive)."""
-    for name in names:
-        flags.register_validator(name, lambda value: value is not None and value > 0,
-                                 message="must be greater than 0", flag_values=flag_values)
+def _fail(program, message):
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -11,66 +11,50 @@ listed in the index. Search it with python -m pnpp_tf.search.
 """
 
 import os
-import sys
 import time
 
-from absl import app, flags
-
+from pnpp_tf import flags
+from pnpp_tf.config import IndexConfig
 from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS
+from pnpp_tf.errors import UserError
 from pnpp_tf.indexing.embeddings import find_images
-from pnpp_tf.indexing.saved_embedder import load_embedder
+from pnpp_tf.artifacts import load_embedder
 from pnpp_tf.indexing.search_index import build_index
 
-FLAGS = flags.FLAGS
 _SHOWN_SKIPPED = 10
 _KINDS = {"keras": "Keras model", "saved_model": "SavedModel"}
 
 
-def define_flags():
-    """Defines the command line's flags (only when run as a program: importing defines none)."""
-    flags.DEFINE_string("model", None, "A training run's model_dir, or an exported SavedModel "
-                        "(version directory or export base directory).")
-    flags.DEFINE_string("images", None, "Folder of images, searched recursively.")
-    flags.DEFINE_string("index", None, "The index file to write (.npz).")
-    flags.DEFINE_integer("batch_size", 64, "Images per inference batch.")
-    flags.DEFINE_boolean("progress", True, "Show a progress bar.")
-    flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "Largest width x height of an image to index; a "
-                         "larger one is skipped and reported, its size read from the header, undecoded.",
-                         lower_bound=1)
-
-
 def run(model, images, index_path, batch_size=64, progress=True, max_pixels=DEFAULT_MAX_PIXELS):
-    """Builds and writes the index; returns it. Raises ValueError on bad input."""
+    """Builds and writes the index; returns it.
+
+    Raises:
+        UserError: a missing or unreadable input, or an index that cannot be written.
+    """
     if not model or not images or not index_path:
-        raise ValueError("--model, --images and --index are all required.")
+        raise UserError("--model, --images and --index are all required.")
     model, images, index_path = (os.path.expanduser(p) for p in (model, images, index_path))
     if batch_size < 1:
-        raise ValueError(f"--batch_size must be at least 1, got {batch_size}.")
+        raise UserError(f"--batch_size must be at least 1, got {batch_size}.")
     if max_pixels < 1:
-        raise ValueError(f"--max_pixels must be at least 1, got {max_pixels}.")
+        raise UserError(f"--max_pixels must be at least 1, got {max_pixels}.")
     if os.path.isdir(index_path):
-        raise ValueError(f"--index={index_path} is a directory; give a file name, e.g. photos.npz.")
+        raise UserError(f"--index={index_path} is a directory; give a file name, e.g. photos.npz.")
     paths = find_images(images)
     embedder = load_embedder(model)
     index = build_index(embedder, paths, images, batch_size, verbose=int(progress), max_pixels=max_pixels)
     try:
         index.save(index_path)
     except OSError as error:
-        raise ValueError(f"cannot write --index={index_path}: {error}") from None
+        raise UserError(f"cannot write --index={index_path}: {error}") from error
     return index
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+def main(config):
     start = time.perf_counter()
-    try:
-        index = run(FLAGS.model, FLAGS.images, FLAGS.index, FLAGS.batch_size, FLAGS.progress, FLAGS.max_pixels)
-    except ValueError as error:
-        print(f"pnpp_tf.index: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    index = run(config.model, config.images, config.index, config.batch_size, config.progress, config.max_pixels)
     meta = index.metadata
-    print(f"Indexed {meta['num_images']} images under {FLAGS.images} into {FLAGS.index} in "
+    print(f"Indexed {meta['num_images']} images under {config.images} into {config.index} in "
           f"{time.perf_counter() - start:.1f} s: {meta['embedding_dim']}-d embeddings of "
           f"{meta['image_size']} px crops, {_KINDS.get(meta['model_kind'], 'model')} "
           f"{meta['model']}.")
@@ -83,5 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    flags.run(main, IndexConfig, "pnpp_tf.index")

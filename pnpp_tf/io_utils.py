@@ -21,6 +21,8 @@ import shutil
 import socket
 import uuid
 
+from pnpp_tf.errors import UserError
+
 
 class OutOfSpaceError(OSError):
     """A file could not be written whole because its file system is full.
@@ -83,15 +85,15 @@ def read_json_object(path, what="file"):
     try:
         with tf.io.gfile.GFile(path, "rb") as file:
             payload = json.loads(file.read().decode("utf-8"))
-    except tf.errors.NotFoundError:
-        raise ValueError(f"{path}: no such {what}.") from None
+    except tf.errors.NotFoundError as error:
+        raise UserError(f"{path}: no such {what}.") from error
     except (tf.errors.OpError, OSError) as error:
-        raise ValueError(f"{path}: cannot read this {what} ({getattr(error, 'message', error)}).") from None
+        raise UserError(f"{path}: cannot read this {what} ({getattr(error, 'message', error)}).") from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: this {what} is not valid JSON ({error}); it may have been cut short. "
-                         "Restore or delete it.") from None
+        raise UserError(f"{path}: this {what} is not valid JSON ({error}); it may have been cut short. "
+                         "Restore or delete it.") from error
     if not isinstance(payload, dict):
-        raise ValueError(f"{path}: this {what} holds a JSON {type(payload).__name__}, not an object; "
+        raise UserError(f"{path}: this {what} holds a JSON {type(payload).__name__}, not an object; "
                          "restore or delete it.")
     return payload
 

@@ -125,7 +125,20 @@ def proxy_nca_loss(logits, labels, variant="proxynca_pp"):
 
 
 def l2_normalize(x, axis=-1):
-    """x / max(||x||₂, 1e-12) along `axis`, with a finite gradient at zero."""
+    """x / max(||x||₂, 1e-12) along `axis`, in the graph, with a finite gradient at zero.
+
+    The same function as `pnpp_tf.neighbours.unit_rows`, for another job: this one is part of
+    the model (the loss, `ProxyNCAModel` and every export run it on the device, and training
+    differentiates it), while `unit_rows` prepares numpy embeddings for the k-NN engine so that
+    both of its backends search bit-identical unit rows.
+
+    Args:
+        x: float tensor.
+        axis: the axis whose vectors are normalised.
+
+    Returns:
+        A tensor of the shape and dtype of `x`.
+    """
     squared_norm = tf.reduce_sum(tf.square(x), axis=axis, keepdims=True)
     return x * tf.math.rsqrt(tf.maximum(squared_norm, _MIN_SQUARED_NORM))
 

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf import evaluation, serving
+from pnpp_tf import evaluation, neighbours, serving
 from pnpp_tf.data import pipeline
 from pnpp_tf.io_utils import write_atomic
 
@@ -27,36 +27,34 @@ MIN_MEAN_COSINE = {
 def measure_parity(variants, held_out, image_size, batch_size=64, latency_images=50):
     """Embeds the held-out images with every variant and compares each with the first (Keras).
 
-    Images go through the evaluation pipeline; a variant taking file bytes gets the files. One
-    variant at a time, so memory holds two sets of embeddings, not one per variant.
+    Images go through the evaluation pipeline; a variant taking file bytes gets the files. Each
+    file is read and decoded once, and its batch given to every variant in turn: memory holds one
+    batch of images and every variant's embeddings (N x D floats each, small beside the images).
 
     Returns:
         A dict with "variants": per variant its name, path, size_bytes, max_abs_diff,
         mean_cosine, min_cosine, recall@1, latency_ms, min_mean_cosine and passed; "passed"
         (every variant with a threshold reaches it), "eval_images" and "latency_images".
     """
-    paths = next(iter(held_out.values())).paths[:latency_images]
-    images = next(pipeline.eval_dataset(paths, image_size, len(paths)).as_numpy_iterator())
-    samples = list(zip(images, map(_read, paths)))
+    embedded, samples = _embed_held_out(variants, held_out, image_size, batch_size, latency_images)
     query_part = "test" if "test" in held_out else "query"
     gallery = held_out.get("gallery")
-    reference, rows = None, []
-    for variant in variants:
-        embedded = {part: _embed_split(variant, split, image_size, batch_size)
-                    for part, split in held_out.items()}
-        reference = embedded if reference is None else reference
-        ours, ref = (np.concatenate(list(e.values())) for e in (embedded, reference))
-        unit = ours / np.maximum(np.linalg.norm(ours, axis=1, keepdims=True), 1e-12)
-        cosine = np.sum(unit * ref, axis=1)
+    reference = np.concatenate(list(embedded[0].values()))
+    rows = []
+    for variant, embeddings in zip(variants, embedded):
+        ours = np.concatenate(list(embeddings.values()))
+        unit = neighbours.unit_rows(ours)
+        cosine = np.sum(unit * reference, axis=1)
         recall = evaluation.retrieval_metrics(
-            embedded[query_part], held_out[query_part].labels, embedded.get("gallery"),
+            embeddings[query_part], held_out[query_part].labels, embeddings.get("gallery"),
             gallery.labels if gallery else None, ks=(1,))["recall@1"]
         threshold = MIN_MEAN_COSINE.get(variant.name)
         rows.append({
             "name": variant.name, "path": variant.path, "size_bytes": variant.size_bytes,
-            "max_abs_diff": float(np.max(np.abs(ours - ref))), "mean_cosine": float(np.mean(cosine)),
-            "min_cosine": float(np.min(cosine)), "recall@1": float(recall),
-            "latency_ms": _median_latency_ms(variant, samples), "min_mean_cosine": threshold,
+            "max_abs_diff": float(np.max(np.abs(ours - reference))),
+            "mean_cosine": float(np.mean(cosine)), "min_cosine": float(np.min(cosine)),
+            "recall@1": float(recall), "latency_ms": _median_latency_ms(variant, samples),
+            "min_mean_cosine": threshold,
             "passed": None if threshold is None else bool(np.mean(cosine) >= threshold),
         })
         logging.info("%s: mean cosine %.6f, Recall@1 %.4f", variant.name, np.mean(cosine), recall)
@@ -68,12 +66,23 @@ def measure_parity(variants, held_out, image_size, batch_size=64, latency_images
     }
 
 
-def _embed_split(variant, split, image_size, batch_size):
-    batches = pipeline.eval_dataset(split.paths, image_size, batch_size).as_numpy_iterator()
-    return np.concatenate([
-        variant.embed(images, [_read(p) for p in split.paths[start:start + batch_size]])
-        for start, images in zip(range(0, len(split), batch_size), batches)
-    ])
+def _embed_held_out(variants, held_out, image_size, batch_size, latency_images):
+    """([{part: embeddings}] per variant, the first `latency_images` (crop, file bytes) pairs of
+    the first part), from one pass over the files."""
+    embedded = [{part: [] for part in held_out} for _ in variants]
+    samples = []
+    for part, split in held_out.items():
+        batches = pipeline.eval_dataset(split.paths, image_size, batch_size).as_numpy_iterator()
+        for start, images in zip(range(0, len(split), batch_size), batches):
+            encoded = [_read(path) for path in split.paths[start:start + batch_size]]
+            for variant, embeddings in zip(variants, embedded):
+                embeddings[part].append(variant.embed(images, encoded))
+            if part == next(iter(held_out)) and len(samples) < latency_images:
+                samples += list(zip(images, encoded))[:latency_images - len(samples)]
+    for embeddings in embedded:
+        for part, batches in embeddings.items():
+            embeddings[part] = np.concatenate(batches)
+    return embedded, samples
 
 
 def write_report(report, path_stem):

@@ -1,5 +1,6 @@
 """Embeds an evaluation split with a model and scores it: the bridge from models to metrics."""
 
+import time
 import weakref
 
 import keras
@@ -7,7 +8,8 @@ import numpy as np
 import tensorflow as tf
 
 from pnpp_tf import evaluation
-from pnpp_tf.data import pipeline
+from pnpp_tf.data import image_check, pipeline
+from pnpp_tf.errors import UserError
 
 
 class RetrievalEvaluator:
@@ -31,13 +33,7 @@ class RetrievalEvaluator:
         self.query = query
         self.gallery = gallery
         self.ks = tuple(int(k) for k in ks)
-        candidates = len(gallery) if gallery else len(query) - 1
-        if max(self.ks) > candidates:
-            raise ValueError(
-                f"Recall@{max(self.ks)} needs more than K candidates per query, but only {candidates} "
-                f"{'gallery images' if gallery else 'other evaluation images'} exist; "
-                "lower --eval_ks."
-            )
+        check_ks(self.ks, len(query), len(gallery) if gallery else None)
         self._query_images = pipeline.eval_dataset(query.paths, image_size, batch_size, max_pixels)
         self._gallery_images = (
             pipeline.eval_dataset(gallery.paths, image_size, batch_size, max_pixels) if gallery else None
@@ -76,6 +72,23 @@ class RetrievalEvaluator:
         return metrics
 
 
+def check_ks(ks, num_queries, num_gallery=None):
+    """Raises `UserError` unless every query has more than max(ks) candidates to rank.
+
+    Args:
+        ks: the K of Recall@K.
+        num_queries: query images.
+        num_gallery: gallery images, or None when the queries are searched among themselves.
+    """
+    candidates = num_gallery if num_gallery is not None else num_queries - 1
+    if max(ks) > candidates:
+        raise UserError(
+            f"Recall@{max(ks)} needs more than K candidates per query, but only {candidates} "
+            f"{'gallery images' if num_gallery is not None else 'other evaluation images'} exist; "
+            "lower --eval_ks."
+        )
+
+
 def embed_images(model, dataset, num_images, verbose=0):
     """Runs `model` in inference mode over a dataset of image batches, on the default device.
 
@@ -95,19 +108,96 @@ def embed_images(model, dataset, num_images, verbose=0):
     Returns:
         A float32 numpy array [num_images, dim].
     """
+    return _embed_batches(model, dataset, num_images, verbose)[0]
+
+
+# Why an image left out of the embedding pass has no problem when checked again just after.
+CHANGED_DURING_RUN = "failed while embedding but decodes now: did the file change during the run?"
+
+
+def embed_decodable(model, paths, image_size, batch_size=64, max_pixels=pipeline.DEFAULT_MAX_PIXELS,
+                    verbose=0, stop_at_bad=False):
+    """Embeds the images of `paths` that decode, decoding each file once, and names the others.
+
+    The embedding pass leaves out, rather than stopping at, a file that cannot be read, decoded or
+    cropped, or whose header gives more than `max_pixels` pixels (`pipeline.eval_dataset` with
+    `skip_unreadable`). Only those few are decoded again, by `image_check.check_images`, for the
+    reason they fail: a check of every image before embedding would decode each one twice.
+
+    Args:
+        model: maps an image batch to embeddings.
+        paths: image file paths.
+        image_size: side of the model's input images.
+        batch_size: images per inference batch.
+        max_pixels: the pixel budget (--max_pixels): a larger image is a bad one.
+        verbose: 1 shows a progress bar.
+        stop_at_bad: stop embedding at the first bad image and only check the images after it,
+            for a caller that refuses a split with any bad image (--on_bad_image=error): it then
+            learns all of them for the price of decoding the rest, without running the model.
+
+    Returns:
+        (float32 embeddings [n, dim] of the good images, in the order of `paths`; an
+        `image_check.ImageCheck` of all of `paths`, whose `bad` are the images left out). With
+        `stop_at_bad` and a bad image, the embeddings are of the good images before it only.
+    """
+    start = time.perf_counter()
+    dataset = pipeline.eval_dataset(paths, image_size, batch_size, max_pixels, skip_unreadable=True)
+    embeddings, positions, reached = _embed_batches(model, dataset, len(paths), verbose, stop_at_bad)
+    embedded = set(positions.tolist())
+    failed = [i for i in range(reached) if i not in embedded]
+    to_check = failed + list(range(reached, len(paths)))
+    check = image_check.check_images([paths[i] for i in to_check], max_pixels=max_pixels) if to_check else None
+    reasons = dict(check.bad) if check else {}
+    bad = [(paths[i], reasons.get(paths[i], CHANGED_DURING_RUN)) for i in to_check
+           if i < reached or paths[i] in reasons]
+    too_large = set(check.too_large) if check else set()
+    return embeddings, image_check.ImageCheck(len(paths), bad, time.perf_counter() - start,
+                                              [path for path, _ in bad if path in too_large])
+
+
+def _embed_batches(model, dataset, num_images, verbose=0, stop_at_gap=False):
+    """The loop of `embed_images`, also over batches of (positions, images).
+
+    Args:
+        model: maps an image batch to embeddings.
+        dataset: a `tf.data.Dataset` of image batches, or of (positions [B], images) batches in
+            ascending positions, some of which may be missing.
+        num_images: how many images the dataset holds at most (for the progress bar).
+        verbose: 1 shows a progress bar.
+        stop_at_gap: stop after the first batch that shows a position left out.
+
+    Returns:
+        (float32 embeddings [n, dim], or [0, 0] when none; int64 positions [n] of the images
+        embedded, or None for a dataset of images only; how many leading positions the pass has
+        been through: `num_images` unless it stopped).
+    """
     infer = inference_function(model)
     spec = getattr(dataset, "element_spec", None)
-    if isinstance(spec, tf.TensorSpec) and spec.shape.rank:
+    with_positions = isinstance(spec, tuple)
+    image_spec = spec[1] if with_positions else spec
+    if isinstance(image_spec, tf.TensorSpec) and image_spec.shape.rank:
         # Traced for any batch size up front: otherwise the last, smaller batch of a split
         # would trace a second time. A trace already made for this shape is reused.
-        infer.get_concrete_function(tf.TensorSpec([None, *spec.shape[1:]], spec.dtype))
+        infer.get_concrete_function(tf.TensorSpec([None, *image_spec.shape[1:]], image_spec.dtype))
     progress = keras.utils.Progbar(num_images, unit_name="image") if verbose else None
-    batches = []
-    for images in dataset:
+    batches, positions, reached, embedded = [], [], num_images, 0
+    for element in dataset:
+        images = element[1] if with_positions else element
         batches.append(infer(images).numpy())
+        embedded += len(batches[-1])
         if progress:
             progress.add(len(batches[-1]))
-    return np.concatenate(batches).astype(np.float32)
+        if with_positions:
+            positions.append(element[0].numpy())
+            # Positions ascend, so fewer images than the last position + 1 means one was left out.
+            last = int(positions[-1][-1]) + 1
+            if stop_at_gap and last > embedded:
+                reached = last
+                break
+    embeddings = np.concatenate(batches).astype(np.float32) if batches else np.zeros((0, 0), np.float32)
+    if not with_positions:
+        return embeddings, None, reached
+    return embeddings, np.concatenate(positions) if positions else np.zeros(0, np.int64), reached
 
 
 # One inference function per live model. Weakly keyed, and the functions hold the model only

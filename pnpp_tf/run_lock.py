@@ -20,6 +20,8 @@ import sys
 
 from absl import logging
 
+from pnpp_tf.errors import UserError
+
 LOCK_FILE = "run.lock"
 
 
@@ -51,11 +53,11 @@ class RunLock:
         file = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as error:
             holder = _describe(_read_holder(file))
             file.close()
-            raise ValueError(f"--model_dir={self.directory} is in use by another run ({holder}); wait for it "
-                             "to finish or choose another --model_dir.") from None
+            raise UserError(f"--model_dir={self.directory} is in use by another run ({holder}); wait for it "
+                             "to finish or choose another --model_dir.") from error
         previous = _read_holder(file)
         if previous:
             logging.info("%s: taking over from %s, which is no longer running.", self.path, _describe(previous))

@@ -129,5 +129,16 @@ class EmbedderServingModule(tf.Module):
 
 
 def normalized_embeddings(embedder, images):
-    """L2-normalise(embedder(images)): the embedding every export must reproduce, as a tensor."""
+    """L2-normalise(embedder(images)): the embedding every export must reproduce.
+
+    Normalised in the graph by `pnpp_tf.losses.l2_normalize`, the model's own normaliser, so
+    that exports, training and evaluation compute the same unit vectors.
+
+    Args:
+        embedder: a Keras model taking float32 [N, S, S, 3] RGB images in [0, 255].
+        images: float32 tensor [N, S, S, 3].
+
+    Returns:
+        float32 tensor [N, D] of unit rows (zero rows for zero embeddings).
+    """
     return l2_normalize(tf.cast(embedder(images, training=False), tf.float32))

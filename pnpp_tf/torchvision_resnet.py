@@ -18,6 +18,7 @@ import numpy as np
 from keras import layers
 
 from pnpp_tf.backbones import BATCH_NORM_MOMENTUM
+from pnpp_tf.errors import UserError
 
 # PyTorch's BatchNorm2d default; Keras' default is 1e-3.
 BATCH_NORM_EPSILON = 1e-5
@@ -109,7 +110,7 @@ def build_resnet50_torchvision(input_shape, weights=None):
 def _load_weights_file(trunk, path):
     path = str(path)
     if path.endswith((".pth", ".pt", ".safetensors")):
-        raise ValueError(
+        raise UserError(
             f"{path} is a PyTorch state dict; convert it first with "
             f"`python tools/convert_torchvision_resnet50.py --input={path} "
             f"--output=resnet50_torchvision.weights.h5` and pass the .weights.h5 file."
@@ -186,7 +187,7 @@ def load_torchvision_state_dict(trunk, state_dict):
         problems.append(f"mis-shaped keys ({len(mis_shaped)}): {'; '.join(mis_shaped)}")
     if problems:
         hint = _prefix_hint(missing, unexpected)
-        raise ValueError(
+        raise UserError(
             f"The state dict is not a torchvision ResNet-50{hint}: " + " | ".join(problems)
         )
     for key, (variable, _) in expected.items():

@@ -5,7 +5,6 @@ proxies'); the warm-up phase keeps the backbone frozen. A run resumed from a che
 mid-epoch first finishes that epoch, then fits whole epochs.
 """
 
-import functools
 import os
 import time
 from typing import NamedTuple
@@ -13,8 +12,7 @@ from typing import NamedTuple
 import keras
 from absl import logging
 
-from pnpp_tf import callbacks, checkpointing, distribute
-from pnpp_tf.checkpointing import RunCheckpoint
+from pnpp_tf import callbacks, distribute
 from pnpp_tf.data import protocol
 from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile, synchronize_batch_norm
 from pnpp_tf.optimizers import TorchAdam
@@ -43,56 +41,94 @@ class Segment(NamedTuple):
     end_epoch: int
 
 
-class Trainer:
-    """Trains a ProxyNCA++ model through its phases, checkpointing and resuming as it goes.
+class TrainingData(NamedTuple):
+    """What a run trains on and is measured on.
 
-    Use in this order: `build_model`, `restore`, `fit`, `results`.
-
-    Args:
-        config: an object with the attributes of the flags in `pnpp_tf.flags`.
-        strategy: the `tf.distribute.Strategy` to train under.
+    Attributes:
         train_split: the training `Split`.
         sampler: the batch sampler over `train_split`.
         evaluator: the `RetrievalEvaluator` of the held-out classes.
         evaluated_on: the name of the evaluator's split: "val_half", "test" or "query_gallery".
-        epochs: main (post-warm-up) epochs.
-        lr_drop_epochs: main epochs after which --mode=trainval drops the learning rates.
-        flag_values: {flag name: value} of this run, kept in every checkpoint and in results.json.
+        skipped_images: {split name: the unreadable images left out of it}.
     """
 
-    def __init__(self, config, strategy, train_split, sampler, evaluator, evaluated_on, epochs, lr_drop_epochs,
-                 flag_values):
+    train_split: object
+    sampler: object
+    evaluator: object
+    evaluated_on: str
+    skipped_images: dict
+
+
+class Schedule(NamedTuple):
+    """The main (post-warm-up) epochs and the main epochs after which --mode=trainval drops the
+    learning rates."""
+
+    epochs: int
+    lr_drop_epochs: tuple
+
+
+class Trainer:
+    """Trains a ProxyNCA++ model through its phases, checkpointing and resuming as it goes.
+
+    Constructed ready: the model is built under the strategy's scope and, if the run has a
+    checkpoint, restored from it. `fit()` trains what is left and returns the results.
+
+    Args:
+        config: the run's `pnpp_tf.config.TrainConfig`.
+        strategy: the `tf.distribute.Strategy` to train under.
+        data: the run's `TrainingData`.
+        schedule: the run's `Schedule`.
+        checkpoint: the run's `RunCheckpoint`; TensorBoard logs and schedule.json go beside its
+            directory.
+    """
+
+    def __init__(self, config, strategy, data, schedule, checkpoint):
         self.config = config
-        self.flag_values = flag_values
         self.strategy = strategy
-        self.train_split = train_split
-        self.sampler = sampler
-        self.evaluator = evaluator
-        self.evaluated_on = evaluated_on
-        self.lr_drop_epochs = lr_drop_epochs
-        self.total_epochs = config.warmup_epochs + epochs
+        self.data = data
+        self.schedule = schedule
+        self.checkpoint = checkpoint
+        self.output_dir = os.path.dirname(checkpoint.directory)
+        self.total_epochs = config.warmup_epochs + schedule.epochs
         self.phases = (Phase("warm-up", 0, config.warmup_epochs, True),
                        Phase("training", config.warmup_epochs, self.total_epochs, False))
         self.with_nmi = protocol(config.dataset).nmi
-        self.model = None
-        self.jit_compile = False
-        self.output_dir = None
-        self.checkpoint = None
-        self.finished_epochs, self.record = 0, {}
-        self.before = None
-        self.history = {}
-        self.train_seconds = 0.0
+        self.jit_compile = resolve_jit_compile(config.jit_compile, strategy.num_replicas_in_sync)
+        self.model = self._build_model()
+        self.finished_epochs, self.record = checkpoint.restore_model(self.model)
+        self.history = self.record.get("history", {})
+        # Checkpoints before the split timings kept one train_seconds, the phases' wall time.
+        self.timings = dict(self.record.get("timings", {"wall_seconds": self.record.get("train_seconds", 0.0)}))
+        self.before = self.record.get("before_training")
+        self._phase = None
 
-    def build_model(self):
-        """Builds the embedder and the (uncompiled) `ProxyNCAModel` under the strategy's scope.
+    def fit(self):
+        """Measures the untrained model (unless the checkpoint did), trains the phases left and
+        measures the trained model.
 
         Returns:
-            The model.
+            The results dict of `pnpp_tf.train`.
+
+        Raises:
+            NumericalFault: a loss was NaN or infinite; the last good checkpoint is on disk.
         """
+        if self.before is None:
+            self.before = self.data.evaluator.measure(self.model, with_nmi=self.with_nmi)
+            logging.info("Before training: %s", summary(self.before))
+        after = None
+        for phase in self.phases:
+            if self.finished_epochs < phase.end_epoch:
+                after = self._train_phase(phase)
+        start = time.perf_counter()
+        if after is None:  # the last epoch was trained by an earlier, interrupted run
+            after = self.data.evaluator.measure(self.model, with_nmi=self.with_nmi)
+        final_eval_seconds = time.perf_counter() - start
+        logging.info("After training: %s", summary(after))
+        return self._results(after, final_eval_seconds)
+
+    def _build_model(self):
         config, strategy = self.config, self.strategy
-        self.jit_compile = resolve_jit_compile(config.jit_compile, strategy.num_replicas_in_sync)
-        logging.info("Strategy %s with %d replica(s); XLA for the train step: %s (--jit_compile=%s)",
-                     config.strategy, strategy.num_replicas_in_sync, self.jit_compile, config.jit_compile)
+        logging.info("Strategy %s with %d replica(s)", config.strategy, strategy.num_replicas_in_sync)
         with strategy.scope():
             embedder = build_embedder(
                 config.backbone, config.image_size, config.embedding_dim, config.pooling,
@@ -100,67 +136,26 @@ class Trainer:
             )
             if strategy.num_replicas_in_sync > 1 and config.sync_batch_norm:
                 logging.info("Synchronised BatchNorm in %d layers", synchronize_batch_norm(embedder))
-            self.model = ProxyNCAModel(embedder, self.train_split.num_classes, config.temperature, config.loss)
-        return self.model
+            return ProxyNCAModel(embedder, self.data.train_split.num_classes, config.temperature, config.loss)
 
-    def restore(self):
-        """Restores the model, the history and the timings from the run's latest checkpoint, if any.
-
-        Returns:
-            The number of epochs that checkpoint had finished (0 without a checkpoint).
-        """
-        self.output_dir = distribute.writable_dir(self.config.model_dir, self.strategy)
-        self.checkpoint = RunCheckpoint(os.path.join(self.output_dir, "checkpoints"),
-                                        keep=self.config.keep_checkpoints,
-                                        restore_from=os.path.join(self.config.model_dir, "checkpoints"))
-        self.finished_epochs, self.record = self.checkpoint.restore_model(self.model)
-        self.history = self.record.get("history", {})
-        self.train_seconds = self.record.get("train_seconds", 0.0)
-        return self.finished_epochs
-
-    def fit(self):
-        """Measures the untrained model (unless the checkpoint did), then trains the phases left.
-
-        Raises:
-            NumericalFault: a loss was NaN or infinite; the last good checkpoint is on disk.
-        """
-        if "before_training" in self.record:
-            self.before = self.record["before_training"]
-        else:
-            self.before = self.evaluator.measure(self.model, with_nmi=self.with_nmi)
-            logging.info("Before training: %s", summary(self.before))
-        for phase in self.phases:
-            if self.finished_epochs < phase.end_epoch:
-                self._train_phase(phase)
-
-    def results(self, skipped_images):
-        """Measures the trained model and gathers what results.json records.
-
-        Args:
-            skipped_images: {split name: the unreadable images left out of it}.
-
-        Returns:
-            The results dict.
-        """
-        start = time.perf_counter()
-        after = self.evaluator.measure(self.model, with_nmi=self.with_nmi)
-        eval_seconds = time.perf_counter() - start
-        logging.info("After training: %s", summary(after))
-        images = self.total_epochs * self.sampler.num_batches * self.config.batch_size
+    def _results(self, after, final_eval_seconds):
+        config = self.config
+        images = self.total_epochs * self.data.sampler.num_batches * config.batch_size
         return {
-            "dataset": self.config.dataset,
-            "evaluated_on": self.evaluated_on,
+            "dataset": config.dataset,
+            "evaluated_on": self.data.evaluated_on,
             "metrics": after,
             "before_training": self.before,
             "history": self.history,
-            "lr_drop_epochs": self.lr_drop_epochs,
-            "skipped_images": skipped_images,
+            "lr_drop_epochs": list(self.schedule.lr_drop_epochs),
+            "skipped_images": self.data.skipped_images,
             "timings": {
-                "train_seconds": self.train_seconds,
-                "final_eval_seconds": eval_seconds,
-                "train_images_per_second": images / max(self.train_seconds, 1e-9),
+                **self.timings,
+                "final_eval_seconds": final_eval_seconds,
+                # Training alone: per-epoch evaluation and checkpoints are timed apart.
+                "train_images_per_second": images / max(self.timings.get("train_seconds", 0.0), 1e-9),
             },
-            "flags": self.flag_values,
+            "flags": config.to_dict(),
         }
 
     def _train_phase(self, phase):
@@ -169,6 +164,9 @@ class Trainer:
         Args:
             phase: the `Phase`; the restored checkpoint ended before its last epoch.
 
+        Returns:
+            The final metrics, if this phase trained the run's last epoch and measured them.
+
         Raises:
             NumericalFault: a loss was NaN or infinite.
         """
@@ -176,30 +174,19 @@ class Trainer:
         # The checkpoint's step belongs to this phase only if the phase had begun.
         resume_step = self.record.get("step_in_epoch", 0) if self.finished_epochs >= phase.first_epoch else 0
         logging.info("%s: epochs %d-%d of %d batches", phase.name, resume_epoch + 1, phase.end_epoch,
-                     self.sampler.num_batches)
+                     self.data.sampler.num_batches)
         self._compile(phase.freeze_backbone)
         if resume_epoch > phase.first_epoch or resume_step:
             self.checkpoint.restore_optimizers(self.model)
-        schedule = [] if phase.freeze_backbone else self._schedule_callbacks(phase.first_epoch)
-        phase_start = time.perf_counter()
-        record_fn = functools.partial(self._record, schedule, phase_start)
-        epoch_callbacks = [
-            callbacks.RecallAtK(self.evaluator,
-                                every_n_epochs=1 if self.config.mode == "train" else self.config.eval_every,
-                                prefix="val_" if self.evaluated_on == "val_half" else "test_"),
-            callbacks.LearningRateLogger(),  # before the schedule: the rates the epoch used
-            *schedule,
-        ]
-        tensorboard = keras.callbacks.TensorBoard(os.path.join(self.output_dir, "logs"))
-        tripped = None
+        self._phase = _PhaseCallbacks(self, phase, resume_step)
         for segment in segments(resume_epoch, resume_step, phase.end_epoch):
-            guard = self._fit_segment(segment, epoch_callbacks, tensorboard, record_fn)
-            if guard.tripped_at is not None:
-                tripped = guard
+            self._fit_segment(segment)
+            if self._phase.guard.tripped_at is not None:
                 break
-        self.train_seconds += time.perf_counter() - phase_start
-        if tripped is not None:
-            raise NumericalFault(tripped.message(self.checkpoint))
+        self.timings = self._phase.timings()
+        if self._phase.guard.tripped_at is not None:
+            raise NumericalFault(self._phase.guard.message(self.checkpoint))
+        return self._phase.recall.final_metrics
 
     def _compile(self, freeze_backbone):
         """Compiles the model with new optimisers: the main phase starts with fresh Adam state."""
@@ -212,88 +199,117 @@ class Trainer:
                 clip_value=config.clip_value or None,
                 jit_compile=self.jit_compile,
             )
+        logging.info("XLA for the train step: %s (--jit_compile=%s)", self.model.jit_compile, config.jit_compile)
 
-    def _schedule_callbacks(self, first_epoch):
-        """The LR schedule of the main phase, in the state the checkpoint recorded.
-
-        Args:
-            first_epoch: the Keras epoch index of the first main epoch.
-
-        Returns:
-            A list of callbacks, to follow Recall@K (which they read) and the LR logger (which
-            records the rates the epoch used).
-        """
-        config = self.config
-        if config.mode == "train":
-            schedule = [callbacks.PlateauSchedule(
-                os.path.join(self.output_dir, SCHEDULE_FILE), monitor="val_recall@1",
-                factor=config.lr_decay, patience=config.plateau_patience, first_epoch=first_epoch,
-            )]
-        elif self.lr_drop_epochs:
-            schedule = [callbacks.MultiStepSchedule(self.lr_drop_epochs, (config.lr, config.proxy_lr),
-                                                    config.lr_decay, first_epoch=first_epoch)]
-        else:
-            schedule = []
-        for callback in schedule:
-            if hasattr(callback, "set_state") and "schedule" in self.record:
-                callback.set_state(self.record["schedule"])
-        return schedule
-
-    def _fit_segment(self, segment, epoch_callbacks, tensorboard, record_fn):
-        """Runs one `model.fit` over `segment`.
-
-        Args:
-            segment: the `Segment` to fit.
-            epoch_callbacks: the phase's callbacks that precede the guard.
-            tensorboard: the phase's TensorBoard callback.
-            record_fn: `(epoch, logs) -> dict`, the record saved with each checkpoint.
-
-        Returns:
-            The segment's `NonFiniteGuard`, tripped if a loss was NaN or infinite.
-        """
-        config, steps = self.config, self.sampler.num_batches
-        data = distribute.distributed_train_dataset(
-            self.strategy, self.train_split.paths, self.train_split.labels, self.sampler, config.image_size,
-            segment.end_epoch - segment.first_epoch, first_epoch=segment.first_epoch, seed=config.seed,
-            flip=config.flip, first_step=segment.first_step, max_pixels=config.max_pixels,
+    def _fit_segment(self, segment):
+        """Runs one `model.fit` over `segment` with the phase's callbacks."""
+        config, steps = self.config, self.data.sampler.num_batches
+        dataset = distribute.distributed_train_dataset(
+            self.strategy, self.data.train_split.paths, self.data.train_split.labels, self.data.sampler,
+            config.image_size, segment.end_epoch - segment.first_epoch, first_epoch=segment.first_epoch,
+            seed=config.seed, flip=config.flip, first_step=segment.first_step, max_pixels=config.max_pixels,
         )
-        guard = checkpointing.NonFiniteGuard(first_step=segment.first_step)
-        save = self.checkpoint.callback(record_fn, steps, guard, config.checkpoint_every_steps, segment.first_step)
         self.model.fit(
-            data,
+            dataset,
             epochs=segment.end_epoch,
             initial_epoch=segment.first_epoch,
             steps_per_epoch=steps - segment.first_step,
             shuffle=False,  # the sampler already decides the order
-            # The guard before the saver, which saves nothing once the guard has tripped.
-            callbacks=[*epoch_callbacks, guard, tensorboard, save],
+            callbacks=self._phase.all,
             verbose=config.verbose,
         )
-        return guard
 
-    def _record(self, schedule, phase_start, epoch, logs):
+    def _record(self, epoch, logs):
         """Appends an epoch's logs to the history; returns the record a checkpoint keeps.
 
         Args:
-            schedule: the phase's LR schedule callbacks, whose state is recorded.
-            phase_start: `time.perf_counter()` at the start of the phase.
             epoch: the Keras epoch index (unused: the history is in order).
             logs: the epoch's logs; None for a mid-epoch checkpoint.
 
         Returns:
-            The JSON-able record: history, metrics before training, training time, schedule state,
-            flags.
+            The JSON-able record: history, metrics before training, timings, schedule state,
+            config.
         """
         for name, value in (logs or {}).items():
             self.history.setdefault(name, []).append(float(value))
-        # train_seconds grows only at the end of a phase: add this phase's time so far.
-        record = {"history": self.history, "before_training": self.before,
-                  "train_seconds": self.train_seconds + time.perf_counter() - phase_start,
-                  "flags": self.flag_values}
-        for callback in schedule:
+        record = {"history": self.history, "before_training": self.before, "timings": self._phase.timings(),
+                  "flags": self.config.to_dict()}
+        for callback in self._phase.schedule:
             if hasattr(callback, "get_state"):
                 record["schedule"] = callback.get_state()
         return record
+
+
+class _PhaseCallbacks:
+    """The callbacks of one phase, shared by its fits, and the time they account for.
+
+    Args:
+        trainer: the `Trainer`.
+        phase: the `Phase` being trained.
+        resume_step: the step its first epoch resumes at (0 unless resuming mid-epoch).
+    """
+
+    def __init__(self, trainer, phase, resume_step):
+        config, data = trainer.config, trainer.data
+        self.base_timings = trainer.timings
+        self.start = time.perf_counter()
+        self.clock = callbacks.TrainingClock()
+        self.recall = callbacks.RecallAtK(
+            data.evaluator, every_n_epochs=1 if config.mode == "train" else config.eval_every,
+            prefix="val_" if data.evaluated_on == "val_half" else "test_",
+            last_epoch=trainer.total_epochs - 1, with_nmi=trainer.with_nmi)
+        self.schedule = [] if phase.freeze_backbone else _schedule_callbacks(trainer, phase.first_epoch)
+        self.guard = callbacks.NonFiniteGuard(first_step=resume_step)
+        self.saver = callbacks.SaveCheckpoints(trainer.checkpoint, trainer._record, data.sampler.num_batches,
+                                               self.guard, config.checkpoint_every_steps, resume_step)
+        self.all = [
+            self.clock,  # first: its time ends before any other callback's end-of-epoch work
+            self.recall,
+            callbacks.LearningRateLogger(),  # before the schedule: the rates the epoch used
+            *self.schedule,
+            self.guard,  # before the saver, which saves nothing once the guard has tripped
+            keras.callbacks.TensorBoard(os.path.join(trainer.output_dir, "logs")),
+            self.saver,
+        ]
+
+    def timings(self):
+        """The run's timings so far: the checkpoint's, plus this phase's."""
+        base = self.base_timings
+        spent = {
+            "train_seconds": self.clock.seconds - self.saver.mid_epoch_seconds,
+            "epoch_eval_seconds": self.recall.seconds,
+            "checkpoint_seconds": self.saver.seconds,
+            "wall_seconds": time.perf_counter() - self.start,
+        }
+        return {name: base.get(name, 0.0) + value for name, value in spent.items()}
+
+
+def _schedule_callbacks(trainer, first_epoch):
+    """The LR schedule of the main phase, in the state the checkpoint recorded.
+
+    Args:
+        trainer: the `Trainer`.
+        first_epoch: the Keras epoch index of the first main epoch.
+
+    Returns:
+        A list of callbacks, to follow Recall@K (which they read) and the LR logger (which
+        records the rates the epoch used).
+    """
+    config = trainer.config
+    if config.mode == "train":
+        schedule = [callbacks.PlateauSchedule(
+            os.path.join(trainer.output_dir, SCHEDULE_FILE), monitor="val_recall@1",
+            factor=config.lr_decay, patience=config.plateau_patience, first_epoch=first_epoch,
+        )]
+    elif trainer.schedule.lr_drop_epochs:
+        schedule = [callbacks.MultiStepSchedule(trainer.schedule.lr_drop_epochs, (config.lr, config.proxy_lr),
+                                                config.lr_decay, first_epoch=first_epoch)]
+    else:
+        schedule = []
+    for callback in schedule:
+        if hasattr(callback, "set_state") and "schedule" in trainer.record:
+            callback.set_state(trainer.record["schedule"])
+    return schedule
 
 
 def segments(epoch, step, end_epoch):

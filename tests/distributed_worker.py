@@ -61,12 +61,10 @@ def mirrored_step(out):
 
 
 def multi_worker(out, train_args):
-    from absl import flags  # pylint: disable=import-outside-toplevel
+    from pnpp_tf import flags, train  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.config import TrainConfig  # pylint: disable=import-outside-toplevel
 
-    from pnpp_tf import train  # pylint: disable=import-outside-toplevel
-
-    flags.FLAGS(["train", *train_args])
-    model, _ = train.train_model(flags.FLAGS)
+    model, _ = train.train_model(flags.parse(TrainConfig, ["train", *train_args]))
     np.savez(out, *model.get_weights())
 
 

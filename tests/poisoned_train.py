@@ -4,7 +4,6 @@ Run by test_resume.py to check that a numerical fault stops training cleanly.
 """
 
 import tensorflow as tf
-from absl import app
 
 from pnpp_tf.data import pipeline
 
@@ -19,6 +18,7 @@ def _poisoned_decode(path, *args, **kwargs):
 
 if __name__ == "__main__":
     pipeline.decode_image = _poisoned_decode
-    from pnpp_tf import train  # pylint: disable=import-outside-toplevel
+    from pnpp_tf import flags, train  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.config import TrainConfig  # pylint: disable=import-outside-toplevel
 
-    app.run(train.main)
+    flags.run(train.main, TrainConfig, "pnpp_tf.train")

@@ -5,7 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from pnpp_tf import evaluation
+from pnpp_tf import evaluation, neighbours
+from pnpp_tf.errors import UserError
 
 retrieval_metrics = evaluation.retrieval_metrics
 nmi = evaluation.nmi
@@ -257,7 +258,7 @@ def test_large_class_deep_map_at_r(backend):
 def test_chunked_top_r_selection_with_ties(monkeypatch, with_gallery):
     # Chunks of 4 columns make the two-stage top-R selection run on small data, with runs of
     # equal scores and duplicates across chunk boundaries and a partial last chunk.
-    monkeypatch.setattr(evaluation, "_TOP_K_CHUNK", 4)
+    monkeypatch.setattr(neighbours, "_TOP_K_CHUNK", 4)
     rng = np.random.default_rng(14)
     x = quantised(rng, 203, dim=6)
     x[100:150] = x[:50]
@@ -271,8 +272,8 @@ def test_chunked_top_r_selection_at_the_default_chunk():
     rng = np.random.default_rng(15)
     x = quantised(rng, 1100, dim=8)
     y = rng.integers(0, 200, size=1100)
-    # Deep enough a gallery for the two-stage selection (see _search_tf).
-    assert 2 * np.bincount(y).max() * evaluation._TOP_K_CHUNK <= len(x)
+    # Deep enough a gallery for the two-stage selection (see neighbours._exact_blocks).
+    assert 2 * np.bincount(y).max() * neighbours._TOP_K_CHUNK <= len(x)
     assert_same(retrieval_metrics(x, y, ks=(1, 10, 100)), reference_metrics(x, y, ks=(1, 10, 100)))
 
 
@@ -289,7 +290,7 @@ def test_backends_agree_on_ties_and_gallery():
 
 def test_automatic_block_size_splits_queries(monkeypatch):
     # Scores of 200 entries per block: 4 rows of 43 at a time, the last block padded.
-    monkeypatch.setattr(evaluation, "_AUTO_BLOCK_SCORES", 200)
+    monkeypatch.setattr(neighbours, "_AUTO_BLOCK_SCORES", 200)
     rng = np.random.default_rng(13)
     x = rng.normal(size=(43, 6))
     y = rng.integers(0, 5, size=43)
@@ -312,7 +313,7 @@ def test_unknown_backend():
 
 def test_faiss_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
-    with pytest.raises(ImportError, match=r"pnpp_tf\[faiss\]"):
+    with pytest.raises(UserError, match=r"pnpp_tf\[faiss\]"):
         retrieval_metrics(np.eye(3), [0, 0, 1], ks=(1,), backend="faiss")
 
 

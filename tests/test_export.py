@@ -23,7 +23,9 @@ from PIL import Image
 from conftest import make_folder_dataset
 from full_disk import fill_leaving, listing, small_disk  # noqa: F401 - small_disk is a fixture
 from pnpp_tf import export, serving
+from pnpp_tf.artifacts import ExportDir
 from pnpp_tf.data import load_splits, pipeline
+from pnpp_tf.io_utils import OutOfSpaceError
 from pnpp_tf.model import ProxyNCAModel, build_embedder
 from pnpp_tf.optimizers import TorchAdam
 
@@ -256,17 +258,17 @@ def test_parity_report_beside_the_export(exported):
 
 
 def test_versions(tmp_path):
-    assert export.resolve_version(str(tmp_path / "new")) == 1
+    assert ExportDir(str(tmp_path / "new")).new_version() == 1
     for name in ("1", "3", "notes", os.path.join("tflite", "4")):
         os.makedirs(tmp_path / name)
     os.makedirs(tmp_path / "parity")
     (tmp_path / "parity" / "5.json").write_text("{}")
-    assert export.resolve_version(str(tmp_path)) == 6
-    assert export.resolve_version(str(tmp_path), 2) == 2
+    assert ExportDir(str(tmp_path)).new_version() == 6
+    assert ExportDir(str(tmp_path)).new_version(2) == 2
     with pytest.raises(ValueError, match="Version 3 already exists.*version 6"):
-        export.resolve_version(str(tmp_path), 3)
+        ExportDir(str(tmp_path)).new_version(3)
     with pytest.raises(ValueError, match="--version must be a positive integer, got 0"):
-        export.resolve_version(str(tmp_path), 0)
+        ExportDir(str(tmp_path)).new_version(0)
 
 
 def test_serving_module_refuses_what_it_cannot_serve():
@@ -355,13 +357,13 @@ def test_a_saved_model_that_does_not_fit_leaves_no_version(exported, small_disk)
     export_dir = small_disk / "export"
     module = serving.EmbedderServingModule(exported["embedder"], max_pixels=MAX_PIXELS)
     fill_leaving(small_disk, 1_000_000)
-    with pytest.raises(export.OutOfSpaceError) as raised:
+    with pytest.raises(OutOfSpaceError) as raised:
         export.write_saved_model(module, str(export_dir), 1)
     message = str(raised.value)
     assert "\n" not in message and message.startswith(f"{export_dir / '1'}: no space left on the device: "
                                                       "needs about 4.7 MB")
     assert listing(small_disk) == ["export"]  # no version, no temporary
-    assert export.resolve_version(str(export_dir)) == 1
+    assert ExportDir(str(export_dir)).new_version() == 1
 
 
 def test_cli_on_a_full_disk_is_one_line_and_leaves_no_partial_export(exported, small_disk):

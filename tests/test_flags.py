@@ -5,15 +5,14 @@ from absl import flags
 
 from cli_helpers import run_module
 from pnpp_tf import flags as pnpp_flags
+from pnpp_tf.config import TrainConfig
 
 
 @pytest.fixture
 def parse():
     """Parses a command line against the training flags, defined in a fresh FlagValues."""
     flag_values = flags.FlagValues()
-    for define in (pnpp_flags.define_data_flags, pnpp_flags.define_cache_flags, pnpp_flags.define_model_flags,
-                   pnpp_flags.define_training_flags):
-        define(flag_values)
+    pnpp_flags.define_flags(TrainConfig, flag_values)
     return lambda *args: flag_values(["train", *args])
 
 

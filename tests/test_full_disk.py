@@ -14,8 +14,9 @@ from cli_helpers import TINY_RUN, run_module
 from conftest import make_folder_dataset
 from full_disk import fill_leaving, listing, small_disk  # noqa: F401 - small_disk is a fixture
 from pnpp_tf import plots
+from pnpp_tf.artifacts import load_keras_model
+from pnpp_tf.callbacks import SaveCheckpoints
 from pnpp_tf.checkpointing import RunCheckpoint
-from pnpp_tf.indexing.saved_embedder import load_keras_model
 from pnpp_tf.indexing.search_index import SearchIndex
 from pnpp_tf.io_utils import OutOfSpaceError, save_keras_atomic, write_json
 from pnpp_tf.model import ProxyNCAModel, build_embedder
@@ -71,11 +72,12 @@ def test_a_full_disk_stops_training_at_the_checkpoint_with_the_error(small_disk,
     checkpoint = RunCheckpoint(str(directory))
     checkpoint.save(trained, 1, {})
     fill_leaving(small_disk, 1_000_000)
-    save = checkpoint.callback(lambda epoch, logs: {"history": {}}, steps_per_epoch=1)
+    save = SaveCheckpoints(checkpoint, lambda epoch, logs: {"history": {}}, steps_per_epoch=1, guard=None,
+                           every_steps=0, first_step=0)
     with pytest.raises(OutOfSpaceError) as raised:
         trained.fit(IMAGES, LABELS, batch_size=8, epochs=2, initial_epoch=1, callbacks=[save], verbose=0)
     assert_one_line_naming(raised.value, directory / "ckpt-2")
-    assert listing(directory) == ["checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index"]
+    assert listing(directory) == ["checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index", "ckpt-1.json"]
     assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-1")
 
 

@@ -8,7 +8,10 @@ from pnpp_tf.losses import ProxyNCALoss
 
 
 def naive_loss(embeddings, proxies, labels, temperature, variant):
-    """Loops over examples and proxies, exactly as RECIPE.md states the loss, in float64."""
+    """Loops over examples and proxies in float64, as the paper defines the loss (Teh et al., ECCV
+    2020, arXiv 2004.01113: NCA over proxies, distances of unit vectors over a temperature) and
+    the authors' code computes it (github.com/euwern/proxynca_pp: squared distances of unit
+    vectors divided by T; ++ keeps the positive proxy in the softmax, ProxyNCA leaves it out)."""
     def unit(v):
         return v / max(np.linalg.norm(v), 1e-12)
 
@@ -114,3 +117,20 @@ def test_config_round_trip():
     layer = ProxyNCALoss(7, 3, temperature=0.5, variant="proxynca")
     clone = ProxyNCALoss.from_config(layer.get_config())
     assert (clone.num_classes, clone.embedding_dim, clone.temperature, clone.variant) == (7, 3, 0.5, "proxynca")
+
+
+def test_l2_normalize_is_the_naive_normaliser_and_the_engines():
+    from pnpp_tf import neighbours  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.losses import l2_normalize  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 5)) * rng.uniform(1e-3, 1e3, size=(6, 1))
+    x[1] = 0.0
+    x[3] = 1e-14  # below the clamp: divided by 1e-12, not by its norm
+    want = np.array([row / max(np.linalg.norm(row), 1e-12) for row in x])
+    got = l2_normalize(tf.constant(x, tf.float32)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # The k-NN engine's numpy normaliser computes the same function.
+    np.testing.assert_allclose(neighbours.unit_rows(x), got, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(l2_normalize(tf.constant(x.T, tf.float32), axis=0).numpy(),
+                               want.T, rtol=1e-6, atol=1e-7)

@@ -1,9 +1,13 @@
 """The embedder and ProxyNCAModel's two-optimiser train step."""
 
+import contextlib
+
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from pnpp_tf.errors import UserError
 from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile
 from pnpp_tf.optimizers import TorchAdam
 
@@ -139,11 +143,90 @@ def test_bad_embedder_arguments_raise(kwargs, message):
         build_embedder(**arguments)
 
 
-def test_jit_compile_auto_is_off_without_a_gpu():
-    assert resolve_jit_compile("auto") == bool(tf.config.list_physical_devices("GPU"))
-    assert resolve_jit_compile("true") is True and resolve_jit_compile("false") is False
-    with pytest.raises(ValueError, match="jit_compile"):
+def test_jit_compile_flag_values_map_to_what_keras_compile_takes():
+    assert resolve_jit_compile("auto") == "auto"
+    assert resolve_jit_compile("true") is True and resolve_jit_compile("FALSE") is False
+    assert resolve_jit_compile(False, num_replicas=4) is False
+    with pytest.raises(UserError, match="jit_compile"):
         resolve_jit_compile("maybe")
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="the CPU-only refusal")
+def test_xla_with_several_cpu_replicas_is_refused_but_auto_is_not():
+    with pytest.raises(UserError, match="multi-replica"):
+        resolve_jit_compile("true", num_replicas=2)
+    assert resolve_jit_compile("auto", num_replicas=2) == "auto"
+
+
+def with_a_listed_gpu(monkeypatch):
+    """Makes TensorFlow list one (fake) GPU, as Keras' "auto" sees it on a GPU machine."""
+    real = tf.config.list_physical_devices
+    gpu = tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda device_type=None: real(device_type) + ([gpu] if device_type in (None, "GPU") else []))
+
+
+@pytest.mark.parametrize("gpu, strategy, expected", [
+    (False, None, False),  # XLA made the CPU train step slower (tools/bench_train.py)
+    (False, "mirrored", False),
+    (True, None, True),  # the one case --jit_compile=auto means XLA
+    (True, "mirrored", False),  # Keras leaves XLA off under any tf.distribute strategy
+])
+def test_keras_auto_jit_compile_is_xla_only_on_a_gpu_without_a_strategy(monkeypatch, gpu, strategy, expected):
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("needs a CPU-only machine to fake its GPU")
+    if gpu:
+        with_a_listed_gpu(monkeypatch)
+    scope = tf.distribute.MirroredStrategy(["/cpu:0"]).scope() if strategy else contextlib.nullcontext()
+    with scope:
+        model = tiny_model()
+        model.compile(optimizer=TorchAdam(0.1), proxy_optimizer=TorchAdam(0.1), jit_compile=resolve_jit_compile("auto"))
+    assert model.jit_compile is expected
+
+
+def test_config_round_trip_rebuilds_the_same_model():
+    images, _ = tiny_batch()
+    model = ProxyNCAModel(tiny_model().embedder, NUM_CLASSES, temperature=0.5, loss_variant="proxynca")
+    config = model.get_config()
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    assert isinstance(clone, ProxyNCAModel) and clone.embedder is not model.embedder
+    assert (clone.loss_layer.num_classes, clone.loss_layer.temperature, clone.loss_layer.variant) == (
+        NUM_CLASSES, 0.5, "proxynca")
+    assert [l.name for l in clone.embedder.layers] == [l.name for l in model.embedder.layers]
+    clone.set_weights(model.get_weights())  # raises unless every weight has its shape
+    np.testing.assert_allclose(clone(images).numpy(), model(images).numpy(), rtol=1e-6, atol=1e-6)
+    twice = [ProxyNCAModel.from_config(config) for _ in range(2)]  # the config is not used up
+    assert [m.loss_layer.variant for m in twice] == ["proxynca", "proxynca"]
+
+
+def counting_dataset(starts, batches=2):
+    """A dataset of tiny batches that appends to `starts` each time it is iterated from the top."""
+    def generate():
+        starts.append(1)
+        for _ in range(batches):
+            yield tiny_batch()
+
+    spec = (tf.TensorSpec((8, 32, 32, 3), tf.float32), tf.TensorSpec((8,), tf.int32))
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
+    return dataset.apply(tf.data.experimental.assert_cardinality(batches))
+
+
+def test_fit_under_a_strategy_does_not_peek_at_a_batch_to_build_the_built_model(monkeypatch):
+    # Keras' peek all-reduces the batch, which fails under MultiWorkerMirroredStrategy; the
+    # override of the private hook skips it. If this fails after a Keras upgrade, find where
+    # fit() now builds the model, update ProxyNCAModel and the keras pin in setup.py.
+    calls = []
+    override = ProxyNCAModel._maybe_symbolic_build
+    monkeypatch.setattr(ProxyNCAModel, "_maybe_symbolic_build",
+                        lambda self, **kwargs: calls.append(kwargs) or override(self, **kwargs))
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        model = tiny_model()
+        model.compile(optimizer=TorchAdam(0.0), proxy_optimizer=TorchAdam(0.0))
+    starts = []
+    model.fit(counting_dataset(starts), epochs=1, shuffle=False, verbose=0)
+    assert calls, (f"Keras {keras.__version__} no longer calls Model._maybe_symbolic_build from fit(): "
+                   "ProxyNCAModel's override is dead code")
+    assert len(starts) == 1, f"fit() read the dataset {len(starts)} times: Keras peeked at a batch"
 
 
 def test_clip_value_clips_backbone_and_embedding_gradients_but_not_the_proxies():

@@ -1,5 +1,6 @@
 """TorchAdam follows torch.optim.Adam's update, not Keras' epsilon-hat form."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -23,13 +24,15 @@ def torch_adam_reference(w, gradients, lr, eps, beta_1=0.9, beta_2=0.999):
 @pytest.mark.parametrize("eps", [1.0, 1e-8])
 def test_matches_torch_update(eps):
     rng = np.random.default_rng(0)
-    w0 = rng.normal(size=(3, 4))
-    gradients = [rng.normal(scale=0.05, size=(3, 4)) for _ in range(5)]
-    variable = tf.Variable(w0, dtype=tf.float32)
+    # Two variables of different shapes: each must be updated with its own moment estimates.
+    starts = [rng.normal(size=(3, 4)), rng.normal(size=(5,))]
+    gradients = [[rng.normal(scale=scale, size=w.shape) for _ in range(5)] for w, scale in zip(starts, (0.05, 2.0))]
+    variables = [tf.Variable(w, dtype=tf.float32) for w in starts]
     optimizer = TorchAdam(0.1, epsilon=eps)
-    for g in gradients:
-        optimizer.apply_gradients([(tf.constant(g, tf.float32), variable)])
-    np.testing.assert_allclose(variable.numpy(), torch_adam_reference(w0, gradients, 0.1, eps), rtol=1e-4, atol=1e-5)
+    for step in zip(*gradients):
+        optimizer.apply_gradients([(tf.constant(g, tf.float32), v) for g, v in zip(step, variables)])
+    for variable, w0, history in zip(variables, starts, gradients):
+        np.testing.assert_allclose(variable.numpy(), torch_adam_reference(w0, history, 0.1, eps), rtol=1e-4, atol=1e-5)
 
 
 def test_differs_from_keras_adam_with_large_epsilon():
@@ -51,3 +54,36 @@ def test_clipvalue_clips_gradients():
 def test_amsgrad_is_rejected():
     with pytest.raises(ValueError, match="amsgrad"):
         TorchAdam(amsgrad=True)
+
+
+def test_keras_still_offers_the_hook_torch_adam_finds_its_slots_with():
+    assert hasattr(keras.optimizers.Optimizer, "_get_variable_index"), (
+        f"Keras {keras.__version__} dropped Optimizer._get_variable_index, which TorchAdam.update_step "
+        "uses (as Keras' Optimizer docstring shows) to find a variable's slots: update pnpp_tf/optimizers.py "
+        "and the keras pin in setup.py")
+
+
+def test_config_round_trip_and_keras_adam_configs_load():
+    optimizer = TorchAdam(0.5, beta_1=0.8, beta_2=0.99, epsilon=0.1, clipvalue=2.0)
+    clone = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert isinstance(clone, TorchAdam)
+    assert (clone.beta_1, clone.beta_2, clone.epsilon, clone.clipvalue) == (0.8, 0.99, 0.1, 2.0)
+    # Configs saved when TorchAdam subclassed keras' Adam carry amsgrad=False.
+    assert TorchAdam.from_config(keras.optimizers.Adam(0.5, epsilon=1.0).get_config()).epsilon == 1.0
+
+
+def test_restores_a_checkpoint_of_the_adam_based_torch_adam(tmp_path):
+    # keras' Adam stands for the earlier TorchAdam(keras.optimizers.Adam): same slots, same order.
+    rng = np.random.default_rng(0)
+    starts = [rng.normal(size=(3, 4)), rng.normal(size=(5,))]
+    old_variables = [tf.Variable(w, dtype=tf.float32) for w in starts]
+    old = keras.optimizers.Adam(0.1, epsilon=1.0)
+    old.apply_gradients([(tf.constant(rng.normal(size=w.shape), tf.float32), v) for w, v in zip(starts, old_variables)])
+    prefix = tf.train.Checkpoint(optimizer=old).save(str(tmp_path / "ckpt"))
+
+    new = TorchAdam(0.1)
+    new.build([tf.Variable(w, dtype=tf.float32) for w in starts])
+    tf.train.Checkpoint(optimizer=new).restore(prefix).assert_existing_objects_matched()
+    assert int(new.iterations.numpy()) == 1
+    for before, after in zip(old.variables, new.variables):
+        np.testing.assert_array_equal(before.numpy(), after.numpy())

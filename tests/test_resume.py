@@ -1,8 +1,10 @@
 """Interrupted runs resume where they stopped; finished runs are not retrained; NaNs stop a run."""
 
+import dataclasses
 import json
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -14,10 +16,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import pnpp_tf.model  # noqa: F401 - registers the layers embedder.keras refers to
 from cli_helpers import REPO, TINY_RUN, run_module, run_python
 from conftest import make_folder_dataset
-from pnpp_tf.checkpointing import NonFiniteGuard, changed_flags
+from pnpp_tf import flags as pnpp_flags
+from pnpp_tf.callbacks import NonFiniteGuard
+from pnpp_tf.checkpointing import RunCheckpoint
+from pnpp_tf.config import TrainConfig
+from pnpp_tf.model import ProxyNCAModel, build_embedder
+from pnpp_tf.optimizers import TorchAdam
 
 RUN = (*TINY_RUN, "--dataset=folder", "--eval_ks=1", "--eval_every=0", "--deterministic",
        "--warmup_epochs=1", "--epochs=5")
@@ -89,8 +95,8 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert len(errors) == 1 and "Non-finite loss (nan) in epoch 2 at step 1" in errors[0]
     latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
     assert latest in errors[0]
+    assert json.loads(pathlib.Path(f"{latest}.json").read_text())["finished_epochs"] == 1  # the epoch before the fault
     reader = tf.train.load_checkpoint(str(model_dir / "checkpoints"))
-    assert reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 1  # the epoch before the fault
     for name in reader.get_variable_to_shape_map():
         value = reader.get_tensor(name)
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
@@ -107,7 +113,7 @@ def test_a_nan_after_a_mid_epoch_resume_is_reported_at_its_step_in_the_epoch(tmp
     # Go back to the first mid-epoch checkpoint, then resume from it with a poisoned pipeline.
     checkpoints = str(model_dir / "checkpoints")
     first = tf.train.get_checkpoint_state(checkpoints).all_model_checkpoint_paths[0]
-    record = json.loads(tf.train.load_checkpoint(first).get_tensor("record/.ATTRIBUTES/VARIABLE_VALUE"))
+    record = json.loads(pathlib.Path(f"{first}.json").read_text())
     assert record["step_in_epoch"] > 0
     tf.compat.v1.train.update_checkpoint_state(checkpoints, first)
     result = run_python(str(REPO / "tests" / "poisoned_train.py"), *common)
@@ -147,10 +153,6 @@ def test_guard_counts_the_epochs_after_a_resumed_one_from_their_first_step():
 
 
 def test_a_worker_writing_elsewhere_resumes_from_the_chiefs_checkpoints(tmp_path):
-    from pnpp_tf.checkpointing import RunCheckpoint  # pylint: disable=import-outside-toplevel
-    from pnpp_tf.model import ProxyNCAModel, build_embedder  # pylint: disable=import-outside-toplevel
-    from pnpp_tf.optimizers import TorchAdam  # pylint: disable=import-outside-toplevel
-
     def compiled_model(seed):
         keras.utils.set_random_seed(seed)
         model = ProxyNCAModel(build_embedder("small_cnn", 32, 8, weights=None), num_classes=3)
@@ -169,27 +171,50 @@ def test_a_worker_writing_elsewhere_resumes_from_the_chiefs_checkpoints(tmp_path
         np.testing.assert_array_equal(restored, saved)
 
 
-def test_flags_compare_across_new_flags_and_cache_locations():
-    defaults = {"lr": 4e-3, "cache_dir": "", "cache_short_side": 0, "verbose": 1}
+def test_configs_compare_across_new_fields_and_cache_locations():
+    defaults = TrainConfig(model_dir="run")
     # Recorded before --cache_dir and --cache_short_side existed, by a run that used no cache.
-    earlier = {"lr": 4e-3, "verbose": 1}
-    assert changed_flags(earlier, {**defaults, "cache_dir": "/scratch/a"}, defaults) == ["cache_dir"]
-    assert changed_flags(earlier, {**defaults, "verbose": 0}, defaults) == []
+    earlier = {name: value for name, value in defaults.to_dict().items() if not name.startswith("cache_")}
+    assert TrainConfig(model_dir="run", cache_dir="/scratch/a").changed_from(earlier) == ["cache_dir"]
+    assert TrainConfig(model_dir="run", verbose=0).changed_from(earlier) == []
     # The same run, its cache in another place.
-    assert changed_flags({**defaults, "cache_dir": "/scratch/b"}, {**defaults, "cache_dir": "/elsewhere"},
-                         defaults) == []
-    assert changed_flags(earlier, {**defaults, "lr": 0.5, "cache_short_side": 64}, defaults) == [
+    cached = TrainConfig(model_dir="run", cache_dir="/scratch/b").to_dict()
+    assert TrainConfig(model_dir="run", cache_dir="/elsewhere").changed_from(cached) == []
+    assert TrainConfig(model_dir="run", lr=0.5, cache_short_side=64).changed_from(earlier) == [
         "cache_short_side", "lr"]
+    # A list field compares with its JSON record.
+    assert TrainConfig(model_dir="run", lr_drop_epochs=(3, 5)).changed_from(
+        {**earlier, "lr_drop_epochs": [3, 5]}) == []
 
 
 def test_a_resumed_run_may_train_longer_and_be_watched_differently():
-    earlier = {"epochs": 40, "temperature": 1 / 9, "verbose": 1, "eval_every": 1, "keep_checkpoints": 3,
-               "model_dir": "/old/place", "data_dir": "/old/data"}
-    now = {**earlier, "epochs": 50, "verbose": 0, "eval_every": 5, "keep_checkpoints": 1,
-           "model_dir": "/new/place", "data_dir": "/new/data"}
-    assert changed_flags(earlier, now, earlier, allowed={"epochs"}) == []
-    assert changed_flags(earlier, now, earlier) == ["epochs"]
-    assert changed_flags(earlier, {**now, "temperature": 1.0}, earlier, allowed={"epochs"}) == ["temperature"]
+    earlier = TrainConfig(epochs=40, verbose=1, eval_every=1, keep_checkpoints=3, model_dir="/old/place",
+                          data_dir="/old/data").to_dict()
+    now = TrainConfig(epochs=50, verbose=0, eval_every=5, keep_checkpoints=1, model_dir="/new/place",
+                      data_dir="/new/data")
+    assert now.changed_from(earlier, allowed={"epochs"}) == []
+    assert now.changed_from(earlier) == ["epochs"]
+    assert dataclasses.replace(now, temperature=1.0).changed_from(earlier, allowed={"epochs"}) == ["temperature"]
+
+
+def test_a_run_with_another_shape_is_refused_before_any_weight_is_restored(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data")
+    model_dir = tmp_path / "run"
+    common = (*TINY_RUN, "--dataset=folder", "--eval_ks=1", "--eval_every=0", "--warmup_epochs=0", "--epochs=1",
+              f"--data_dir={data_dir}", f"--model_dir={model_dir}")
+    # The last checkpoint of that run, killed before it wrote results.json: 16-d embeddings.
+    recorded = pnpp_flags.parse(TrainConfig, ["train", *common])
+    model = ProxyNCAModel(build_embedder("small_cnn", 32, recorded.embedding_dim, weights=None), num_classes=4)
+    model.compile(optimizer=TorchAdam(1e-3), proxy_optimizer=TorchAdam(1.0))
+    model.optimizer.build(model.trainable_variables)
+    model.proxy_optimizer.build(model.loss_layer.trainable_variables)
+    RunCheckpoint(str(model_dir / "checkpoints")).save(model, 1, {"flags": recorded.to_dict(), "history": {}})
+    result = run_module("pnpp_tf.train", *common, "--embedding_dim=8")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"pnpp_tf.train: error: --model_dir={model_dir} holds an unfinished run made with other flags "
+        "(embedding_dim); rerun with its flags to resume it (see its results or checkpoints), or choose "
+        "another --model_dir.")
 
 
 def test_a_damaged_newest_checkpoint_is_passed_over_and_none_intact_is_one_line(tmp_path):

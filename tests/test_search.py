@@ -1,4 +1,4 @@
-"""pnpp_tf.indexing (saved_embedder, embeddings, neighbours, search_index), pnpp_tf.index and
+"""pnpp_tf.indexing (embeddings, neighbours, search_index), pnpp_tf.artifacts.load_embedder, pnpp_tf.index and
 pnpp_tf.search: index a generated folder, query it."""
 
 import os
@@ -14,7 +14,7 @@ from conftest import make_folder_dataset
 from pnpp_tf import plots, serving
 from pnpp_tf.indexing import neighbours, search_index
 from pnpp_tf.indexing.embeddings import embed_paths, find_images
-from pnpp_tf.indexing.saved_embedder import load_embedder
+from pnpp_tf.artifacts import load_embedder
 from pnpp_tf.model import build_embedder
 
 IMAGE_SIZE = 32

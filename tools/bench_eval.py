@@ -25,9 +25,9 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tools/machine.py, beside this script; importing it also puts the repository on the path.
+from machine import Stopwatch, describe_machine, machine_info, write_json
 
 Config = collections.namedtuple("Config", "name queries gallery dim classes ks noise")
 # Noise per dimension grows with the dimension so that Recall@1 stays near the paper's values.
@@ -82,10 +82,10 @@ def main(argv=None):
     _compare_to_tf(rows)
     print(format_table(rows, configs))
     print(f"\nload average (1 min) before: {load[0]:.1f}, after: {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} CPUs")
+          f"on {os.cpu_count()} CPUs\nMachine: {describe_machine(machine_info())}.")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as file:
-            json.dump(rows, file, indent=2)
+        # A list of the rows, as scripts that read this file expect (no machine or command).
+        write_json(args.json, rows)
 
 
 def format_table(rows, configs):
@@ -165,7 +165,6 @@ def _measure(config, backend):
     import numpy as np  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    sys.path.insert(0, REPO)
     from pnpp_tf import evaluation  # pylint: disable=import-outside-toplevel
 
     if backend == "faiss":
@@ -176,16 +175,15 @@ def _measure(config, backend):
     queries, query_labels, gallery, gallery_labels = make_embeddings(config)
     embedding_bytes = queries.nbytes + (gallery.nbytes if gallery is not None else 0)
     baseline = _current_rss_bytes()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    metrics = evaluation.retrieval_metrics(queries, query_labels, gallery, gallery_labels,
-                                           ks=config.ks, backend=backend)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    with Stopwatch() as clock:
+        metrics = evaluation.retrieval_metrics(queries, query_labels, gallery, gallery_labels,
+                                               ks=config.ks, backend=backend)
     peak = _peak_rss_bytes()
     num_gallery = config.gallery or config.queries
     gflops, cpu_gflops = _matmul_gflops(tf, np, 1024 if config.queries < 10000 else 4096)
     return {
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
+        "seconds": clock.seconds,
+        "cpu_seconds": clock.cpu_seconds,
         "peak_rss_bytes": peak - baseline,
         "embedding_bytes": embedding_bytes,
         "flops": 2.0 * config.queries * num_gallery * config.dim,
@@ -207,10 +205,10 @@ def _matmul_gflops(tf, np, size, repeats=5):
     tf.matmul(a, b)[0, 0].numpy()  # warm-up
     best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        tf.matmul(a, b)[0, 0].numpy()
-        best = min(best, time.perf_counter() - start)
-        best_cpu = min(best_cpu, time.process_time() - cpu_start)
+        with Stopwatch() as clock:
+            tf.matmul(a, b)[0, 0].numpy()
+        best = min(best, clock.seconds)
+        best_cpu = min(best_cpu, clock.cpu_seconds)
     return 2.0 * size ** 3 / best / 1e9, 2.0 * size ** 3 / best_cpu / 1e9
 
 

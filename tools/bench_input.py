@@ -29,18 +29,14 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from machine import cpu_model, run_measurement  # noqa: E402 - tools/machine.py, beside this script
+# tools/machine.py, beside this script; importing it also puts the repository on the path.
+from machine import (Stopwatch, add_output_arguments, describe_machine, machine_info, run_measurement,
+                     usable_cores, write_json, write_results)
 
 PIPELINES = ("train", "eval", "train_cached", "eval_cached")
 PIPELINE_LABELS = {
@@ -73,10 +69,9 @@ def main(argv=None):
     parser.add_argument("--cache_short_side", type=int, default=0, help="Shorter side of the cached images "
                         "(0: 288/256 of --image_size, what pnpp_tf.train's --cache_short_side defaults to).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the files, labels, sampler and augmentation.")
-    parser.add_argument("--json", default="", help="Also write the machine, the data and the rows to this JSON file.")
+    add_output_arguments(parser, "the machine, the data and the rows")
     parser.add_argument("--worker_cores", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--manifest", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--worker_output", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     pipelines = args.pipelines.split(",")
     if set(pipelines) - set(PIPELINES) or not pipelines:
@@ -88,10 +83,10 @@ def main(argv=None):
         parser.error(f"--batch_size={args.batch_size} is not divisible by --classes_per_batch={args.classes_per_batch}.")
 
     if args.worker_output:  # a child: one core count, every pipeline, written as JSON
-        _write_json(args.worker_output, run_worker(args, pipelines))
+        write_json(args.worker_output, run_worker(args, pipelines))
         return
 
-    available = _usable_cores()
+    available = usable_cores()
     try:
         core_counts = [len(available) if c.strip() == "all" else int(c) for c in args.cores.split(",")]
     except ValueError:
@@ -117,18 +112,18 @@ def main(argv=None):
         if any(name.endswith("_cached") for name in pipelines):
             cached_paths, data["cache"] = build_cache(paths, os.path.join(workdir, "cache"), args)
         manifest = os.path.join(workdir, "manifest.json")
-        _write_json(manifest, {"paths": list(paths), "cached_paths": cached_paths,
-                               "labels": [int(label) for label in labels]})
+        write_json(manifest, {"paths": list(paths), "cached_paths": cached_paths,
+                              "labels": [int(label) for label in labels]})
         rows = []
         for cores in core_counts:
-            rows.extend(_run_in_fresh_process(args, cores, manifest, workdir))
+            rows.extend(_run_in_fresh_process(args, cores, manifest))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    machine = machine_info(rows[0]["tensorflow"])
+    machine = machine_info(tensorflow=rows[0]["tensorflow"])
     print(format_table(rows, machine, data, args))
     if args.json:
-        _write_json(args.json, {"machine": machine, "data": data, "command": _command(argv), "rows": rows})
+        write_results(args.json, __file__, argv, machine, rows, data=data)
 
 
 def write_jpegs(directory, count, long_side, num_classes, seed=0):
@@ -171,9 +166,9 @@ def build_cache(paths, directory, args):
     side = args.cache_short_side or default_short_side(args.image_size)
     print(f"decoding {len(paths)} files into an image cache (shorter side {side} px) ...", file=sys.stderr,
           flush=True)
-    start = time.perf_counter()
-    entries = ImageCache(directory, side).cached_paths(list(paths), progress=False)
-    seconds = time.perf_counter() - start
+    with Stopwatch() as clock:
+        entries = ImageCache(directory, side).cached_paths(list(paths), progress=False)
+    seconds = clock.seconds
     megabytes = sum(os.path.getsize(entry) for entry in entries) / 2**20
     return entries, {"short_side": side, "build_seconds": seconds, "build_images_per_second": len(paths) / seconds,
                      "megabytes": megabytes}
@@ -201,7 +196,7 @@ def describe_files(paths):
 
 def run_worker(args, pipelines):
     """In a fresh process: pins it to --worker_cores cores, then times each pipeline; returns rows."""
-    cores = sorted(_usable_cores())[:args.worker_cores]
+    cores = usable_cores()[:args.worker_cores]
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)  # before TensorFlow starts any thread
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -259,24 +254,20 @@ def _time_batches(iterator, args):
     windows = []
     for _ in range(args.repeats):
         images = 0
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(args.batches):
-            batch = next(iterator)
-            images += int((batch[0] if isinstance(batch, tuple) else batch).shape[0])
-        windows.append({"images": images, "seconds": time.perf_counter() - wall,
-                        "cpu_seconds": time.process_time() - cpu})
+        with Stopwatch() as clock:
+            for _ in range(args.batches):
+                batch = next(iterator)
+                images += int((batch[0] if isinstance(batch, tuple) else batch).shape[0])
+        windows.append({"images": images, "seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds})
     return windows
 
 
-def _run_in_fresh_process(args, cores, manifest, workdir):
-    output = os.path.join(workdir, f"rows_{cores}.json")
-    forwarded = [f"--{name}={getattr(args, name)}" for name in (
-        "image_size", "batch_size", "classes_per_batch", "warmup_batches", "batches", "repeats", "pipelines",
-        "seed", "cache_short_side")]
-    command = [sys.executable, os.path.abspath(__file__), *forwarded, f"--worker_cores={cores}",
-               f"--manifest={manifest}", f"--worker_output={output}"]
+def _run_in_fresh_process(args, cores, manifest):
+    forwarded = ("image_size", "batch_size", "classes_per_batch", "warmup_batches", "batches", "repeats", "pipelines",
+                 "seed", "cache_short_side")
     print(f"running on {cores} core(s) in a fresh process ...", file=sys.stderr, flush=True)
-    return run_measurement(command, f"{cores}-core")
+    return run_measurement(__file__, args, forwarded, [f"--worker_cores={cores}", f"--manifest={manifest}"],
+                           f"{cores}-core")
 
 
 def _dataset_files(args):
@@ -284,17 +275,6 @@ def _dataset_files(args):
 
     paths, labels = load_split(args.dataset, args.data_dir, "train")
     return list(paths), [int(label) for label in labels]
-
-
-def _usable_cores():
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-
-
-def machine_info(tensorflow_version):
-    """CPU model, core counts and software versions."""
-    cpu = cpu_model()
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(_usable_cores()),
-            "tensorflow": tensorflow_version, "python": platform.python_version()}
 
 
 def format_table(rows, machine, data, args):
@@ -327,23 +307,11 @@ def format_table(rows, machine, data, args):
             f"{cache['build_seconds']:.1f} s ({cache['build_images_per_second']:.0f} images/s, all cores)."
         )
     lines.append(
-        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable); "
-        f"TensorFlow {machine['tensorflow']}, Python {machine['python']}. Cores pinned with "
+        f"Machine: {describe_machine(machine)}. Cores pinned with "
         "os.sched_setaffinity (as taskset) before TensorFlow starts; cores busy: the process' CPU time over "
         "wall time (median window); load avg: the 1-minute load average."
     )
     return "\n".join(lines)
-
-
-def _command(argv):
-    return " ".join(["python", "tools/bench_input.py", *(sys.argv[1:] if argv is None else argv)])
-
-
-def _write_json(path, value):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump(value, file, indent=2)
-        file.write("\n")
 
 
 if __name__ == "__main__":

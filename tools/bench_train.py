@@ -21,19 +21,13 @@ neither inherits the other's compiled functions, memory or thread pools.
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
-import tempfile
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from machine import cpu_model, run_measurement  # noqa: E402 - tools/machine.py, beside this script
+# tools/machine.py, beside this script; importing it also puts the repository on the path.
+from machine import (Stopwatch, add_output_arguments, describe_machine, machine_info, run_measurement,
+                     write_json, write_results)
 
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 # RECIPE: what pnpp_tf.train compiles with by default (--lr, --proxy_lr, --clip_value).
@@ -58,23 +52,22 @@ def main(argv=None):
     parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps first (at least 1: "
                         "the first step traces and compiles).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights and the synthetic batch.")
-    parser.add_argument("--json", default="", help="Also write the machine and the rows to this JSON file.")
-    parser.add_argument("--worker_output", default="", help=argparse.SUPPRESS)
+    add_output_arguments(parser, "the machine and the rows")
     args = parser.parse_args(argv)
     _check(parser, args)
 
     if args.worker_output:  # a child of --jit_compile=both: one measurement, written as JSON
         row = measure(args, args.jit_compile == "true")
-        _write_json(args.worker_output, row)
+        write_json(args.worker_output, row)
         return
     if args.jit_compile == "both":
         rows = [_run_in_fresh_process(args, jit) for jit in ("false", "true")]
     else:
         rows = [measure(args, args.jit_compile == "true")]
-    machine = machine_info(rows[0]["tensorflow"], rows[0]["keras"], rows[0]["gpus"])
+    machine = machine_info(gpus=rows[0]["gpus"], tensorflow=rows[0]["tensorflow"], keras=rows[0]["keras"])
     print(format_table(rows, machine))
     if args.json:
-        _write_json(args.json, {"machine": machine, "command": _command(argv), "rows": rows})
+        write_results(args.json, __file__, argv, machine, rows)
 
 
 def _check(parser, args):
@@ -119,10 +112,10 @@ def measure(args, jit_compile):
 
     seconds, cpu_seconds = [], []
     for step in range(args.warmup_steps + args.steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        logs = model.train_on_batch(images, labels, return_dict=True)  # returns once the step is done
-        seconds.append(time.perf_counter() - start)
-        cpu_seconds.append(time.process_time() - cpu_start)
+        with Stopwatch() as clock:
+            logs = model.train_on_batch(images, labels, return_dict=True)  # returns once the step is done
+        seconds.append(clock.seconds)
+        cpu_seconds.append(clock.cpu_seconds)
         if not np.isfinite(logs["loss"]):
             raise RuntimeError(f"Step {step + 1} gave a non-finite loss {logs['loss']}.")
         phase = "warm-up" if step < args.warmup_steps else "timed"
@@ -162,30 +155,10 @@ def measure(args, jit_compile):
 
 
 def _run_in_fresh_process(args, jit):
-    forwarded = [f"--{name}={getattr(args, name)}" for name in (
-        "backbone", "image_size", "batch_size", "classes_per_batch", "num_classes", "embedding_dim",
-        "mixed_precision", "steps", "warmup_steps", "seed")]
-    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        output = os.path.join(tmp, "row.json")
-        command = [sys.executable, os.path.abspath(__file__), *forwarded, f"--jit_compile={jit}",
-                   f"--worker_output={output}"]
-        print(f"running XLA {'on' if jit == 'true' else 'off'} in a fresh process ...", file=sys.stderr, flush=True)
-        return run_measurement(command, f"--jit_compile={jit}")
-
-
-def machine_info(tensorflow_version, keras_version, gpus):
-    """CPU model, core counts, and the software versions."""
-    cpu = cpu_model()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "gpus": gpus,
-        "tensorflow": tensorflow_version,
-        "keras": keras_version,
-        "python": platform.python_version(),
-    }
+    forwarded = ("backbone", "image_size", "batch_size", "classes_per_batch", "num_classes", "embedding_dim",
+                 "mixed_precision", "steps", "warmup_steps", "seed")
+    print(f"running XLA {'on' if jit == 'true' else 'off'} in a fresh process ...", file=sys.stderr, flush=True)
+    return run_measurement(__file__, args, forwarded, [f"--jit_compile={jit}"], f"--jit_compile={jit}")
 
 
 def format_table(rows, machine):
@@ -205,8 +178,7 @@ def format_table(rows, machine):
         )
     lines.append("")
     lines.append(
-        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), {machine['gpus']} GPU; "
-        f"TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, Python {machine['python']}. "
+        f"Machine: {describe_machine(machine)}. "
         f"Median of {_plural(rows[0]['steps'], 'timed step')} after {_plural(rows[0]['warmup_steps'], 'warm-up step')}; "
         "first step: tracing (and XLA compilation) included; cores busy: the process' CPU time over "
         "wall time, median over the timed steps; load avg: the 1-minute load average."
@@ -216,18 +188,6 @@ def format_table(rows, machine):
 
 def _plural(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def _command(argv):
-    return " ".join(["python", "tools/bench_train.py", *(sys.argv[1:] if argv is None else argv)])
-
-
-def _write_json(path, value):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump(value, file, indent=2)
-        file.write("\n")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from pnpp_tf import plots  # noqa: E402
-from pnpp_tf.data import DATASETS, load_splits  # noqa: E402
+from pnpp_tf.artifacts import ModelDir, load_embedder  # noqa: E402
+from pnpp_tf.data import load_splits  # noqa: E402
+from pnpp_tf.errors import UserError  # noqa: E402
 from pnpp_tf.indexing.embeddings import embed_paths  # noqa: E402
 from pnpp_tf.indexing.neighbours import cosine_distance, nearest  # noqa: E402
-from pnpp_tf.indexing.saved_embedder import load_embedder  # noqa: E402
-from pnpp_tf.io_utils import OutOfSpaceError, read_json_object  # noqa: E402
+from pnpp_tf.io_utils import OutOfSpaceError  # noqa: E402
 
 
 def make_pictures(model, output, scatter=None, dataset=None, data_dir=None, split=None,
@@ -39,15 +40,16 @@ def make_pictures(model, output, scatter=None, dataset=None, data_dir=None, spli
     """Draws the grid (and the scatter); returns a dict summarising what was drawn.
 
     Raises:
-        ValueError: on a missing model or dataset, an unknown split, or too few images.
+        UserError: on a missing or unusable model (`pnpp_tf.artifacts.errors`) or dataset, an
+            unknown split, or too few images.
     """
     if queries < 1 or k < 1:
-        raise ValueError(f"--queries and --k must be at least 1, got {queries} and {k}.")
-    dataset, data_dir = _dataset_of(model, dataset, data_dir)
+        raise UserError(f"--queries and --k must be at least 1, got {queries} and {k}.")
+    dataset, data_dir = ModelDir(model, "--model").dataset(dataset, data_dir)
     splits = load_splits(dataset, data_dir)
     split = split or ("test" if "test" in splits else "query")
     if split not in splits:
-        raise ValueError(f"--dataset={dataset} has splits {', '.join(sorted(splits))}, "
+        raise UserError(f"--dataset={dataset} has splits {', '.join(sorted(splits))}, "
                          f"not {split!r}.")
     query_split = splits[split]
     gallery_split = splits["gallery"] if split == "query" and "gallery" in splits else None
@@ -58,7 +60,7 @@ def make_pictures(model, output, scatter=None, dataset=None, data_dir=None, spli
         if gallery_split is not None:
             gallery_split = _restrict(gallery_split, keep)
 
-    embedder = load_embedder(model)
+    embedder = load_embedder(model, "--model")
     query_emb, query_paths, query_labels = _embed(embedder, query_split, batch_size, verbose)
     if gallery_split is None:
         gallery_emb, gallery_paths, gallery_labels = query_emb, query_paths, query_labels
@@ -67,11 +69,12 @@ def make_pictures(model, output, scatter=None, dataset=None, data_dir=None, spli
                                                             verbose)
     same_split = gallery_split is None
     if len(gallery_paths) - int(same_split) < k:
-        raise ValueError(f"--k={k} needs more than {k} images to search; the split has "
+        raise UserError(f"--k={k} needs more than {k} images to search; the split has "
                          f"{len(gallery_paths)}.")
 
     # One query per class, from classes that have a positive to find, in random order.
-    counts = {label: int(np.sum(gallery_labels == label)) for label in np.unique(gallery_labels)}
+    gallery_classes, gallery_counts = np.unique(gallery_labels, return_counts=True)
+    counts = dict(zip(gallery_classes.tolist(), gallery_counts.tolist()))
     eligible = [label for label in np.unique(query_labels)
                 if counts.get(label, 0) > int(same_split)]
     if not eligible:
@@ -107,24 +110,6 @@ def make_pictures(model, output, scatter=None, dataset=None, data_dir=None, spli
     return summary
 
 
-def _dataset_of(model, dataset, data_dir):
-    """(dataset, data_dir) from the flags, else from the training run's results.json."""
-    results_path = os.path.join(model or "", "results.json")
-    if (not dataset or not data_dir) and os.path.isfile(results_path):
-        run_flags = read_json_object(results_path, "results.json of a training run").get("flags", {})
-        dataset = dataset or run_flags.get("dataset")
-        data_dir = data_dir or run_flags.get("data_dir")
-    if not dataset or not data_dir:
-        raise ValueError(f"No dataset known for --model={model} (no results.json with flags "
-                         "dataset and data_dir): pass --dataset and --data_dir.")
-    if dataset not in DATASETS:
-        raise ValueError(f"Unknown --dataset={dataset!r}; choose one of {', '.join(DATASETS)}.")
-    if not os.path.isdir(data_dir):
-        raise ValueError(f"--data_dir={data_dir} does not exist; pass the dataset's directory "
-                         "(results.json paths are relative to where training ran).")
-    return dataset, data_dir
-
-
 def _embed(embedder, split, batch_size, verbose):
     """(embeddings, paths, labels) of the readable images of a split."""
     embeddings, kept, skipped = embed_paths(embedder, split.paths, batch_size, verbose)
@@ -137,8 +122,9 @@ def _embed(embedder, split, batch_size, verbose):
 
 def _class_subset(labels, max_images, rng):
     """Labels of random whole classes holding about `max_images` images in all."""
-    classes = rng.permutation(np.unique(labels))
-    sizes = np.array([np.sum(labels == c) for c in classes])
+    classes, sizes = np.unique(labels, return_counts=True)
+    order = rng.permutation(len(classes))
+    classes, sizes = classes[order], sizes[order]
     count = int(np.searchsorted(np.cumsum(sizes), max_images)) + 1
     return set(classes[:count].tolist())
 

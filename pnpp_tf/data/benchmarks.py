@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from pnpp_tf.data.split import split_from_groups
+from pnpp_tf.errors import UserError
 
 # RECIPE: CUB classes 1-100 train, 101-200 test; Cars196 classes 1-98 train, 99-196 test.
 CUB_CLASSES, CUB_TRAIN_CLASSES = 200, 100
@@ -34,16 +35,16 @@ def read_cub(data_dir):
             continue
         prefix = folder.split(".", 1)[0]
         if not prefix.isdigit() or not 1 <= int(prefix) <= CUB_CLASSES:
-            raise ValueError(
+            raise UserError(
                 f"{class_dir}: CUB class folders are named <id>.<name> with id in 1..{CUB_CLASSES} "
                 f"(e.g. 001.Black_footed_Albatross), got {folder!r}."
             )
         images = sorted(os.path.join(class_dir, f) for f in os.listdir(class_dir) if not f.startswith("."))
         if not images:
-            raise ValueError(f"CUB class folder {class_dir} is empty.")
+            raise UserError(f"CUB class folder {class_dir} is empty.")
         (train if int(prefix) <= CUB_TRAIN_CLASSES else test)[int(prefix)] = images
     if not train or not test:
-        raise ValueError(f"{images_dir} needs classes 1-{CUB_TRAIN_CLASSES} (train) and "
+        raise UserError(f"{images_dir} needs classes 1-{CUB_TRAIN_CLASSES} (train) and "
                          f"{CUB_TRAIN_CLASSES + 1}-{CUB_CLASSES} (test); found ids {sorted({**train, **test})[:5]}...")
     return {"train": split_from_groups(train), "test": split_from_groups(test)}
 
@@ -58,19 +59,19 @@ def read_cars196(data_dir):
 
     annotations_file = os.path.join(data_dir, "cars_annos.mat")
     if not os.path.isfile(annotations_file):
-        raise ValueError(f"{annotations_file} is missing: download cars_annos.mat into --data_dir={data_dir}.")
+        raise UserError(f"{annotations_file} is missing: download cars_annos.mat into --data_dir={data_dir}.")
     try:
         annotations = scipy.io.loadmat(annotations_file, squeeze_me=True)["annotations"]
         paths, classes = annotations["relative_im_path"], annotations["class"]
     except (KeyError, ValueError, TypeError) as error:
-        raise ValueError(f"{annotations_file} has no annotations with relative_im_path and class "
-                         f"fields ({error}).") from None
+        raise UserError(f"{annotations_file} has no annotations with relative_im_path and class "
+                         f"fields ({error}).") from error
     train, test = {}, {}
     for entry, (path, class_id) in enumerate(zip(np.atleast_1d(paths), np.atleast_1d(classes)), start=1):
         where = f"{annotations_file}, annotation {entry}"
         class_id = int(class_id)
         if not 1 <= class_id <= CARS_CLASSES:
-            raise ValueError(f"{where}: class {class_id} is outside 1..{CARS_CLASSES}.")
+            raise UserError(f"{where}: class {class_id} is outside 1..{CARS_CLASSES}.")
         group = train if class_id <= CARS_TRAIN_CLASSES else test
         group.setdefault(class_id, []).append(_existing(data_dir, str(path), where))
     return {"train": split_from_groups(train), "test": split_from_groups(test)}
@@ -92,7 +93,7 @@ def read_sop(data_dir):
         splits[split] = groups
     overlap = sorted(set(splits["train"]) & set(splits["test"]))
     if overlap:
-        raise ValueError(f"{data_dir}: class ids {overlap[:5]} are in Ebay_train.txt and Ebay_test.txt; "
+        raise UserError(f"{data_dir}: class ids {overlap[:5]} are in Ebay_train.txt and Ebay_test.txt; "
                          "the zero-shot protocol needs disjoint classes.")
     return {name: split_from_groups(groups) for name, groups in splits.items()}
 
@@ -108,16 +109,16 @@ def read_inshop(data_dir):
     rows = _read_table(list_file, header_lines=2, columns=3)
     declared = _read_declared_count(list_file)
     if declared != len(rows):
-        raise ValueError(f"{list_file}: line 1 declares {declared} entries but {len(rows)} follow; "
+        raise UserError(f"{list_file}: line 1 declares {declared} entries but {len(rows)} follow; "
                          "the file is truncated or edited.")
     groups = {"train": {}, "query": {}, "gallery": {}}
     for where, (path, item_id, status) in rows:
         if status not in groups:
-            raise ValueError(f"{where}: evaluation_status must be train, query or gallery, got {status!r}.")
+            raise UserError(f"{where}: evaluation_status must be train, query or gallery, got {status!r}.")
         groups[status].setdefault(item_id, []).append(_existing(data_dir, path, where))
     overlap = sorted(set(groups["train"]) & (set(groups["query"]) | set(groups["gallery"])))
     if overlap:
-        raise ValueError(f"{list_file}: items {overlap[:5]} are in train and in query/gallery.")
+        raise UserError(f"{list_file}: items {overlap[:5]} are in train and in query/gallery.")
     # Query and gallery share one label space: an item's label is the same on both sides.
     eval_items = sorted(set(groups["query"]) | set(groups["gallery"]))
     return {
@@ -130,7 +131,7 @@ def read_inshop(data_dir):
 def _read_table(path, header_lines, columns):
     """[(\"file:line\", fields)] of a whitespace-separated list file, after its header lines."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path} is missing: --data_dir must point at the unpacked dataset.")
+        raise UserError(f"{path} is missing: --data_dir must point at the unpacked dataset.")
     rows = []
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
@@ -138,10 +139,10 @@ def _read_table(path, header_lines, columns):
                 continue
             fields = line.split()
             if len(fields) != columns:
-                raise ValueError(f"{path}:{number}: expected {columns} columns, got {len(fields)}: {line.strip()!r}.")
+                raise UserError(f"{path}:{number}: expected {columns} columns, got {len(fields)}: {line.strip()!r}.")
             rows.append((f"{path}:{number}", fields))
     if not rows:
-        raise ValueError(f"{path} lists no images.")
+        raise UserError(f"{path} lists no images.")
     return rows
 
 
@@ -154,14 +155,14 @@ def _read_declared_count(path):
 def _integer(text, where, what):
     try:
         return int(text)
-    except ValueError:
-        raise ValueError(f"{where}: {what} must be an integer, got {text!r}.") from None
+    except ValueError as error:
+        raise UserError(f"{where}: {what} must be an integer, got {text!r}.") from error
 
 
 def _existing(data_dir, relative_path, where):
     path = os.path.join(data_dir, relative_path)
     if not os.path.isfile(path):
-        raise ValueError(f"{where}: image {path} does not exist.")
+        raise UserError(f"{where}: image {path} does not exist.")
     return path
 
 
@@ -169,4 +170,4 @@ def _first_existing_dir(candidates, message):
     for candidate in candidates:
         if os.path.isdir(candidate):
             return candidate
-    raise ValueError(message)
+    raise UserError(message)

@@ -27,6 +27,7 @@ from absl import logging
 from pnpp_tf.data import image_check, image_header, pipeline
 from pnpp_tf.data.split import Split
 from pnpp_tf.io_utils import write_atomic
+from pnpp_tf.errors import UserError
 
 # Why 288/256 of the crop by default: evaluation resizes the shorter side to exactly that before
 # its center crop (RECIPE), so cached evaluation differs from uncached only by rounding to uint8.
@@ -52,9 +53,9 @@ class ImageCache:
 
     def __init__(self, directory, short_side):
         if not directory:
-            raise ValueError("ImageCache needs a directory (--cache_dir).")
+            raise UserError("ImageCache needs a directory (--cache_dir).")
         if short_side < 1:
-            raise ValueError(f"--cache_short_side must be a positive number of pixels, got {short_side}.")
+            raise UserError(f"--cache_short_side must be a positive number of pixels, got {short_side}.")
         self.directory = directory
         self.short_side = int(short_side)
         # Entries seen on disk or written by this object: training's start-up check and the split
@@ -83,7 +84,7 @@ class ImageCache:
         entries, check = self._build_missing(paths, progress, max_pixels)
         if check.bad:
             path, reason = check.bad[0]
-            raise ValueError(f"{path}: cannot read or decode this image for the cache ({reason}); check the "
+            raise UserError(f"{path}: cannot read or decode this image for the cache ({reason}); check the "
                              "data with `python -m pnpp_tf.check_data`.")
         return entries
 
@@ -142,8 +143,8 @@ class ImageCache:
             try:
                 write_atomic(entries[index], contents)
             except OSError as error:
-                raise ValueError(f"--cache_dir={self.directory}: cannot write {entries[index]} ({error}); "
-                                 "free some space or choose another --cache_dir.") from None
+                raise UserError(f"--cache_dir={self.directory}: cannot write {entries[index]} ({error}); "
+                                 "free some space or choose another --cache_dir.") from error
             written.add(int(index))
             if bar:
                 bar.update(int(index) + 1)

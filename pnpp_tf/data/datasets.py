@@ -11,6 +11,7 @@ import os
 from pnpp_tf.data import benchmarks, glyphs, image_check, tfds_prepared
 from pnpp_tf.data.folder import read_folder_dataset
 from pnpp_tf.data.split import class_halves
+from pnpp_tf.errors import UserError
 
 # Rendered once; the pipeline resizes them to --image_size.
 GLYPHS_RENDER_SIZE = 64
@@ -66,7 +67,7 @@ def load_split(dataset, data_dir, split):
         chosen = train_half if split == "train_half" else val_half
         return chosen.paths, chosen.labels
     if split not in splits:
-        raise ValueError(f"Dataset {dataset!r} has splits {sorted(splits) + ['train_half', 'val_half']}, "
+        raise UserError(f"Dataset {dataset!r} has splits {sorted(splits) + ['train_half', 'val_half']}, "
                          f"not {split!r}.")
     return splits[split].paths, splits[split].labels
 
@@ -82,11 +83,11 @@ def load_splits(dataset, data_dir):
         A dict from split name to `Split`: "train" plus either "test" or "query" and "gallery".
     """
     if dataset not in _READERS:
-        raise ValueError(f"Unknown --dataset={dataset!r}; choose one of {DATASETS}.")
+        raise UserError(f"Unknown --dataset={dataset!r}; choose one of {DATASETS}.")
     if not data_dir:
-        raise ValueError(f"--data_dir is required for --dataset={dataset}.")
+        raise UserError(f"--data_dir is required for --dataset={dataset}.")
     if not os.path.isdir(data_dir) and dataset != "glyphs":
-        raise ValueError(f"--data_dir={data_dir} does not exist or is not a directory.")
+        raise UserError(f"--data_dir={data_dir} does not exist or is not a directory.")
     reader, _ = _READERS[dataset]
     return reader(data_dir)
 
@@ -94,7 +95,7 @@ def load_splits(dataset, data_dir):
 def protocol(dataset):
     """The `Protocol` (Recall@K values, NMI or not) of a dataset."""
     if dataset not in _READERS:
-        raise ValueError(f"Unknown --dataset={dataset!r}; choose one of {DATASETS}.")
+        raise UserError(f"Unknown --dataset={dataset!r}; choose one of {DATASETS}.")
     return _READERS[dataset][1]
 
 
@@ -104,4 +105,4 @@ def verify_images(paths):
     if bad:
         shown = "; ".join(f"{path} ({reason})" for path, reason in bad[:3])
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise ValueError(f"{len(bad)} unreadable image(s): {shown}{more}. Replace or remove them.")
+        raise UserError(f"{len(bad)} unreadable image(s): {shown}{more}. Replace or remove them.")

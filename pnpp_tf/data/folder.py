@@ -6,6 +6,7 @@ import os
 from absl import logging
 
 from pnpp_tf.data.split import split_from_groups
+from pnpp_tf.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -22,20 +23,20 @@ def read_folder_dataset(data_dir):
     present = {name for name in ("train", "test", "query", "gallery")
                if os.path.isdir(os.path.join(data_dir, name))}
     if "train" not in present:
-        raise ValueError(f"{data_dir} has no train/ folder; expected train/<class>/<image> and test/<class>/<image>.")
+        raise UserError(f"{data_dir} has no train/ folder; expected train/<class>/<image> and test/<class>/<image>.")
     if "test" in present:
         eval_names = ["test"]
     elif {"query", "gallery"} <= present:
         eval_names = ["query", "gallery"]
     else:
-        raise ValueError(f"{data_dir} needs a test/ folder, or query/ and gallery/ folders, beside train/.")
+        raise UserError(f"{data_dir} needs a test/ folder, or query/ and gallery/ folders, beside train/.")
 
     train_classes = _list_images_by_class(os.path.join(data_dir, "train"))
     eval_classes = {name: _list_images_by_class(os.path.join(data_dir, name)) for name in eval_names}
     eval_class_names = sorted(set().union(*eval_classes.values()))
     overlap = sorted(set(train_classes) & set(eval_class_names))
     if overlap:
-        raise ValueError(
+        raise UserError(
             f"{len(overlap)} classes of {data_dir} are in train/ and in {'/'.join(eval_names)}/ "
             f"({', '.join(overlap[:5])}{', ...' if len(overlap) > 5 else ''}); zero-shot evaluation "
             "needs disjoint classes: move them to one side."
@@ -63,13 +64,13 @@ def _list_images_by_class(split_dir):
             else:
                 ignored.append(path)
         if not images:
-            raise ValueError(
+            raise UserError(
                 f"Class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                 "add images or remove the folder."
             )
         by_class[class_name] = images
     if not by_class:
-        raise ValueError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>.")
+        raise UserError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>.")
     if ignored:
         logging.warning("Ignored %d entries in %s that are not images in class folders, e.g. %s",
                         len(ignored), split_dir, ignored[0])

@@ -20,6 +20,8 @@ import numpy as np
 from matplotlib import ft2font
 from PIL import Image, ImageDraw, ImageFont
 
+from pnpp_tf.errors import UserError
+
 GLYPHS_VERSION = 1  # bump when rendering changes
 
 FONT_FILES = (
@@ -68,7 +70,7 @@ def ensure_glyphs(data_dir: str, image_size: int = 64) -> dict:
         return manifest
     if os.path.exists(data_dir) and manifest is None and (
             not os.path.isdir(data_dir) or os.listdir(data_dir)):
-        raise ValueError(
+        raise UserError(
             f"{data_dir} exists and does not hold a glyphs dataset; choose an "
             f"empty or non-existent directory for the glyphs data.")
     parent = os.path.dirname(data_dir)

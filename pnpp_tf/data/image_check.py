@@ -17,6 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 from pnpp_tf.data import image_header, pipeline
+from pnpp_tf.errors import UserError
 
 ON_BAD_IMAGE = ("error", "skip")
 
@@ -92,14 +93,14 @@ def drop_or_raise(split, name, on_bad_image, progress=False, check=check_images,
         (the split, possibly smaller; the list of skipped paths).
     """
     if on_bad_image not in ON_BAD_IMAGE:
-        raise ValueError(f"--on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}.")
+        raise UserError(f"--on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}.")
     result = check(split.paths, progress=progress, max_pixels=max_pixels)
     logging.info("%s: decoded %d images in %.1f s (%.2f s per 1000)", name, result.checked,
                  result.seconds, result.seconds_per_thousand)
     if not result.bad:
         return split, []
     if on_bad_image == "error":
-        raise ValueError(_bad_images_message(result, name))
+        raise UserError(_bad_images_message(result, name))
     too_large = set(result.too_large)
     for path, reason in result.bad:
         if path in too_large:
@@ -112,7 +113,7 @@ def drop_or_raise(split, name, on_bad_image, progress=False, check=check_images,
                                labels=split.labels[keep])
     emptied = sorted(set(split.labels.tolist()) - set(kept.labels.tolist()))
     if emptied:
-        raise ValueError(f"Skipping unreadable images empties {len(emptied)} class(es) of {name} "
+        raise UserError(f"Skipping unreadable images empties {len(emptied)} class(es) of {name} "
                          f"({', '.join(split.class_names[c] for c in emptied[:5])}); fix those files.")
     return kept, sorted(bad_paths)
 

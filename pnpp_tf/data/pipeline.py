@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS, header_problem
+from pnpp_tf.errors import UserError
 
 # RECIPE: RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)); test: resize to 288, crop 256.
 CROP_AREA_RANGE = (0.08, 1.0)
@@ -51,7 +52,7 @@ def make_sampler(kind, labels, batch_size, classes_per_batch, seed=0):
         return ClassBalancedSampler(labels, batch_size, classes_per_batch, seed)
     if kind == "random":
         return RandomSampler(len(labels), batch_size, seed)
-    raise ValueError(f"--sampler must be one of {SAMPLERS}, got {kind!r}.")
+    raise UserError(f"--sampler must be one of {SAMPLERS}, got {kind!r}.")
 
 
 class RandomSampler:
@@ -68,7 +69,7 @@ class RandomSampler:
 
     def __init__(self, num_images, batch_size, seed=0):
         if batch_size < 1 or num_images < 1:
-            raise ValueError(f"--batch_size={batch_size} and the {num_images} training images must be positive.")
+            raise UserError(f"--batch_size={batch_size} and the {num_images} training images must be positive.")
         self.num_images = num_images
         self.batch_size = batch_size
         self.num_batches = max(1, num_images // batch_size)
@@ -102,17 +103,17 @@ class ClassBalancedSampler:
     def __init__(self, labels, batch_size, classes_per_batch, seed=0):
         labels = np.asarray(labels)
         if batch_size < 1 or classes_per_batch < 1:
-            raise ValueError(
+            raise UserError(
                 f"--batch_size={batch_size} and --classes_per_batch={classes_per_batch} must be positive."
             )
         if batch_size % classes_per_batch:
-            raise ValueError(
+            raise UserError(
                 f"--batch_size={batch_size} is not divisible by --classes_per_batch={classes_per_batch}; "
                 "every class in a batch gets the same number of images."
             )
         classes = np.unique(labels)
         if classes_per_batch > len(classes):
-            raise ValueError(
+            raise UserError(
                 f"--classes_per_batch={classes_per_batch} exceeds the {len(classes)} training classes."
             )
         self.batch_size = batch_size
@@ -206,21 +207,40 @@ def train_dataset(paths, labels, sampler, image_size, epochs, first_epoch=0, see
     return dataset.with_options(dataset_options())
 
 
-def eval_dataset(paths, image_size, batch_size=64, max_pixels=DEFAULT_MAX_PIXELS):
+def eval_dataset(paths, image_size, batch_size=64, max_pixels=DEFAULT_MAX_PIXELS, skip_unreadable=False):
     """Batches of evaluation images (resize shorter side, center crop), in the order of `paths`.
 
-    An image file over `max_pixels` stops the dataset undecoded, as in `train_dataset`.
+    Args:
+        paths: image file paths (or `ImageCache` entries, all of them).
+        image_size: side of the square crops.
+        batch_size: images per batch (the last one may be smaller).
+        max_pixels: an image file over this many pixels stops the dataset undecoded, as in
+            `train_dataset` (or, with `skip_unreadable`, is left out undecoded).
+        skip_unreadable: leave out every image that cannot be read, decoded or cropped instead of
+            stopping, and give each batch's positions in `paths`, so that a caller decoding each
+            image once (`pnpp_tf.retrieval.embed_decodable`) can tell which were left out.
 
     Returns:
-        A `tf.data.Dataset` of float32 images [B, S, S, 3] in [0, 255].
+        A `tf.data.Dataset` of float32 images [B, S, S, 3] in [0, 255]; with `skip_unreadable`, of
+        (positions [B] int64, ascending, images).
     """
     read = _image_reader(paths, max_pixels)
-    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths)))
-    dataset = dataset.map(
-        lambda path: resize_and_center_crop(read(path), image_size),
-        num_parallel_calls=PARALLEL_CALLS,
-        deterministic=True,
-    )
+    # A dtype, so that an empty list is an empty list of strings rather than of floats.
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
+    if skip_unreadable:
+        dataset = dataset.enumerate().map(
+            lambda position, path: (position, resize_and_center_crop(read(path), image_size)),
+            num_parallel_calls=PARALLEL_CALLS,
+            deterministic=True,
+        )
+        # Before batching, so that a bad file costs only its own element, not its whole batch.
+        dataset = dataset.ignore_errors()
+    else:
+        dataset = dataset.map(
+            lambda path: resize_and_center_crop(read(path), image_size),
+            num_parallel_calls=PARALLEL_CALLS,
+            deterministic=True,
+        )
     return dataset.batch(batch_size).prefetch(PREFETCH_BATCHES).with_options(dataset_options())
 
 

@@ -4,14 +4,28 @@ import dataclasses
 
 import numpy as np
 
+from pnpp_tf.errors import UserError
+
 
 @dataclasses.dataclass
 class Split:
-    """Image paths and their labels; `class_names[label]` names each label."""
+    """Image paths and their labels; `class_names[label]` names each label.
+
+    Checked when built: one integer label per path, each in [0, len(class_names)). The loss can
+    check labels only when run eagerly; in training's compiled step an out-of-range label is a
+    kernel error, a NaN or a silently wrong loss, depending on the device and loss variant.
+
+    Raises:
+        UserError: labels that are not integers, not one per path, or out of range.
+    """
 
     paths: list
     labels: np.ndarray
     class_names: list
+
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels)
+        _check_labels(self.labels, len(self.paths), len(self.class_names))
 
     def __len__(self):
         return len(self.paths)
@@ -63,3 +77,18 @@ def class_halves(split):
 def _subset(split, mask, label_offset, class_names):
     paths = [path for path, keep in zip(split.paths, mask) if keep]
     return Split(paths, split.labels[mask] - label_offset, list(class_names))
+
+
+def _check_labels(labels, num_paths, num_classes):
+    """Raises a one-line UserError unless `labels` are num_paths integers in [0, num_classes)."""
+    if labels.ndim != 1 or labels.shape[0] != num_paths:
+        raise UserError(f"A split has {num_paths} image paths but labels of shape {labels.shape}; "
+                        "it needs exactly one label per path.")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"Split labels must be integers, got dtype {labels.dtype}; the dataset reader "
+                        "must map each class to its index.")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        shown = ", ".join(str(label) for label in bad[:5].tolist()) + (" ..." if bad.size > 5 else "")
+        raise UserError(f"Split labels must be in [0, {num_classes}) (one per class name), got {shown}; "
+                        "the dataset reader must number its classes from 0.")

@@ -25,6 +25,7 @@ from absl import logging
 from pnpp_tf.data import benchmarks
 from pnpp_tf.data.split import split_from_groups
 from pnpp_tf.io_utils import write_atomic
+from pnpp_tf.errors import UserError
 
 # RECIPE: SOP trains on the classes of Ebay_train.txt (ids 1-11318) and tests on those of
 # Ebay_test.txt (11319-22634).
@@ -110,8 +111,8 @@ def _import_tfds():
     try:
         import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  # optional
     except ImportError as error:
-        raise ValueError(f"Reading TFDS-prepared datasets needs tensorflow-datasets: "
-                         f"pip install tensorflow-datasets ({error}).") from None
+        raise UserError(f"Reading TFDS-prepared datasets needs tensorflow-datasets: "
+                         f"pip install tensorflow-datasets ({error}).") from error
     return tfds
 
 
@@ -122,14 +123,14 @@ def _prepared_builder(tfds, source, data_dir, tfds_dir):
         found = _version_dirs(os.path.join(tfds_dir, source.name))
         other = (f" (it holds version(s) {', '.join(found)}, which tensorflow-datasets {tfds.__version__} "
                  "does not read)" if found else "")
-        raise ValueError(
+        raise UserError(
             f"--data_dir={data_dir} holds no prepared {source.name} {builder.version}{other}. "
             f"Prepare it with: tfds build {source.name} --data_dir={tfds_dir}"
         )
     features = builder.info.features
     classes = getattr(features[source.label_feature], "num_classes", None) if source.label_feature in features else None
     if classes != source.num_classes:
-        raise ValueError(
+        raise UserError(
             f"{builder.data_dir}: expected a class feature {source.label_feature!r} with {source.num_classes} "
             f"classes, got {classes} (features: {sorted(features.keys())}); this is not the {source.name} "
             "this reader knows."
@@ -174,8 +175,8 @@ def _extract(tfds, builder, source, cache_dir, sizes, progress):
     try:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"Cannot create {cache_dir} for the extracted images of {source.name}: {error}. "
-                         "--data_dir must be writable.") from None
+        raise UserError(f"Cannot create {cache_dir} for the extracted images of {source.name}: {error}. "
+                         "--data_dir must be writable.") from error
     logging.info("Extracting the %d images of %s %s to %s (once).", total, source.name, builder.version, cache_dir)
     start = time.perf_counter()
     bar = keras.utils.Progbar(total, unit_name="image") if progress and total else None
@@ -194,7 +195,7 @@ def _extract(tfds, builder, source, cache_dir, sizes, progress):
             if bar and (len(images) % _PROGRESS_EVERY == 0 or len(images) == total):
                 bar.update(len(images))
     if len(images) != total:
-        raise ValueError(f"{builder.data_dir}: dataset_info.json declares {total} examples ({sizes}), "
+        raise UserError(f"{builder.data_dir}: dataset_info.json declares {total} examples ({sizes}), "
                          f"the TFRecord files hold {len(images)}; prepare {source.name} again.")
     manifest = {"format": _MANIFEST_FORMAT, "dataset": source.name, "version": str(builder.version),
                 "sizes": sizes, "images": images}
@@ -218,12 +219,12 @@ def _zero_shot_splits(images, source, cache_dir):
     train, test = {}, {}
     for relative, label in images:
         if not 0 <= label < source.num_classes:
-            raise ValueError(f"{cache_dir}: {source.label_feature} {label} is outside 0..{source.num_classes - 1}.")
+            raise UserError(f"{cache_dir}: {source.label_feature} {label} is outside 0..{source.num_classes - 1}.")
         group = train if label < source.train_classes else test
         group.setdefault(label + 1, []).append(os.path.join(cache_dir, relative))
     if not train or not test:
         found = sorted({**train, **test})
-        raise ValueError(
+        raise UserError(
             f"{source.name} in {cache_dir} has classes {found[:5]}{'...' if len(found) > 5 else ''}; the "
             f"zero-shot protocol needs classes 1-{source.train_classes} (train) and "
             f"{source.train_classes + 1}-{source.num_classes} (test)."

@@ -1,7 +1,7 @@
 """Image files to unit embeddings: finding them under a folder, embedding them, skipping bad ones.
 
 Every image is embedded as evaluation embeds it (`pnpp_tf.data.pipeline`: the shorter side
-resized to S·288/256, the central S x S square), by a `pnpp_tf.indexing.saved_embedder.Embedder`.
+resized to S·288/256, the central S x S square), by a `pnpp_tf.artifacts.Embedder`.
 A file that cannot be read or decoded, or is over the pixel budget, is skipped, with the reason why.
 """
 
@@ -15,6 +15,7 @@ from absl import logging
 
 from pnpp_tf.data import image_check, image_header, pipeline
 from pnpp_tf.data.folder import IMAGE_EXTENSIONS
+from pnpp_tf.errors import UserError
 
 
 def find_images(root):
@@ -29,7 +30,7 @@ def find_images(root):
         ValueError: if `root` is not a directory or holds no image files.
     """
     if not root or not os.path.isdir(root):
-        raise ValueError(f"--images={root} is not a directory.")
+        raise UserError(f"--images={root} is not a directory.")
     paths, others = [], 0
     searched = set()
     for folder, dirs, files in os.walk(os.path.abspath(root), followlinks=True):
@@ -47,7 +48,7 @@ def find_images(root):
         logging.info("Ignored %d file(s) under %s without an image extension (%s) or not regular files",
                      others, root, ", ".join(IMAGE_EXTENSIONS))
     if not paths:
-        raise ValueError(f"--images={root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+        raise UserError(f"--images={root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
     return paths
 
 

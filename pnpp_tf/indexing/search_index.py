@@ -1,6 +1,6 @@
 """A search index: the embeddings of a collection of images, built, saved, loaded and searched.
 
-    from pnpp_tf.indexing.saved_embedder import load_embedder
+    from pnpp_tf.artifacts import load_embedder
     from pnpp_tf.indexing.embeddings import embed_paths, find_images
     from pnpp_tf.indexing.search_index import SearchIndex, build_index
 
@@ -28,6 +28,7 @@ import numpy as np
 from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS
 from pnpp_tf.indexing.embeddings import embed_paths
 from pnpp_tf.indexing.neighbours import cosine_distance, nearest
+from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import replacing
 
 INDEX_FORMAT_VERSION = 1
@@ -73,10 +74,10 @@ class SearchIndex:
         """Reads an index written by `save`.
 
         Raises:
-            ValueError: if the file is missing or is not such an index.
+            UserError: if the file is missing or is not such an index.
         """
         if not path or not os.path.isfile(path):
-            raise ValueError(f"--index={path} does not exist; build it with "
+            raise UserError(f"--index={path} does not exist; build it with "
                              "python -m pnpp_tf.index.")
         try:
             with np.load(path, allow_pickle=False) as archive:
@@ -85,19 +86,28 @@ class SearchIndex:
                 metadata = json.loads(str(archive["metadata"]))
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
             # A cut-short archive is a BadZipFile, which is none of the others.
-            raise ValueError(f"--index={path} is not an index written by pnpp_tf.index "
+            raise UserError(f"--index={path} is not an index written by pnpp_tf.index "
                              f"({type(error).__name__}: {error}); if it was cut short, build it "
-                             "again with python -m pnpp_tf.index.") from None
+                             "again with python -m pnpp_tf.index.") from error
         if not isinstance(metadata, dict):
-            raise ValueError(f"--index={path} is not an index written by pnpp_tf.index (its "
+            raise UserError(f"--index={path} is not an index written by pnpp_tf.index (its "
                              f"metadata is a JSON {type(metadata).__name__}, not an object).")
         if embeddings.ndim != 2 or len(embeddings) != len(paths):
-            raise ValueError(f"--index={path} is inconsistent: embeddings {embeddings.shape}, "
+            raise UserError(f"--index={path} is inconsistent: embeddings {embeddings.shape}, "
                              f"{len(paths)} paths.")
         return cls(embeddings, paths, metadata)
 
     def search(self, queries, k=10, exclude=None, backend="auto"):
         """The `k` nearest indexed images of each query: see `neighbours.nearest`.
+
+        Nearest first, ties by ascending index: the neighbours Recall@K counts for the same
+        embeddings.
+
+        Args:
+            queries: float [Q, D] embeddings (or one [D]).
+            k: neighbours per query, at most the number of indexed images.
+            exclude: optional int [Q], an indexed image to leave out for each query (-1: none).
+            backend: "auto", "exact" or "faiss" (`neighbours.BACKENDS`).
 
         Returns:
             (cosine distances [Q, k], indices [Q, k], the backend used).
@@ -110,11 +120,11 @@ def build_index(embedder, paths, images_root=None, batch_size=64, verbose=1, max
     """Embeds `paths` (skipping unreadable files and those over `max_pixels`) into a `SearchIndex`.
 
     Raises:
-        ValueError: if no image could be read.
+        UserError: if no image could be read.
     """
     embeddings, kept, skipped = embed_paths(embedder, paths, batch_size, verbose, max_pixels)
     if not kept:
-        raise ValueError(f"None of the {len(paths)} images could be read, e.g. "
+        raise UserError(f"None of the {len(paths)} images could be read, e.g. "
                          f"{skipped[0][0]} ({skipped[0][1]}).")
     metadata = {
         "format_version": INDEX_FORMAT_VERSION,

@@ -1,7 +1,8 @@
 """Training curves: loss, Recall@K and learning rates per epoch, from a history or TensorBoard logs.
 
-The figure is `CURVES_SIZE` pixels; `read_tensorboard_history` recovers the history of a run
-that wrote no results.json (e.g. an interrupted one).
+The figure is `CURVES_SIZE` pixels; `save_run_curves` draws it as a run's flags say (the one
+figure of pnpp_tf.train and tools/plot_training), and `read_tensorboard_history` recovers the
+history of a run that wrote no results.json (e.g. an interrupted one).
 """
 
 import glob
@@ -87,6 +88,34 @@ def save_training_curves(history, path, warmup_epochs=0, eval_every=1, epochs=No
         figure.suptitle(title)
     save_png(figure, path)
     return path
+
+
+def save_run_curves(history, run_flags, path, run_name, epochs=None, title=None):
+    """Draws a training run's curves as pnpp_tf.train draws them into its curves.png.
+
+    The run's flags say how to read the history: its warm-up epochs are shaded, and a
+    --mode=trainval run evaluated every --eval_every epochs has its Recall@K drawn at those
+    epochs (--mode=train validates after every epoch).
+
+    Args:
+        history: {name: per-epoch values}, results.json's "history".
+        run_flags: the run's flags, results.json's "flags" (warmup_epochs, eval_every, mode,
+            dataset, backbone; absent ones take their defaults).
+        path: the PNG to write.
+        run_name: the run's name for the title (its model_dir's last component).
+        epochs: as `save_training_curves`.
+        title: the figure title; default "<run_name>: <dataset> <backbone>".
+
+    Returns:
+        `path`; the image is `CURVES_SIZE` pixels.
+    """
+    eval_every = 1 if run_flags.get("mode") == "train" else int(run_flags.get("eval_every", 1) or 0)
+    if title is None:
+        about = " ".join(filter(None, (run_flags.get("dataset"), run_flags.get("backbone"))))
+        title = run_name + (f": {about}" if about else "")
+    warmup_epochs = int(run_flags.get("warmup_epochs", 0) or 0)
+    return save_training_curves(history, path, warmup_epochs=warmup_epochs, eval_every=eval_every,
+                                epochs=epochs, title=title)
 
 
 def read_tensorboard_history(log_dir):

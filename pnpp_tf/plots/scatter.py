@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from pnpp_tf import neighbours
+from pnpp_tf.errors import UserError
 from pnpp_tf.plots.figures import class_label, new_figure, save_png
 
 SCATTER_SIZE = (1000, 720)  # pixels, width x height
@@ -27,9 +29,9 @@ def save_embedding_scatter(embeddings, labels, class_names, path, title=None, ma
     embeddings = np.asarray(embeddings, np.float64)
     labels = np.asarray(labels)
     if embeddings.ndim != 2 or len(embeddings) < 3 or len(labels) != len(embeddings):
-        raise ValueError(f"A scatter needs [N >= 3, D] embeddings and N labels; got "
+        raise UserError(f"A scatter needs [N >= 3, D] embeddings and N labels; got "
                          f"{embeddings.shape} and {labels.shape}.")
-    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    unit = neighbours.unit_rows(embeddings).astype(np.float64)
     components = min(2, unit.shape[1])
     pca = PCA(n_components=components, random_state=0)
     points = pca.fit_transform(unit)

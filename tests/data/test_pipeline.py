@@ -111,3 +111,20 @@ def test_the_pipelines_refuse_an_image_over_max_pixels_undecoded(folder_dataset)
     sampler = pipeline.RandomSampler(len(train), batch_size=4)
     with pytest.raises(tf.errors.InvalidArgumentError, match="is 40x36 = 1440 pixels, more than max_pixels=1439"):
         list(pipeline.train_dataset(train.paths, train.labels, sampler, 24, epochs=1, max_pixels=1439))
+
+
+def test_eval_dataset_can_leave_out_unreadable_images_and_say_which(folder_dataset, tmp_path):
+    test = load_splits("folder", folder_dataset)["test"]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    paths = [test.paths[0], str(broken), test.paths[1], str(tmp_path / "missing.png"), test.paths[2]]
+    batches = list(pipeline.eval_dataset(paths, 32, batch_size=2, skip_unreadable=True).as_numpy_iterator())
+    positions = np.concatenate([batch[0] for batch in batches])
+    images = np.concatenate([batch[1] for batch in batches])
+    np.testing.assert_array_equal(positions, [0, 2, 4])
+    # Batches of two of the images that decode, not of two paths.
+    assert [len(batch[0]) for batch in batches] == [2, 1]
+    want = np.concatenate(list(pipeline.eval_dataset(test.paths[:3], 32, batch_size=3).as_numpy_iterator()))
+    np.testing.assert_array_equal(images, want)
+    # Over the pixel budget (40 x 36 = 1440 pixels) is left out too, rather than stopping.
+    assert list(pipeline.eval_dataset(test.paths, 32, max_pixels=1439, skip_unreadable=True)) == []

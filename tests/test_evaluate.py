@@ -7,7 +7,6 @@ import pathlib
 import re
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -15,7 +14,8 @@ import tensorflow as tf
 
 from conftest import make_folder_dataset
 from pnpp_tf import evaluate, evaluation
-from pnpp_tf.data import image_header, load_splits, pipeline
+from pnpp_tf.config import EvaluateConfig
+from pnpp_tf.data import load_splits, pipeline
 from pnpp_tf.model import build_embedder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -30,13 +30,8 @@ def run(*args):
 
 
 def config(**overrides):
-    """The evaluate() settings the flags give by default, with `overrides`."""
-    values = dict(dataset="folder", data_dir=None, model_dir=None, saved_model=None,
-                  output_dir=None, image_size=256, eval_ks=[], eval_batch_size=8, backend="tf",
-                  nmi="auto", block_size=0, verbose=0, on_bad_image="error",
-                  max_pixels=image_header.DEFAULT_MAX_PIXELS)
-    values.update(overrides)
-    return types.SimpleNamespace(**values)
+    """The evaluate() config of a small folder dataset, with `overrides`."""
+    return EvaluateConfig(**{"dataset": "folder", "eval_batch_size": 8, "verbose": 0, **overrides})
 
 
 def embed(function, split, image_size):
@@ -128,7 +123,7 @@ def saved_model_without_embedding(path):
      r"no output named 'embedding' \(it has \['features'\]\)"),
     (lambda tmp: dict(saved_model=str(tmp), output_dir=None), r"--output_dir .* is required"),
     (lambda tmp: dict(model_dir=str(tmp), eval_ks=["1", "x"]), r"--eval_ks .* got 1,x"),
-    (lambda tmp: dict(model_dir=str(tmp), block_size=-1), r"--block_size must be >= 0, got -1"),
+    (lambda tmp: dict(model_dir=str(tmp), block_size=-1), r"--block_size=-1: must be at least 0"),
 ])
 def test_bad_settings_raise_a_named_value_error(tmp_path, settings, pattern):
     values = dict(output_dir=str(tmp_path / "out"), data_dir=str(tmp_path))

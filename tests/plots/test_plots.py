@@ -16,7 +16,7 @@ from pnpp_tf import plots
 from pnpp_tf.plots import curves
 from pnpp_tf.model import build_embedder
 
-TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
+TOOLS = pathlib.Path(__file__).resolve().parents[2] / "tools"
 HISTORY = {  # 1 warm-up + 5 epochs, an LR drop after epoch 4
     "loss": [6.0, 4.7, 4.1, 3.8, 3.5, 3.3],
     "test_recall@1": [0.45, 0.58, 0.61, 0.62, 0.63, 0.66],

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from pnpp_tf.indexing.saved_embedder import load_embedder
+from pnpp_tf.artifacts import load_embedder
 from pnpp_tf.indexing.search_index import SearchIndex
 from pnpp_tf.model import build_embedder
 

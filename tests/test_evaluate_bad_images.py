@@ -1,0 +1,143 @@
+"""`evaluate` decodes each image once: bad images are found by the embedding pass itself, and
+--on_bad_image=error|skip behaves as a check before embedding did."""
+
+import collections
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import make_folder_dataset
+from pnpp_tf import evaluate, retrieval
+from pnpp_tf.config import EvaluateConfig
+from pnpp_tf.data import image_check, load_splits
+from pnpp_tf.data.image_check import drop_or_raise
+from pnpp_tf.errors import UserError
+from pnpp_tf.model import build_embedder
+
+IMAGE_SIZE = 32
+
+
+def config(data_dir, model_dir, **overrides):
+    return EvaluateConfig(**{"dataset": "folder", "data_dir": data_dir, "model_dir": str(model_dir),
+                             "eval_batch_size": 4, "eval_ks": (1, 2), "verbose": 0, **overrides})
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    directory = tmp_path / "run"
+    directory.mkdir()
+    build_embedder("small_cnn", image_size=IMAGE_SIZE, embedding_dim=8, weights="none").save(
+        directory / "embedder.keras")
+    return directory
+
+
+def break_images(data_dir, names):
+    """Overwrites test/<class>/<file> for each (class, file) of `names` with bytes no decoder reads;
+    returns their paths."""
+    paths = []
+    for class_name, file_name in names:
+        path = os.path.join(data_dir, "test", class_name, file_name)
+        with open(path, "wb") as file:
+            file.write(b"not an image at all" if file_name.endswith(".jpg") else b"")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts the reads of every file through `tf.io.read_file`, eager or inside tf.data graphs
+    (a `py_function` runs once per read, unlike Python code traced into a graph)."""
+    counts = collections.Counter()
+    real_read = tf.io.read_file
+
+    def note(path):
+        counts[path.numpy().decode("utf-8")] += 1
+        return np.int64(0)
+
+    def counting_read(filename, name=None):
+        noted = tf.py_function(note, [filename], tf.int64)
+        with tf.control_dependencies([noted]):
+            return real_read(filename, name=name)
+
+    monkeypatch.setattr(tf.io, "read_file", counting_read)
+    return counts
+
+
+def test_each_good_image_is_read_once(tmp_path, model_dir, reads):
+    data_dir = make_folder_dataset(tmp_path / "data", test_classes=3, images_per_class=5)
+    bad = break_images(data_dir, [("test_class_01", "img_1.jpg")])
+    results = evaluate.evaluate(config(data_dir, model_dir, on_bad_image="skip"))
+    assert results["skipped_images"] == {"test": bad}
+    test = load_splits("folder", data_dir)["test"]
+    good = [path for path in test.paths if path not in bad]
+    assert {path: reads[path] for path in good} == {path: 1 for path in good}
+    # The bad one: once in the embedding pass, once more for the reason it fails.
+    assert reads[bad[0]] == 2
+
+
+def test_skip_gives_the_metrics_of_the_good_images_alone(tmp_path, model_dir):
+    data_dir = make_folder_dataset(tmp_path / "data", test_classes=3, images_per_class=6)
+    bad = break_images(data_dir, [("test_class_00", "img_1.jpg"), ("test_class_02", "img_4.png")])
+    results = evaluate.evaluate(config(data_dir, model_dir, on_bad_image="skip",
+                                       output_dir=str(tmp_path / "out")))
+    assert results["skipped_images"] == {"test": sorted(bad)}
+    assert results["num_query_images"] == 16
+    on_disk = json.loads((tmp_path / "out" / "eval_folder.json").read_text())
+    assert on_disk["skipped_images"] == {"test": sorted(bad)}
+
+    # The reference: the same data without the bad files, evaluated as usual.
+    clean_dir = shutil.copytree(data_dir, tmp_path / "clean")
+    for path in bad:
+        os.remove(os.path.join(clean_dir, os.path.relpath(path, data_dir)))
+    clean = evaluate.evaluate(config(str(clean_dir), model_dir, output_dir=str(tmp_path / "clean_out")))
+    assert clean["skipped_images"] == {} and clean["num_query_images"] == 16
+    assert set(results["metrics"]) == set(clean["metrics"])
+    for name, value in clean["metrics"].items():
+        assert results["metrics"][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_error_names_every_bad_file_as_the_start_up_check_did(tmp_path, model_dir):
+    data_dir = make_folder_dataset(tmp_path / "data", test_classes=3, images_per_class=6)
+    # One in the first batch, one far later: the pass stops at the first, the check finds both.
+    bad = break_images(data_dir, [("test_class_00", "img_1.jpg"), ("test_class_02", "img_4.png")])
+    test = load_splits("folder", data_dir)["test"]
+    with pytest.raises(UserError) as check_first:
+        drop_or_raise(test, "test", "error")
+    with pytest.raises(UserError) as raised:
+        evaluate.evaluate(config(data_dir, model_dir, output_dir=str(tmp_path / "out")))
+    assert str(raised.value) == str(check_first.value)
+    assert str(raised.value).startswith(f"2 unreadable image(s) in test: {bad[0]} (")
+    assert f"; {bad[1]} (empty file)" in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stop_at_bad_embeds_only_up_to_the_first_bad_image(tmp_path, model_dir):
+    data_dir = make_folder_dataset(tmp_path / "data", test_classes=3, images_per_class=6)
+    bad = break_images(data_dir, [("test_class_00", "img_1.jpg"), ("test_class_02", "img_4.png")])
+    paths = load_splits("folder", data_dir)["test"].paths
+    model = build_embedder("small_cnn", image_size=IMAGE_SIZE, embedding_dim=8, weights="none")
+    everything, found = retrieval.embed_decodable(model, paths, IMAGE_SIZE, batch_size=2)
+    assert everything.shape == (16, 8) and [path for path, _ in found.bad] == bad
+    assert found.checked == 18 and found.too_large == []
+    stopped, found = retrieval.embed_decodable(model, paths, IMAGE_SIZE, batch_size=2, stop_at_bad=True)
+    assert [path for path, _ in found.bad] == bad  # the second found by the check, not the model
+    assert len(stopped) < 16  # the model did not run on the images after the first bad one
+    np.testing.assert_array_equal(stopped, everything[:len(stopped)])
+
+
+def test_a_file_that_fails_only_while_embedding_is_still_counted_bad(tmp_path, model_dir, monkeypatch):
+    data_dir = make_folder_dataset(tmp_path / "data", test_classes=2, images_per_class=4)
+    bad = break_images(data_dir, [("test_class_01", "img_1.jpg")])
+    paths = load_splits("folder", data_dir)["test"].paths
+    # As if the file were fixed between the pass and the check: the check finds nothing wrong.
+    monkeypatch.setattr(image_check, "check_images",
+                        lambda paths, **_: image_check.ImageCheck(len(paths), [], 0.0))
+    model = build_embedder("small_cnn", image_size=IMAGE_SIZE, embedding_dim=8, weights="none")
+    embeddings, found = retrieval.embed_decodable(model, paths, IMAGE_SIZE, batch_size=3)
+    assert len(embeddings) == 7
+    assert found.bad == [(bad[0], retrieval.CHANGED_DURING_RUN)]
