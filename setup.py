@@ -34,7 +34,7 @@ setup(
         # The export tests run the TFLite variants and build TF Serving requests; the evaluation
         # tests check the faiss backend against the TensorFlow one; the TFDS reader tests prepare
         # tiny datasets with TFDS's own builders.
-        "test": ["pytest>=8.0", "ai-edge-litert>=2.0,<3", "tensorflow-serving-api>=2.20,<2.22", "faiss-cpu>=1.8",
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ai-edge-litert>=2.0,<3", "tensorflow-serving-api>=2.20,<2.22", "faiss-cpu>=1.8",
                  "tensorflow-datasets>=4.9,<5"],
         "tflite": ["ai-edge-litert>=2.0,<3"],
         "serving": ["tensorflow-serving-api>=2.20,<2.22"],

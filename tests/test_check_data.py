@@ -4,9 +4,13 @@ import json
 import os
 import shutil
 
+import pytest
+
 from cli_helpers import run_module
 from conftest import make_folder_dataset
 from odd_images import write_odd_images
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the programs
 
 
 def test_clean_dataset_is_ready(tmp_path):

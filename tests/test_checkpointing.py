@@ -81,6 +81,7 @@ def empty_index(directory, number):
     (directory / f"ckpt-{number}.index").write_bytes(b"")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, bad_file", [(cut_data, DATA.format(3)), (empty_index, "ckpt-3.index")])
 def test_a_damaged_newest_checkpoint_is_named_and_passed_over(run_dir, caplog, damage, bad_file):
     directory, saved = run_dir

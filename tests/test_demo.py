@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from cli_helpers import REPO, run_module
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the programs
 
 
 def test_demo_recipe_learns_unseen_letters(tmp_path):

@@ -19,6 +19,7 @@ from pnpp_tf.optimizers import TorchAdam
 WORKER = str(REPO / "tests" / "distributed_worker.py")
 
 
+@pytest.mark.slow
 def test_mirrored_step_on_two_cpus_equals_the_single_device_step(tmp_path):
     """Synchronised BatchNorm, the replicas' gradient sum and global clipping give one device's step.
 
@@ -63,6 +64,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_worker_job_ends_with_identical_weights(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data")
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}

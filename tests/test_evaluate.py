@@ -55,6 +55,7 @@ class ColourStatistics(tf.Module):
         return {"embedding": tf.math.l2_normalize(stats @ self.projection, axis=1)}
 
 
+@pytest.mark.slow
 def test_keras_model_end_to_end(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data", test_classes=3, images_per_class=5)
     model_dir = tmp_path / "run"
@@ -132,6 +133,7 @@ def test_bad_settings_raise_a_named_value_error(tmp_path, settings, pattern):
         evaluate.evaluate(config(**values))
 
 
+@pytest.mark.slow
 def test_missing_model_is_a_one_line_error(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data")
     result = run("-m", "pnpp_tf.evaluate", f"--model_dir={tmp_path / 'nothing'}",
@@ -143,6 +145,7 @@ def test_missing_model_is_a_one_line_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_benchmark_quick_prints_a_table():
     result = run("tools/bench_eval.py", "--quick", "--configs=inshop_quick")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -29,6 +29,9 @@ from pnpp_tf.io_utils import OutOfSpaceError
 from pnpp_tf.model import ProxyNCAModel, build_embedder
 from pnpp_tf.optimizers import TorchAdam
 
+# Every test here but two reads one export of all the formats (about 10 s to make).
+pytestmark = pytest.mark.slow
+
 IMAGE_SIZE = 32
 EMBEDDING_DIM = 16
 MAX_PIXELS = 64 * 64  # the test images are 40 x 36; a 100 x 100 one is "too large"

@@ -43,6 +43,7 @@ def test_the_recipe_defaults_and_edge_values_parse(parse):
           "--lr=1e-9", "--verbose=2")
 
 
+@pytest.mark.slow
 def test_the_entry_point_prints_one_line_and_exits_2():
     result = run_module("pnpp_tf.train", "--epochs=0", "--model_dir=/nonexistent/never/written")
     assert result.returncode == 2

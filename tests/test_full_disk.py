@@ -131,6 +131,7 @@ def test_a_plot_that_does_not_fit_is_not_left_half_drawn(small_disk):
     assert listing(small_disk) == []
 
 
+@pytest.mark.slow
 def test_a_training_run_on_a_full_disk_stops_with_one_line_at_its_checkpoint(small_disk, tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data")
     model_dir = small_disk / "run"

@@ -28,6 +28,7 @@ def bomb_in(directory):
     return write_png(os.path.join(directory, "bomb.png"), SIDE, SIDE)
 
 
+@pytest.mark.slow
 def test_check_data_reports_the_bomb_undecoded(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data")
     args = ("-m", "pnpp_tf.check_data", "--dataset=folder", f"--data_dir={data_dir}",
@@ -72,6 +73,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_the_pipelines_refuse_the_bomb_even_past_the_start_up_check(tmp_path):
     small = write_png(tmp_path / "small.png", 40, 30)
     bomb = bomb_in(tmp_path)
@@ -83,6 +85,7 @@ def test_the_pipelines_refuse_the_bomb_even_past_the_start_up_check(tmp_path):
     assert report["after"] < report["before"] + BUDGET_BYTES, report
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_the_bomb_or_skips_it(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data", images_per_class=3)
     bomb = bomb_in(tmp_path / "data" / "test" / "test_class_00")
@@ -106,6 +109,7 @@ def test_evaluate_refuses_the_bomb_or_skips_it(tmp_path):
     assert results["skipped_images"] == {"test": [bomb]} and results["num_query_images"] == 9
 
 
+@pytest.mark.slow
 def test_index_skips_the_bomb_and_loops_of_links(tmp_path):
     photos = tmp_path / "photos"
     make_folder_dataset(photos, train_classes=1, test_classes=1, images_per_class=2)

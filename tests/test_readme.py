@@ -2,7 +2,11 @@
 
 import re
 
+import pytest
+
 from cli_helpers import REPO, run_python
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the programs
 
 
 def test_the_python_api_example_runs(tmp_path):

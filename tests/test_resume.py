@@ -57,6 +57,7 @@ def kill_after_first_checkpoint(command, model_dir, delay):
     assert not (model_dir / "results.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every_steps, delay, resumed_at", [
     (0, 0.5, "epochs done"),               # killed in the epoch after the first epoch checkpoint
     (1, 0.0, "steps of the next"),         # killed mid-epoch, right after a step checkpoint
@@ -82,6 +83,7 @@ def test_killed_run_resumes_and_ends_with_the_uninterrupted_weights(tmp_path, un
     assert changed.returncode == 2 and "finished run with other flags (lr)" in changed.stderr
 
 
+@pytest.mark.slow
 def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data")
     model_dir = tmp_path / "run"
@@ -103,6 +105,7 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
             assert np.all(np.isfinite(value)), name
 
 
+@pytest.mark.slow
 def test_a_nan_after_a_mid_epoch_resume_is_reported_at_its_step_in_the_epoch(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data", images_per_class=8)
     model_dir = tmp_path / "run"
@@ -197,6 +200,7 @@ def test_a_resumed_run_may_train_longer_and_be_watched_differently():
     assert dataclasses.replace(now, temperature=1.0).changed_from(earlier, allowed={"epochs"}) == ["temperature"]
 
 
+@pytest.mark.slow
 def test_a_run_with_another_shape_is_refused_before_any_weight_is_restored(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data")
     model_dir = tmp_path / "run"
@@ -217,6 +221,7 @@ def test_a_run_with_another_shape_is_refused_before_any_weight_is_restored(tmp_p
         "another --model_dir.")
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_passed_over_and_none_intact_is_one_line(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data")
     model_dir = tmp_path / "run"

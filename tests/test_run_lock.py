@@ -38,6 +38,7 @@ def popen_python(*args, **kwargs):
                             text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_model_dir_stops_at_once_and_the_first_is_untouched(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data")
     model_dir = tmp_path / "run"

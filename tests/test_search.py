@@ -103,6 +103,7 @@ def test_index_counts_unreadable_files_and_finds_each_image_first(setup, tmp_pat
     assert np.all(np.diff(distances, axis=1) >= 0)
 
 
+@pytest.mark.slow
 def test_index_and_search_command_lines(setup, tmp_path):
     index_path = tmp_path / "photos.npz"
     result = run_module("pnpp_tf.index", f"--model={setup['model_dir']}",

@@ -12,6 +12,9 @@ from cli_helpers import TINY_RUN, run_module
 from conftest import make_folder_dataset
 from pnpp_tf import plots
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the programs
+
+
 TINY_FOLDER_RUN = ("--dataset=folder", "--eval_ks=1,2", *TINY_RUN)
 
 

@@ -8,6 +8,9 @@ import miniatures
 from cli_helpers import TINY_RUN, run_module
 from conftest import make_folder_dataset
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the programs
+
+
 BUILDERS = {
     "cub": (miniatures.make_cub, ("recall@1", "recall@2", "recall@4", "recall@8", "nmi")),
     "cars196": (miniatures.make_cars196, ("recall@1", "recall@2", "recall@4", "recall@8", "nmi")),

@@ -50,6 +50,7 @@ def assert_one_line(error, kind, pattern, cause=None):
         assert isinstance(error.__cause__, cause), repr(error.__cause__)
 
 
+@pytest.mark.slow
 def test_each_loader_gives_the_same_embeddings(trained):
     keras_embedder = artifacts.load_embedder(str(trained / "run"))
     from_file = artifacts.load_keras_embedder(str(trained / "run" / "embedder.keras"))

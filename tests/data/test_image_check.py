@@ -64,6 +64,7 @@ def test_skip_refuses_to_empty_a_class(odd_files):
         drop_or_raise(split, "test", "skip")
 
 
+@pytest.mark.slow
 def test_training_skips_and_reports_bad_images(tmp_path, odd_files):
     _, bad = odd_files
     data_dir = make_folder_dataset(tmp_path / "data")

@@ -122,6 +122,7 @@ def test_embedding_scatter(tmp_path):
         plots.save_embedding_scatter(embeddings[:2], labels[:2], names, str(tmp_path / "x.png"))
 
 
+@pytest.mark.slow
 def test_retrieval_grid_tool(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data", train_classes=2, test_classes=3,
                                    images_per_class=4)

@@ -2,8 +2,12 @@
 
 import json
 
+import pytest
+
 from cli_helpers import REPO, TINY_RUN, run_python
 from conftest import make_folder_dataset
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the programs
 
 
 def run_ablation(*args):

@@ -3,6 +3,8 @@
 import json
 import re
 
+import pytest
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -10,6 +12,9 @@ import tensorflow as tf
 from cli_helpers import REPO, run_python
 from pnpp_tf.model import ProxyNCAModel, build_embedder
 from pnpp_tf.optimizers import TorchAdam
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the programs
+
 
 NUMBER = r"(\d+(?:\.\d+)?)"
 
