@@ -28,7 +28,8 @@ class RecallAtK(keras.callbacks.Callback):
 
     Attributes:
         final_metrics: the metrics after `last_epoch`, once it has been trained; else None.
-        seconds: the time spent measuring.
+        seconds: the time spent measuring after epochs, that final measurement left out.
+        final_seconds: the time the final measurement took.
     """
 
     def __init__(self, evaluator, every_n_epochs=1, prefix="test_", last_epoch=None, with_nmi=False):
@@ -42,6 +43,7 @@ class RecallAtK(keras.callbacks.Callback):
         self.with_nmi = with_nmi
         self.final_metrics = None
         self.seconds = 0.0
+        self.final_seconds = None
 
     def on_epoch_end(self, epoch, logs=None):
         if self.model.stop_training:
@@ -51,9 +53,10 @@ class RecallAtK(keras.callbacks.Callback):
             return
         start = time.perf_counter()
         metrics = self.evaluator.measure(self.model, with_nmi=last and self.with_nmi)
-        self.seconds += time.perf_counter() - start
         if last:
-            self.final_metrics = metrics
+            self.final_metrics, self.final_seconds = metrics, time.perf_counter() - start
+        else:
+            self.seconds += time.perf_counter() - start
         if not self.every_n_epochs or (epoch + 1) % self.every_n_epochs:
             return  # measured for the results only: the history keeps its --eval_every rhythm
         logged = {f"recall@{k}": metrics[f"recall@{k}"] for k in self.evaluator.ks}
@@ -84,6 +87,11 @@ class TrainingClock(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.seconds += time.perf_counter() - self._start
+        self._start = None
+
+    def elapsed(self):
+        """`seconds`, plus the epoch so far when called within one (a mid-epoch checkpoint)."""
+        return self.seconds + (time.perf_counter() - self._start if self._start is not None else 0.0)
 
 
 class LearningRateLogger(keras.callbacks.Callback):

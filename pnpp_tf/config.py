@@ -216,7 +216,7 @@ class TrainConfig(OptimizationConfig, ModelConfig, CacheConfig, DataConfig):
         Returns:
             The sorted names of the changed fields.
         """
-        earlier, now = dict(recorded), self.to_dict()
+        earlier, now = _as_recorded(type(self), recorded), self.to_dict()
         earlier["cache_dir"], now["cache_dir"] = bool(earlier.get("cache_dir")), bool(now["cache_dir"])
         return changed_fields(earlier, now, self.defaults(), ignored=self.BOOKKEEPING | set(allowed))
 
@@ -311,6 +311,21 @@ class SearchConfig(Config):
 # One vocabulary for every search (`pnpp_tf.neighbours`), and its earlier names.
 _BACKEND_CHOICES = (*neighbours.BACKENDS, *neighbours.ALIASES)
 
+_KIND_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string", tuple: "a list"}
+
+
+def _as_recorded(config_class, recorded):
+    """A recorded config with its list fields in today's form: runs before the typed configs
+    recorded them as absl gave them (["1", "2", "4", "8"] for --eval_ks=1,2,4,8)."""
+    values = dict(recorded)
+    for field in dataclasses.fields(config_class):
+        if field.name in values and _origin(field.type) is tuple and values[field.name] is not None:
+            try:
+                values[field.name] = _plain(_converted(field, values[field.name]))
+            except UserError:
+                pass  # a value no run of today would record: it differs, and says so as it is
+    return values
+
 
 def _converted(field, value):
     """`value` in the field's type: list options become tuples, checked by their `parse`."""
@@ -335,8 +350,13 @@ def _ints(name, values):
 
 
 def _check(field, value):
-    """Raises `UserError` if `value` breaks the field's choices or bounds."""
+    """Raises `UserError` if `value` is not of the field's type or breaks its choices or bounds."""
     meta = field.metadata
+    kind = base_type(field.type)
+    # A float field takes an int; a bool is no int here, though Python says it is one.
+    allowed = {float: (int, float), int: int, bool: bool, str: str, tuple: tuple}[kind]
+    if value is not None and (not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool))):
+        raise UserError(f"--{field.name}={value!r}: must be {_KIND_NAMES[kind]}.")
     choices = meta.get("choices")
     if callable(choices):
         choices = choices()

@@ -12,6 +12,7 @@ after reading its width and height from the file header and refusing any image o
 import tensorflow as tf
 
 from pnpp_tf.data import image_header, pipeline
+from pnpp_tf.errors import UserError
 from pnpp_tf.losses import l2_normalize
 
 IMAGES_SIGNATURE = "serving_default"
@@ -46,9 +47,7 @@ class EmbedderServingModule(tf.Module):
                 f"The embedder must take square RGB images [N, S, S, 3]; its input shape is {shape}."
             )
         if int(max_pixels) < shape[1] * shape[2]:
-            raise ValueError(
-                f"max_pixels={max_pixels} is smaller than one {shape[1]}x{shape[2]} input image."
-            )
+            raise UserError(f"--max_pixels={max_pixels} is smaller than one {shape[1]}x{shape[2]} input image.")
         self._size = int(shape[1])
         self._max_pixels = int(max_pixels)
         # The embedder is held by the functions below, not as an attribute: what gets saved are

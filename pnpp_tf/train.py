@@ -165,6 +165,9 @@ def _data(config):
         train_split, gallery = splits["train"], splits.get("gallery")
         query = splits.get("test", splits.get("query"))
         evaluated_on = "test" if "test" in splits else "query_gallery"
+    if train_split.num_classes < 2:
+        raise UserError(f"--data_dir={config.data_dir}: training needs at least 2 classes, the training split "
+                        f"has {train_split.num_classes}.")
     if caches:
         train_split, query, gallery = _cached(caches, train_split, query, gallery, config.verbose == 1,
                                               config.max_pixels)

@@ -97,8 +97,10 @@ class Trainer:
         self.model = self._build_model()
         self.finished_epochs, self.record = checkpoint.restore_model(self.model)
         self.history = self.record.get("history", {})
-        # Checkpoints before the split timings kept one train_seconds, the phases' wall time.
-        self.timings = dict(self.record.get("timings", {"wall_seconds": self.record.get("train_seconds", 0.0)}))
+        # Checkpoints before the split timings kept one train_seconds, the phases' wall time: an
+        # upper bound of the training time, so the rate it gives errs low.
+        legacy = self.record.get("train_seconds", 0.0)
+        self.timings = dict(self.record.get("timings", {"train_seconds": legacy, "wall_seconds": legacy}))
         self.before = self.record.get("before_training")
         self._phase = None
 
@@ -119,10 +121,10 @@ class Trainer:
         for phase in self.phases:
             if self.finished_epochs < phase.end_epoch:
                 after = self._train_phase(phase)
-        start = time.perf_counter()
         if after is None:  # the last epoch was trained by an earlier, interrupted run
-            after = self.data.evaluator.measure(self.model, with_nmi=self.with_nmi)
-        final_eval_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            after = self.data.evaluator.measure(self.model, with_nmi=self.with_nmi), time.perf_counter() - start
+        after, final_eval_seconds = after
         logging.info("After training: %s", summary(after))
         return self._results(after, final_eval_seconds)
 
@@ -165,7 +167,8 @@ class Trainer:
             phase: the `Phase`; the restored checkpoint ended before its last epoch.
 
         Returns:
-            The final metrics, if this phase trained the run's last epoch and measured them.
+            (the final metrics, the seconds measuring them took), if this phase trained the run's
+            last epoch and measured them; else None.
 
         Raises:
             NumericalFault: a loss was NaN or infinite.
@@ -186,7 +189,8 @@ class Trainer:
         self.timings = self._phase.timings()
         if self._phase.guard.tripped_at is not None:
             raise NumericalFault(self._phase.guard.message(self.checkpoint))
-        return self._phase.recall.final_metrics
+        recall = self._phase.recall
+        return None if recall.final_metrics is None else (recall.final_metrics, recall.final_seconds)
 
     def _compile(self, freeze_backbone):
         """Compiles the model with new optimisers: the main phase starts with fresh Adam state."""
@@ -276,7 +280,7 @@ class _PhaseCallbacks:
         """The run's timings so far: the checkpoint's, plus this phase's."""
         base = self.base_timings
         spent = {
-            "train_seconds": self.clock.seconds - self.saver.mid_epoch_seconds,
+            "train_seconds": self.clock.elapsed() - self.saver.mid_epoch_seconds,
             "epoch_eval_seconds": self.recall.seconds,
             "checkpoint_seconds": self.saver.seconds,
             "wall_seconds": time.perf_counter() - self.start,

@@ -1,4 +1,4 @@
-"""The learning-rate schedules, on a stand-in model with two optimisers."""
+"""Training callbacks on stand-ins: the learning-rate schedules, Recall@K and the training clock."""
 
 import json
 import types
@@ -54,3 +54,48 @@ def test_multistep_replays_drops_like_pytorch_multisteplr():
         seen.append(rates(model)[0])
     assert seen == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
     assert rates(model)[1] == pytest.approx(1.0)  # 100 x 0.1 x 0.1
+
+
+class CountingEvaluator:
+    """Stands in for a RetrievalEvaluator: counts its measures and says whether NMI was asked."""
+
+    ks = (1,)
+
+    def __init__(self):
+        self.calls = []
+
+    def measure(self, model, with_nmi=False):
+        self.calls.append(with_nmi)
+        return {"recall@1": 0.5, "map@r": 0.25, **({"nmi": 0.75} if with_nmi else {})}
+
+
+@pytest.mark.parametrize("every", [0, 2])
+def test_recall_measures_the_last_epoch_in_full_once_and_logs_only_its_rhythm(every):
+    evaluator = CountingEvaluator()
+    recall = callbacks.RecallAtK(evaluator, every_n_epochs=every, last_epoch=2, with_nmi=True)
+    recall.set_model(types.SimpleNamespace(stop_training=False))
+    logs = [{} for _ in range(3)]
+    for epoch in range(3):
+        recall.on_epoch_end(epoch, logs[epoch])
+    assert evaluator.calls == ([True] if every == 0 else [False, True])  # epoch 2, then the last
+    assert recall.final_metrics == {"recall@1": 0.5, "map@r": 0.25, "nmi": 0.75}
+    assert recall.final_seconds is not None and recall.seconds >= 0.0
+    assert logs[2] == {} and ("test_recall@1" in logs[1]) == (every == 2)
+
+
+def test_recall_does_not_measure_an_epoch_cut_short():
+    evaluator = CountingEvaluator()
+    recall = callbacks.RecallAtK(evaluator, every_n_epochs=1, last_epoch=0)
+    recall.set_model(types.SimpleNamespace(stop_training=True))  # the NaN guard stopped it
+    recall.on_epoch_end(0, {})
+    assert evaluator.calls == [] and recall.final_metrics is None
+
+
+def test_the_training_clock_counts_an_unfinished_epoch(monkeypatch):
+    now = iter([10.0, 13.0, 20.0, 21.5])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(now))
+    clock = callbacks.TrainingClock()
+    clock.on_epoch_begin(0)
+    clock.on_epoch_end(0)  # 3 s
+    clock.on_epoch_begin(1)
+    assert clock.elapsed() == 4.5  # and 1.5 s of the epoch under way, as a mid-epoch checkpoint sees it

@@ -69,6 +69,14 @@ def test_choices_and_lists_are_checked_and_converted():
     assert config.eval_ks == (1, 2, 8) and config.lr_drop_epochs == (30, 45)
 
 
+def test_values_of_another_type_are_refused():
+    with pytest.raises(UserError, match=r"^--epochs='5': must be an integer\.$"):
+        TrainConfig(model_dir="run", epochs="5")
+    with pytest.raises(UserError, match=r"^--flip=1: must be true or false\.$"):
+        TrainConfig(model_dir="run", flip=1)
+    assert TrainConfig(model_dir="run", lr=1).lr == 1  # an int is a number
+
+
 def test_cross_field_checks():
     with pytest.raises(UserError, match=r"^--model_dir is required"):
         TrainConfig()

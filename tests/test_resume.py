@@ -185,9 +185,12 @@ def test_configs_compare_across_new_fields_and_cache_locations():
     assert TrainConfig(model_dir="run", cache_dir="/elsewhere").changed_from(cached) == []
     assert TrainConfig(model_dir="run", lr=0.5, cache_short_side=64).changed_from(earlier) == [
         "cache_short_side", "lr"]
-    # A list field compares with its JSON record.
+    # A list field compares with its JSON record, and with absl's strings that older runs recorded.
     assert TrainConfig(model_dir="run", lr_drop_epochs=(3, 5)).changed_from(
         {**earlier, "lr_drop_epochs": [3, 5]}) == []
+    assert TrainConfig(model_dir="run", eval_ks=(1, 2, 4, 8), lr_drop_epochs=(10, 20)).changed_from(
+        {**earlier, "eval_ks": ["1", "2", "4", "8"], "lr_drop_epochs": ["10", "20"]}) == []
+    assert TrainConfig(model_dir="run").changed_from({**earlier, "eval_ks": ["1", "x"]}) == ["eval_ks"]
 
 
 def test_a_resumed_run_may_train_longer_and_be_watched_differently():

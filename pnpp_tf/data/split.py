@@ -65,7 +65,7 @@ def class_halves(split):
         (train_half, val_half) `Split`s.
     """
     if split.num_classes < 4:
-        raise ValueError(f"--mode=train halves the training classes; {split.num_classes} are too few.")
+        raise UserError(f"--mode=train halves the training classes; {split.num_classes} are too few (at least 4).")
     middle = split.num_classes // 2
     first = split.labels < middle
     return (
