@@ -17,8 +17,9 @@ take configs or plain arguments.
 import dataclasses
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
+from pnpp_tf import cpu_kernels
 from pnpp_tf.config import base_type
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import OutOfSpaceError
@@ -103,6 +104,7 @@ def run(main, config_class, program):
     def run_main(argv):
         if len(argv) > 1:
             _fail(program, f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+        logging.info("%s", cpu_kernels.describe())
         try:
             return main(config_from_flags(config_class))
         except (UserError, OutOfSpaceError) as error:

@@ -20,9 +20,11 @@ def run_module(module, *args, timeout=600):
     return run_python("-m", module, *args, timeout=timeout)
 
 
-def run_python(*args, timeout=600, cwd=None):
-    """Runs `python args...` (in `cwd`) with the repository importable; returns the CompletedProcess."""
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=python_path)
+def run_python(*args, timeout=600, cwd=None, env=None, tf_log_level="2"):
+    """Runs `python args...` (in `cwd`, with `env`, default this process') with the repository
+    importable and TensorFlow's C++ log at `tf_log_level`; returns the CompletedProcess."""
+    env = dict(os.environ if env is None else env)
+    python_path = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(TF_CPP_MIN_LOG_LEVEL=tf_log_level, PYTHONPATH=python_path)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=cwd)
