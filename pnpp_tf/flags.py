@@ -25,16 +25,20 @@ from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import OutOfSpaceError
 
 
-def define_flags(config_class, flag_values=flags.FLAGS):
+def define_flags(config_class, flag_values=flags.FLAGS, module_name=None):
     """Defines one flag per field of `config_class`, with the field's default, help and bounds.
 
     Args:
         config_class: a `pnpp_tf.config.Config` dataclass.
         flag_values: where to define them (tests pass a fresh `flags.FlagValues()`).
+        module_name: the module absl files them under; `run` gives the program's, so that
+            `--help` lists them (absl lists only the main module's flags there).
     """
     for field in dataclasses.fields(config_class):
         meta, kind = field.metadata, base_type(field.type)
         common = {"name": field.name, "help": meta["help"], "flag_values": flag_values}
+        if module_name:
+            common["module_name"] = module_name
         choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
         bounds = {"lower_bound": meta["lower"], "upper_bound": meta["upper"]}
         if choices is not None:
@@ -93,7 +97,7 @@ def run(main, config_class, program):
         config_class: a `pnpp_tf.config.Config` dataclass.
         program: the entry point's name, e.g. "pnpp_tf.train".
     """
-    define_flags(config_class)
+    define_flags(config_class, module_name=sys.argv[0])
 
     def parse_flags(argv):
         try:

@@ -50,3 +50,8 @@ def test_the_entry_point_prints_one_line_and_exits_2():
     assert result.stderr.strip().splitlines()[-1] == (
         "pnpp_tf.train: error: flag --epochs=0: 0 is not a positive integer (see --helpfull)")
     assert "Traceback" not in result.stderr
+
+
+def test_help_lists_the_programs_own_flags():
+    result = run_module("pnpp_tf.export", "--help")  # absl's --help exits with status 1
+    assert "--version: Version to write" in result.stdout and "--tflite_variants" in result.stdout
