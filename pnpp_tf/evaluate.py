@@ -130,8 +130,10 @@ def _checked_splits(config, embedder, ks):
         checked[name], bad = drop_or_raise(splits[name], name, config.on_bad_image,
                                            check=lambda paths, found=found, **_: found,
                                            max_pixels=config.max_pixels)
-        # embed_decodable's bad images are exactly those it left out, and drop_or_raise drops them.
-        assert len(checked[name]) == len(embedded[name]), (name, len(checked[name]), len(embedded[name]))
+        # embed_decodable's bad images are exactly those it left out, and drop_or_raise drops them;
+        # a mismatch is a bug here, not the user's (and must survive python -O, unlike assert).
+        if len(checked[name]) != len(embedded[name]):
+            raise RuntimeError(f"{name}: {len(checked[name])} images kept but {len(embedded[name])} embedded.")
         if bad:
             skipped[name] = bad
     query, gallery = checked[names[0]], checked.get("gallery")

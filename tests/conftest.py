@@ -41,3 +41,13 @@ def make_folder_dataset(root, train_classes=4, test_classes=3, images_per_class=
 @pytest.fixture
 def folder_dataset(tmp_path):
     return make_folder_dataset(tmp_path / "data")
+
+
+def rows_to_normalise(seed, rows=6, dim=5):
+    """Rows of norms from 1e-3 to 1e3, one of zeros and one under the 1e-12 clamp, and what the
+    naive loop x / max(||x||, 1e-12) makes of them: (rows, unit rows), float64."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, dim)) * rng.uniform(1e-3, 1e3, size=(rows, 1))
+    x[1] = 0.0
+    x[3] = 1e-14  # below the clamp: divided by 1e-12, not by its norm
+    return x, np.array([row / max(np.linalg.norm(row), 1e-12) for row in x])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import rows_to_normalise
 from pnpp_tf.losses import ProxyNCALoss
 
 
@@ -123,11 +124,7 @@ def test_l2_normalize_is_the_naive_normaliser_and_the_engines():
     from pnpp_tf import neighbours  # pylint: disable=import-outside-toplevel
     from pnpp_tf.losses import l2_normalize  # pylint: disable=import-outside-toplevel
 
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(6, 5)) * rng.uniform(1e-3, 1e3, size=(6, 1))
-    x[1] = 0.0
-    x[3] = 1e-14  # below the clamp: divided by 1e-12, not by its norm
-    want = np.array([row / max(np.linalg.norm(row), 1e-12) for row in x])
+    x, want = rows_to_normalise(seed=3)
     got = l2_normalize(tf.constant(x, tf.float32)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     # The k-NN engine's numpy normaliser computes the same function.

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import rows_to_normalise
 from pnpp_tf import evaluation, neighbours
 from pnpp_tf.errors import UserError
 from pnpp_tf.indexing import neighbours as search_neighbours
@@ -222,15 +223,11 @@ def test_bad_k_and_block_size_are_user_errors():
 
 
 def test_unit_rows_is_the_naive_normaliser():
-    rng = np.random.default_rng(6)
-    x = rng.normal(size=(7, 5)) * rng.uniform(1e-3, 1e3, size=(7, 1))
-    x[2] = 0.0
-    x[4] = 1e-14  # below the clamp: divided by 1e-12, not by its norm
-    want = np.array([row / max(np.linalg.norm(row), 1e-12) for row in x])
+    x, want = rows_to_normalise(seed=6, rows=7)
     got = neighbours.unit_rows(x)
     assert got.dtype == np.float32 and got is not x
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    assert not got[2].any()
+    assert not got[1].any()  # the zero row stays zero
     with pytest.raises(UserError, match=r"query has 2 row\(s\).*row 1"):
         neighbours.unit_rows(np.array([[1.0, 0.0], [np.nan, 0.0], [np.inf, 1.0]]), "query")
     with pytest.raises(UserError, match=r"must be 2-D, got shape \(3,\)"):
