@@ -25,6 +25,7 @@ class RecallAtK(keras.callbacks.Callback):
         last_epoch: the Keras index of the run's last epoch, measured in full whatever
             `every_n_epochs` says; None: none is.
         with_nmi: the measurement after `last_epoch` includes NMI.
+        distance: "cosine" or "euclidean" (`RetrievalEvaluator.measure`); None: the evaluator's.
 
     Attributes:
         final_metrics: the metrics after `last_epoch`, once it has been trained; else None.
@@ -32,7 +33,8 @@ class RecallAtK(keras.callbacks.Callback):
         final_seconds: the time the final measurement took.
     """
 
-    def __init__(self, evaluator, every_n_epochs=1, prefix="test_", last_epoch=None, with_nmi=False):
+    def __init__(self, evaluator, every_n_epochs=1, prefix="test_", last_epoch=None, with_nmi=False,
+                 distance=None):
         super().__init__()
         if every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be >= 0, got {every_n_epochs}.")
@@ -41,6 +43,7 @@ class RecallAtK(keras.callbacks.Callback):
         self.prefix = prefix
         self.last_epoch = last_epoch
         self.with_nmi = with_nmi
+        self.distance = distance
         self.final_metrics = None
         self.seconds = 0.0
         self.final_seconds = None
@@ -52,7 +55,7 @@ class RecallAtK(keras.callbacks.Callback):
         if not last and (not self.every_n_epochs or (epoch + 1) % self.every_n_epochs):
             return
         start = time.perf_counter()
-        metrics = self.evaluator.measure(self.model, with_nmi=last and self.with_nmi)
+        metrics = self.evaluator.measure(self.model, with_nmi=last and self.with_nmi, distance=self.distance)
         if last:
             self.final_metrics, self.final_seconds = metrics, time.perf_counter() - start
         else:

@@ -28,7 +28,7 @@ from pnpp_tf.losses import VARIANTS
 from pnpp_tf.model import POOLINGS
 
 
-def option(default, help, *, choices=None, lower=None, upper=None, positive=False, parse=None):
+def option(default, help, *, choices=None, lower=None, upper=None, positive=False, parse=None, words=None):
     """A config field: its default and how the command line and the checks see it.
 
     Args:
@@ -39,9 +39,11 @@ def option(default, help, *, choices=None, lower=None, upper=None, positive=Fals
         positive: the number must be greater than 0 (absl's bounds are inclusive).
         parse: for a list option, `(field name, list of values) -> tuple` converting and
             checking the items (default: as the annotation says, e.g. `tuple[int, ...]`).
+        words: for a str option that is a count or a word ("auto"): the words; the value is
+            one of them or the digits of an integer >= 0 (an int given in Python becomes those).
     """
     metadata = {"help": help, "choices": choices, "lower": lower, "upper": upper,
-                "positive": positive, "parse": parse}
+                "positive": positive, "parse": parse, "words": words}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -112,6 +114,9 @@ class DataConfig(Config):
         (), "The K of Recall@K; empty: the dataset's protocol (1,2,4,8 for CUB/Cars/folder/glyphs, "
         "1,10,100,1000 for SOP, 1,10,...,50 for In-Shop).", parse=lambda name, v: positive_ints(name, v, sort=True))
     eval_batch_size: int = option(64, "Images per inference batch.", lower=1)
+    eval_distance: str = option("cosine", "Retrieval distance: cosine (on L2-normalised embeddings) or euclidean "
+                                "(on the raw embeddings, the authors' protocol); NMI clusters the same vectors.",
+                                choices=("cosine", "euclidean"))
     on_bad_image: str = option("error", "An image that does not decode: error (stop, naming it) or skip "
                                "(train without it; logged, counted in results.json).", choices=ON_BAD_IMAGE)
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "Largest width x height of an image read from the data; a "
@@ -136,12 +141,32 @@ class ModelConfig(Config):
     """The embedder and the loss."""
 
     backbone: str = option("resnet50", "Backbone trunk.", choices=backbones.available_backbones)
-    weights: str = option("imagenet", "Backbone weights: imagenet, none, or a weights file path.")
+    backbone_preset: typing.Optional[str] = option(
+        None, "--backbone=keras_hub: a KerasHub preset, as a Kaggle or hf:// handle (downloaded on first use) or "
+        "a local preset directory written by save_to_preset (offline).")
+    weights: str = option("imagenet", "Backbone weights: imagenet, none, or a weights file path. With "
+                          "--backbone=keras_hub, imagenet (or preset) is the preset's own weights and none its "
+                          "architecture with random weights.")
     embedding_dim: int = option(2048, "Embedding size.", lower=1)
-    pooling: str = option("max", "Global pooling of the last feature map.", choices=POOLINGS)
+    pooling: str = option("max", "Global pooling of the last feature map, or of a transformer's patch tokens "
+                          "(never its CLS or register tokens); cls: a transformer's CLS token.", choices=POOLINGS)
     layer_norm: bool = option(True, "LayerNorm (no affine parameters) on the pooled features.")
     loss: str = option("proxynca_pp", "proxynca_pp, or the original proxynca.", choices=VARIANTS)
     temperature: float = option(1.0 / 9.0, "Softmax temperature of the loss.", positive=True)
+
+    def validate(self):
+        super().validate()
+        takes_preset = backbones.get_backbone(self.backbone).takes_preset
+        if takes_preset and not self.backbone_preset:
+            raise UserError(f"--backbone={self.backbone} needs --backbone_preset=HANDLE_OR_DIR: a KerasHub preset "
+                            "handle (e.g. dinov2_small, hf://timm/resnet50.tv_in1k) or a local preset directory.")
+        if self.backbone_preset and not takes_preset:
+            raise UserError(f"--backbone_preset={self.backbone_preset} is only read with --backbone=keras_hub; "
+                            "drop it or pass --backbone=keras_hub.")
+        if self.pooling == "cls" and not takes_preset:
+            raise UserError(f"--pooling=cls needs a transformer with a CLS token (--backbone=keras_hub with a "
+                            f"DINOv2, DINOv3 or ViT preset); --backbone={self.backbone} gives a feature map: use "
+                            "--pooling=max or avg.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +191,15 @@ class OptimizationConfig(Config):
     proxy_lr: float = option(4e2, "Learning rate of the proxies.", positive=True)
     clip_value: float = option(10.0, "Clip backbone and embedding gradients by value (0: off).", lower=0)
     flip: bool = option(True, "Random horizontal flips in training.")
-    eval_every: int = option(1, "Measure Recall@K on the test split every N epochs (0: only at the end).", lower=0)
+    eval_every: str = option("auto", "Measure Recall@K on the test split every N epochs (0: only at the end); "
+                             "auto: as often as evaluating stays within a tenth of the training time, judged by "
+                             "the image counts (every epoch only when the test split is small beside the training "
+                             "split; every 4 epochs on CUB and SOP). The final measurement is always made.",
+                             words=("auto",))
     jit_compile: str = option("auto", "XLA for the train step; auto: on GPU only.", choices=("auto", "true", "false"))
+    steps_per_execution: int = option(1, "Train steps per call of the compiled train function (Keras' "
+                                      "steps_per_execution): fewer host round trips on a GPU or TPU, the same "
+                                      "updates; per-batch callbacks see every N-th step.", lower=1)
     mixed_precision: str = option("none", "Keras dtype policy of the backbone; loss, proxies and logits stay "
                                   "float32, and float16 uses dynamic loss scaling.",
                                   choices=("none", "mixed_float16", "mixed_bfloat16"))
@@ -194,11 +226,16 @@ class TrainConfig(OptimizationConfig, ModelConfig, CacheConfig, DataConfig):
     # Fields that change how a run is watched, stored or found, not what it computes: a run is
     # resumed, or recognised as finished, whatever their values.
     BOOKKEEPING = frozenset({"verbose", "debug_numerics", "keep_checkpoints", "checkpoint_every_steps",
-                             "eval_batch_size", "eval_every", "model_dir", "data_dir"})
+                             "eval_batch_size", "eval_every", "steps_per_execution", "model_dir",
+                             "data_dir"})
 
     def validate(self):
+        super().validate()
         if not self.model_dir:
             raise UserError("--model_dir is required: checkpoints and results.json are written there.")
+        if self.checkpoint_every_steps % self.steps_per_execution:
+            raise UserError(f"--checkpoint_every_steps={self.checkpoint_every_steps} is not a multiple of "
+                            f"--steps_per_execution={self.steps_per_execution}: checkpoints fall between executions.")
         if self.mode == "train" and (self.lr_drop_epochs or self.lr_schedule_from):
             raise UserError("--lr_drop_epochs and --lr_schedule_from are for --mode=trainval; "
                             "--mode=train finds the schedule itself.")
@@ -329,6 +366,8 @@ def _as_recorded(config_class, recorded):
 
 def _converted(field, value):
     """`value` in the field's type: list options become tuples, checked by their `parse`."""
+    if field.metadata.get("words") and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     if _origin(field.type) is not tuple:
         return value
     if isinstance(value, str):
@@ -357,6 +396,9 @@ def _check(field, value):
     allowed = {float: (int, float), int: int, bool: bool, str: str, tuple: tuple}[kind]
     if value is not None and (not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool))):
         raise UserError(f"--{field.name}={value!r}: must be {_KIND_NAMES[kind]}.")
+    words = meta.get("words")
+    if words and isinstance(value, str) and value not in words and not (value.isascii() and value.isdigit()):
+        raise UserError(f"--{field.name}={value}: give an integer >= 0 or {' or '.join(words)}.")
     choices = meta.get("choices")
     if callable(choices):
         choices = choices()

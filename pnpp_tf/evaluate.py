@@ -9,6 +9,10 @@ TF Serving base path holding numbered versions means its newest one). The input 
 the model; --image_size is the fallback for models that accept any size. Writes
 <output_dir or model_dir>/eval_<dataset>.json (the metrics, counts, timings and settings) and
 eval_<dataset>.md (the same metrics as a Markdown table).
+
+--eval_distance=euclidean is the authors' protocol: Euclidean distance (and k-means for NMI) on
+the raw output of the embedding layer, which only embedder.keras gives (an export's `embedding`
+is L2-normalised); cosine, the default, ranks the L2-normalised embeddings.
 """
 
 import json
@@ -49,6 +53,10 @@ def evaluate(config):
     with_nmi = eval_protocol.nmi if config.nmi == "auto" else config.nmi == "true"
     embedder = load_embedder(config.model_dir, config.saved_model, config.image_size)
     image_size = embedder.image_size
+    distance = config.eval_distance
+    if distance == "euclidean" and embedder.keras_model is None:
+        raise UserError(f"--eval_distance=euclidean needs the raw embedding, but {embedder.source} is an export, "
+                        "whose output is L2-normalised; evaluate the run's --model_dir, or use --eval_distance=cosine.")
 
     start = time.perf_counter()
     query, gallery, skipped, query_embeddings, gallery_embeddings = _checked_splits(config, embedder, ks)
@@ -57,14 +65,14 @@ def evaluate(config):
     metrics = evaluation.retrieval_metrics(
         query_embeddings, query.labels, gallery_embeddings,
         gallery.labels if gallery else None, ks=ks, block_size=config.block_size or None,
-        backend=config.backend)
+        backend=config.backend, distance=distance)
     metrics_seconds = time.perf_counter() - start
     nmi_seconds = None
     if with_nmi:
         start = time.perf_counter()
         both = [query_embeddings] + ([gallery_embeddings] if gallery else [])
         labels = [query.labels] + ([gallery.labels] if gallery else [])
-        metrics["nmi"] = evaluation.nmi(np.concatenate(both), np.concatenate(labels))
+        metrics["nmi"] = evaluation.nmi(np.concatenate(both), np.concatenate(labels), distance=distance)
         nmi_seconds = time.perf_counter() - start
 
     num_images = len(query) + (len(gallery) if gallery else 0)
@@ -77,6 +85,7 @@ def evaluate(config):
         "embedding_dim": int(query_embeddings.shape[1]),
         "ks": ks,
         "backend": config.backend,
+        "eval_distance": distance,
         "metrics": metrics,
         "num_query_images": len(query),
         "num_gallery_images": len(gallery) if gallery else None,
@@ -123,9 +132,11 @@ def _checked_splits(config, embedder, ks):
     logging.info("Evaluating %s on %s: %s at %d px", embedder.source, config.dataset,
                  " and ".join(f"{len(splits[name])} {name} images" for name in names), embedder.image_size)
     checked, embedded, skipped = {}, {}, {}
+    # Euclidean distance is measured on the raw embedding layer's output, cosine on unit rows.
+    model = embedder.keras_model if config.eval_distance == "euclidean" else embedder.inference
     for name in names:
         embedded[name], found = embed_decodable(
-            embedder.inference, splits[name].paths, embedder.image_size, config.eval_batch_size,
+            model, splits[name].paths, embedder.image_size, config.eval_batch_size,
             config.max_pixels, verbose=config.verbose, stop_at_bad=config.on_bad_image == "error")
         checked[name], bad = drop_or_raise(splits[name], name, config.on_bad_image,
                                            check=lambda paths, found=found, **_: found,
@@ -178,7 +189,8 @@ def markdown_table(results):
         f"## {results['dataset']}: `{results['model']}`",
         "",
         f"{searched}, {results['num_classes']:,} classes, {results['image_size']} px, "
-        f"{results['embedding_dim']}-d embeddings; values in %.",
+        f"{results['embedding_dim']}-d embeddings, {_DISTANCE_WORDS[results.get('eval_distance', 'cosine')]}; "
+        "values in %.",
         "",
         "| " + " | ".join(title for _, title in names) + " |",
         "|" + "---|" * len(names),
@@ -186,6 +198,9 @@ def markdown_table(results):
         "",
     ]
     return "\n".join(lines)
+
+
+_DISTANCE_WORDS = {"cosine": "cosine similarity", "euclidean": "Euclidean distance of the raw embeddings"}
 
 
 def _percent(value):

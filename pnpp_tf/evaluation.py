@@ -25,11 +25,13 @@ BACKENDS = neighbours.BACKENDS + tuple(neighbours.ALIASES)
 
 
 def retrieval_metrics(query_embeddings, query_labels, gallery_embeddings=None,
-                      gallery_labels=None, ks=(1, 2, 4, 8), block_size=None, backend="exact"):
-    """Computes Recall@K, MAP@R and R-Precision under cosine similarity.
+                      gallery_labels=None, ks=(1, 2, 4, 8), block_size=None, backend="exact",
+                      distance="cosine"):
+    """Computes Recall@K, MAP@R and R-Precision under cosine or Euclidean distance.
 
-    Neighbours are ranked by descending cosine similarity, ties broken by ascending gallery
-    index, for all metrics (`pnpp_tf.neighbours`): a query's Recall@K is a hit exactly when
+    Neighbours are ranked by descending cosine similarity (or ascending Euclidean distance of
+    the raw embeddings), ties broken by ascending gallery index, for all metrics
+    (`pnpp_tf.neighbours`): a query's Recall@K is a hit exactly when
     `neighbours.nearest` lists one of its positives among its K nearest. Without a gallery each
     query is searched among all other queries; only its own row is excluded, so exact
     duplicates at other indices still count as neighbours. Queries are processed in blocks of
@@ -50,6 +52,8 @@ def retrieval_metrics(query_embeddings, query_labels, gallery_embeddings=None,
             `neighbours.FAISS_MIN_GALLERY` gallery items if installed). The two agree exactly
             whenever both compute the same float32 similarities, and otherwise differ only
             where two similarities are closer than float32 rounding.
+        distance: "cosine" (of the L2-normalised embeddings) or "euclidean" (of the embeddings
+            as given: the authors' protocol on the raw embedding layer's output).
 
     Returns:
         Dict with Python floats `"recall@K"` for each K in `ks` (denominator: all queries, those
@@ -58,10 +62,11 @@ def retrieval_metrics(query_embeddings, query_labels, gallery_embeddings=None,
         `"num_queries_without_positives"`.
 
     Raises:
-        UserError: On malformed shapes, non-finite embeddings, an unknown backend, faiss asked
+        UserError: On malformed shapes, non-finite embeddings, an unknown backend or distance, faiss asked
             for but not installed, a bad block size, or a K below 1 or above the number of
             candidate neighbours.
     """
+    neighbours.check_distance(distance)
     queries, query_labels = _check_pair(query_embeddings, query_labels, "query")
     exclude_self = gallery_embeddings is None
     if exclude_self != (gallery_labels is None):
@@ -91,7 +96,7 @@ def retrieval_metrics(query_embeddings, query_labels, gallery_embeddings=None,
     ranks = np.empty(len(queries), np.int64)
     relevant = np.empty((len(queries), r_max), bool)
     for start, stop, _, found, rank in neighbours.blocks(
-            queries, gallery, r_max, exclude, backend, block_size, positives, max(ks)):
+            queries, gallery, r_max, exclude, backend, block_size, positives, max(ks), distance):
         ranks[start:stop] = rank
         relevant[start:stop] = positives.contains(found, slice(start, stop))
 
@@ -108,24 +113,27 @@ def retrieval_metrics(query_embeddings, query_labels, gallery_embeddings=None,
     return metrics
 
 
-def nmi(embeddings, labels, n_clusters=None, seed=0):
+def nmi(embeddings, labels, n_clusters=None, seed=0, distance="cosine"):
     """Normalised mutual information of k-means clusters with the labels.
 
     Args:
-        embeddings: Float array of shape `(N, D)`; L2-normalised before clustering so
-            clustering matches the cosine geometry.
+        embeddings: Float array of shape `(N, D)`.
         labels: Int array of shape `(N,)`.
         n_clusters: Number of clusters; defaults to the number of distinct labels.
         seed: Random state of k-means, making the result deterministic.
+        distance: the geometry of the retrieval metrics: "cosine" clusters the L2-normalised
+            embeddings, "euclidean" the embeddings as given (the authors' k-means on the raw
+            embedding layer's output).
 
     Returns:
         NMI (geometric normalisation) as a Python float in [0, 1].
     """
+    neighbours.check_distance(distance)
     embeddings, labels = _check_pair(embeddings, labels, "")
     if n_clusters is None:
         n_clusters = len(np.unique(labels))
-    clusters = KMeans(n_clusters=int(n_clusters), n_init=1,
-                      random_state=seed).fit_predict(neighbours.unit_rows(embeddings))
+    points = neighbours.unit_rows(embeddings) if distance == "cosine" else embeddings
+    clusters = KMeans(n_clusters=int(n_clusters), n_init=1, random_state=seed).fit_predict(points)
     return float(normalized_mutual_info_score(labels, clusters, average_method="geometric"))
 
 

@@ -81,7 +81,7 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
     version = target.new_version(version)
     module = serving.EmbedderServingModule(embedder.keras_model, max_pixels=max_pixels)
 
-    variants = [parity.KerasVariant(embedder.keras_model, run.embedder_path)]
+    variants = [parity.KerasVariant(embedder.inference, run.embedder_path)]
     if "saved_model" in formats:
         path = write_saved_model(module, export_dir, version)
         loaded = tf.saved_model.load(path)

@@ -55,7 +55,8 @@ def main(config):
     index = run(config.model, config.images, config.index, config.batch_size, config.progress, config.max_pixels)
     meta = index.metadata
     print(f"Indexed {meta['num_images']} images under {config.images} into {config.index} in "
-          f"{time.perf_counter() - start:.1f} s: {meta['embedding_dim']}-d embeddings of "
+          f"{time.perf_counter() - start:.1f} s ({meta['images_per_second']:.1f} images/s embedded): "
+          f"{meta['embedding_dim']}-d embeddings of "
           f"{meta['image_size']} px crops, {_KINDS.get(meta['model_kind'], 'model')} "
           f"{meta['model']}.")
     skipped = meta["skipped"]

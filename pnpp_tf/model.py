@@ -3,6 +3,9 @@
     images [0, 255] -> normalisation -> backbone trunk -> global max pool -> LayerNorm -> Dense
         = raw embedding (the embedder);  ProxyNCAModel(images) = L2-normalised embedding.
 
+A transformer trunk's tokens are pooled by `TokenPooling`: max or average over the patch tokens
+(never its CLS or register tokens), or its CLS token.
+
 `ProxyNCAModel.train_step` applies two optimisers: the main one to backbone and head, and a
 separate fast one to the proxies held by the loss layer.
 """
@@ -15,10 +18,12 @@ import tensorflow as tf
 from keras import layers
 
 from pnpp_tf import backbones
+# Registers TorchBatchNormalization, which the embedder.keras files of resnet50_torchvision hold.
+from pnpp_tf import torchvision_resnet  # noqa: F401 pylint: disable=unused-import
 from pnpp_tf.errors import UserError
 from pnpp_tf.losses import ProxyNCALoss, l2_normalize
 
-POOLINGS = ("max", "avg")
+POOLINGS = ("max", "avg", "cls")
 BACKBONE_LAYER_NAME = "backbone"
 
 
@@ -29,6 +34,7 @@ def build_embedder(
     pooling="max",
     layer_norm=True,
     weights="none",
+    backbone_preset=None,
 ):
     """Builds the embedder: a functional `keras.Model` from RGB images to raw embeddings.
 
@@ -36,9 +42,12 @@ def build_embedder(
         backbone: registered backbone name, see `pnpp_tf.backbones.available_backbones()`.
         image_size: side of the square input images, in pixels.
         embedding_dim: size of the embedding.
-        pooling: "max" (global max pooling, ProxyNCA++) or "avg" (the ablation).
+        pooling: "max" (global max pooling, ProxyNCA++) or "avg" (the ablation); of a
+            transformer's patch tokens, or "cls": its CLS token.
         layer_norm: LayerNorm without affine parameters on the pooled features (ProxyNCA++).
-        weights: "none", a pretrained weights name (e.g. "imagenet") or a weights file path.
+        weights: "none", a pretrained weights name (e.g. "imagenet", which is a preset's own
+            weights with backbone "keras_hub") or a weights file path.
+        backbone_preset: the KerasHub preset handle or directory of backbone "keras_hub".
 
     Returns:
         A `keras.Model` named "embedder" taking float32 [N, image_size, image_size, 3] RGB images
@@ -53,17 +62,16 @@ def build_embedder(
     if int(embedding_dim) < 1:
         raise ValueError(f"embedding_dim must be positive, got {embedding_dim}.")
     input_shape = (int(image_size), int(image_size), 3)
-    trunk = _build_trunk(spec, input_shape, backbones.resolve_weights(spec, weights))
+    trunk = _build_trunk(spec, input_shape, backbones.resolve_weights(spec, weights), backbone_preset)
 
     images = keras.Input(input_shape, name="images")
-    x = backbones.ImageNormalization(spec.normalization, name="normalization")(images)
-    x = trunk(x)
-    pool = layers.GlobalMaxPooling2D if pooling == "max" else layers.GlobalAveragePooling2D
-    x = pool(name=f"global_{pooling}_pool")(x)
+    x = trunk.normalization(images)
+    x = trunk.model(x)
+    x = _pooling(pooling, trunk.tokens, backbone, backbone_preset)(x)
     if layer_norm:
         x = layers.LayerNormalization(epsilon=1e-5, center=False, scale=False, name="layer_norm")(x)
     # RECIPE: PyTorch's default nn.Linear init, weights and bias ~ U(±1/sqrt(fan_in)).
-    bound = 1.0 / math.sqrt(spec.feature_dim)
+    bound = 1.0 / math.sqrt(x.shape[-1])
     init = keras.initializers.RandomUniform(-bound, bound)
     embeddings = layers.Dense(
         int(embedding_dim),
@@ -75,16 +83,65 @@ def build_embedder(
     return keras.Model(images, embeddings, name="embedder")
 
 
-def _build_trunk(spec, input_shape, weights):
-    """`spec.build_trunk`, with a weights file that does not load named in a one-line ValueError."""
-    if weights is None or weights in spec.pretrained_weights:
-        return spec.build_trunk(input_shape, weights)
+def _build_trunk(spec, input_shape, weights, preset):
+    """`spec.build`, with a weights file that does not load named in a one-line ValueError."""
+    if weights is None or weights in spec.pretrained_weights or weights == backbones.PRESET_WEIGHTS:
+        return spec.build(input_shape, weights, preset)
     try:
-        return spec.build_trunk(input_shape, weights)
+        return spec.build(input_shape, weights, preset)
     except (OSError, ValueError) as error:  # h5py's OSError for a non-HDF5 file, Keras' ValueError for a mismatch
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"--weights={weights}: cannot load this file into backbone {spec.name!r} ({reason}); "
                          "pass a weights file saved from this backbone, or --weights=none.") from error
+
+
+def _pooling(pooling, tokens, backbone, preset):
+    """The pooling layer of a feature map (`tokens` None) or of tokens laid out as `tokens` says."""
+    if tokens is not None:
+        if pooling == "cls" and not tokens.has_cls:
+            raise UserError(f"--pooling=cls: --backbone_preset={preset} has no CLS token; use --pooling=max or avg.")
+        return TokenPooling(pooling, tokens.prefix_tokens, name=f"token_{pooling}_pool")
+    if pooling == "cls":
+        where = f"--backbone_preset={preset}" if preset else f"--backbone={backbone}"
+        raise UserError(f"--pooling=cls needs a transformer with a CLS token (--backbone=keras_hub with a DINOv2, "
+                        f"DINOv3 or ViT preset); {where} gives a feature map: use --pooling=max or avg.")
+    pool = layers.GlobalMaxPooling2D if pooling == "max" else layers.GlobalAveragePooling2D
+    return pool(name=f"global_{pooling}_pool")
+
+
+@keras.saving.register_keras_serializable(package="pnpp_tf")
+class TokenPooling(layers.Layer):
+    """Pools a transformer's tokens [batch, tokens, channels] to [batch, channels].
+
+    Args:
+        mode: "max" or "avg" over the patch tokens (ProxyNCA++'s global max pooling, carried over
+            to a ViT's patch grid), or "cls": token 0.
+        prefix_tokens: tokens before the patch tokens (CLS and register tokens): max and avg
+            never see them. Register tokens hold global scratch values, not image regions.
+    """
+
+    MODES = ("max", "avg", "cls")
+
+    def __init__(self, mode, prefix_tokens, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}.")
+        if mode == "cls" and prefix_tokens < 1:
+            raise ValueError("mode 'cls' needs a CLS token, i.e. prefix_tokens >= 1.")
+        self.mode = mode
+        self.prefix_tokens = int(prefix_tokens)
+
+    def call(self, tokens):
+        if self.mode == "cls":
+            return tokens[:, 0, :]
+        patches = tokens[:, self.prefix_tokens:, :]
+        return keras.ops.max(patches, axis=1) if self.mode == "max" else keras.ops.mean(patches, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode, "prefix_tokens": self.prefix_tokens}
 
 
 @keras.saving.register_keras_serializable(package="pnpp_tf")
@@ -181,6 +238,11 @@ class ProxyNCAModel(keras.Model):
                 scaled_loss = self.optimizer.scale_loss(scaled_loss)
         gradients = tape.gradient(scaled_loss, main_variables + [proxies])
         main_gradients, proxy_gradient = gradients[:-1], gradients[-1]
+        # Variables the loss does not reach have no gradient (a KerasHub DINOv2's mask token, used
+        # only in masked-image pretraining): they are left out, as Keras' own fit does.
+        if any(g is None for g in main_gradients):
+            main_gradients, main_variables = zip(*[(g, v) for g, v in zip(main_gradients, main_variables)
+                                                   if g is not None])
         # The scale of this step, read before the main optimiser updates it.
         scale = self.optimizer.scale_loss(1.0) if loss_scale_optimizer else 1.0
         if self.clip_value:
@@ -240,12 +302,10 @@ def synchronize_batch_norm(embedder):
     Under a multi-replica strategy each replica sees a slice of the class-balanced batch; with
     synchronised statistics BatchNorm normalises over the whole batch, as on one device.
     """
-    count = 0
-    for layer in embedder.get_layer(BACKBONE_LAYER_NAME).layers:
-        if isinstance(layer, layers.BatchNormalization):
-            layer.synchronized = True
-            count += 1
-    return count
+    norms = backbones.batch_norm_layers(embedder.get_layer(BACKBONE_LAYER_NAME))  # KerasHub's are nested
+    for layer in norms:
+        layer.synchronized = True
+    return len(norms)
 
 
 def resolve_jit_compile(jit_compile, num_replicas=1):

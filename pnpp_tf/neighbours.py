@@ -4,16 +4,17 @@
     similarities, indices = neighbours.nearest(embeddings[:5], embeddings, k=10,
                                                exclude=np.arange(5))  # 5 of them as queries
 
-One order ranks every neighbour list, whichever backend computes it: descending cosine
-similarity (the float32 dot product of the unit rows that `unit_rows` makes of the
-embeddings, for both backends alike), ties broken by
-ascending gallery index. So the lists `python -m pnpp_tf.search` prints are the ones Recall@K
+One order ranks every neighbour list, whichever backend computes it: descending score, ties
+broken by ascending gallery index. The score is the distance's (`DISTANCES`): "cosine", the
+float32 dot product of the unit rows that `unit_rows` makes of the embeddings; "euclidean", on
+the raw rows, -||q - g||^2 ranked as 2 q.g - ||g||^2 (the query's own ||q||^2 changes no rank),
+the gallery's norm term subtracted in the same pass over the block. So the lists `python -m pnpp_tf.search` prints are the ones Recall@K
 and MAP@R count (`pnpp_tf.evaluation`, which asks for the position of each query's first match
 instead of a list K long: the number of candidates ahead of it in that same order).
 
 Backends (`BACKENDS`): "exact" computes each block of scores with one matrix multiply and
 selects from them in an XLA-compiled TensorFlow program, on the available device; "faiss" uses
-faiss' IndexFlatIP (also exact), re-sorted into the same order; "auto" is faiss above
+faiss' IndexFlatIP or, for "euclidean", IndexFlatL2 (also exact), re-sorted into the same order; "auto" is faiss above
 `FAISS_MIN_GALLERY` gallery rows when it is installed, "exact" otherwise. The two agree exactly
 whenever they compute the same float32 similarities, and otherwise only where two similarities
 are closer than float32 rounding. Memory is bounded by blocks of queries: no N x N matrix.
@@ -26,6 +27,7 @@ from absl import logging
 from pnpp_tf.errors import UserError
 
 BACKENDS = ("auto", "exact", "faiss")
+DISTANCES = ("cosine", "euclidean")
 # Earlier names, still accepted: evaluation's backend was called "tf".
 ALIASES = {"tf": "exact"}
 # "auto" picks faiss for galleries larger than this, when faiss is installed.
@@ -73,6 +75,13 @@ def choose_backend(backend, num_gallery, faiss_min_gallery=None):
                  num_gallery, "faiss IndexFlatIP, exact" if faiss else "exact, TensorFlow",
                  threshold)
     return "faiss" if faiss else "exact"
+
+
+def check_distance(distance):
+    """Returns `distance` if it is one of `DISTANCES`; raises `UserError` otherwise."""
+    if distance not in DISTANCES:
+        raise UserError(f"distance={distance!r} is not one of {', '.join(DISTANCES)}.")
+    return distance
 
 
 def import_faiss(required=False):
@@ -138,38 +147,41 @@ def unit_rows(x, name="embeddings"):
     return out
 
 
-def nearest(queries, gallery, k, exclude=None, backend="exact", block_size=None):
+def nearest(queries, gallery, k, exclude=None, backend="exact", block_size=None, distance="cosine"):
     """The `k` nearest gallery rows of each query, in the one order (see the module).
 
     Args:
-        queries: float `(Q, D)`, finite; normalised here by `unit_rows`.
-        gallery: float `(N, D)`, finite; normalised here. May be `queries` itself, which is
-            then normalised once.
+        queries: float `(Q, D)`, finite; for "cosine" normalised here by `unit_rows`.
+        gallery: float `(N, D)`, finite; likewise. May be `queries` itself, which is then
+            prepared once.
         k: neighbours per query, 1 to N (N - 1 with an exclusion).
         exclude: optional int array `(Q,)`, a gallery index to leave out for each query (-1:
             none), e.g. the query itself when the queries are the gallery.
         backend: "exact" or "faiss" (see `choose_backend`, which resolves "auto").
         block_size: query rows per block; None: at most 1024 rows whose scores fit in 256 MB.
+        distance: one of `DISTANCES`.
 
     Returns:
-        (float32 similarities `(Q, k)`, int64 gallery indices `(Q, k)`).
+        (float32 similarities `(Q, k)`: cosines, or for "euclidean" -||q - g||^2; int64
+        gallery indices `(Q, k)`).
 
     Raises:
-        UserError: on a bad `k` or `block_size`.
+        UserError: on a bad `k`, `block_size` or `distance`.
     """
     similarities, indices = [], []
-    for _, _, sims, found, _ in blocks(queries, gallery, k, exclude, backend, block_size):
+    for _, _, sims, found, _ in blocks(queries, gallery, k, exclude, backend, block_size,
+                                       distance=distance):
         similarities.append(sims)
         indices.append(found)
     return np.concatenate(similarities), np.concatenate(indices)
 
 
 def blocks(queries, gallery, k, exclude=None, backend="exact", block_size=None, matches=None,
-           rank_limit=None):
+           rank_limit=None, distance="cosine"):
     """`nearest` one block of queries at a time, and where each query's first match ranks.
 
     Args:
-        queries, gallery, k, exclude, backend, block_size: as in `nearest`.
+        queries, gallery, k, exclude, backend, block_size, distance: as in `nearest`.
         matches: optional, what each query's matches are, for the ranks: an object with
             `count` (int array `(Q,)`, each query's matches among its candidates),
             `table(start, stop)` (int32 `(stop - start, P)` gallery indices of the matches of
@@ -203,20 +215,23 @@ def blocks(queries, gallery, k, exclude=None, backend="exact", block_size=None, 
         raise UserError(f"block_size must be >= 1, got {block_size}.")
     if backend not in ("exact", "faiss"):
         raise ValueError(f"backend must be resolved to exact or faiss, got {backend!r}.")
+    euclidean = check_distance(distance) == "euclidean"
     search = _faiss_blocks if backend == "faiss" else _exact_blocks
     limit = num_gallery if rank_limit is None else min(int(rank_limit), num_gallery)
     for start, stop, sims, found, ranks in search(queries, gallery, int(k), exclude,
-                                                  int(block_size), matches, limit):
+                                                  int(block_size), matches, limit, euclidean):
         if matches is not None:
             ranks = np.where(matches.count[start:stop] > 0, ranks, num_gallery).astype(np.int64)
         yield start, stop, sims.astype(np.float32), found.astype(np.int64), ranks
 
 
-def _exact_blocks(queries, gallery, k, exclude, block_size, matches, rank_limit):
+def _exact_blocks(queries, gallery, k, exclude, block_size, matches, rank_limit, euclidean):
     del rank_limit  # ranks are counted exactly, whatever their size
     # The unit rows are temporaries: only the tensors are held while searching.
-    gallery_tensor = tf.constant(unit_rows(gallery))
-    query_tensor = gallery_tensor if queries is gallery else tf.constant(unit_rows(queries))
+    prepare = check_rows if euclidean else unit_rows
+    gallery_tensor = tf.constant(prepare(gallery))
+    query_tensor = gallery_tensor if queries is gallery else tf.constant(prepare(queries))
+    gallery_norms = _squared_norms(gallery_tensor) if euclidean else None
     num_queries, num_gallery = len(queries), len(gallery)
     # The excluded item is dropped from each list afterwards, so one more is selected.
     depth = k + int(exclude is not None)
@@ -238,15 +253,22 @@ def _exact_blocks(queries, gallery, k, exclude, block_size, matches, rank_limit)
             skip = np.pad(skip, [0, pad], constant_values=-1)
         rank, sims, found = (
             t.numpy()[:stop - start] for t in _rank_and_top(
-                block, gallery_tensor, tf.constant(table), tf.constant(skip), depth, chunk))
+                block, gallery_tensor, tf.constant(table), tf.constant(skip), depth, chunk,
+                gallery_norms))
+        if euclidean:  # the rank-free query term, for the values only: -||q - g||^2
+            sims = sims - _squared_norms(block).numpy()[:stop - start, None]
         if exclude is not None:
             sims, found = _drop_excluded(sims, found, skip[:stop - start], k)
         yield start, stop, sims, found, rank if matches is not None else None
 
 
 # No autograph: the Python branches below are on static values, and tracing reads no source.
+def _squared_norms(rows):
+    return tf.reduce_sum(tf.square(rows), axis=1)
+
+
 @tf.function(jit_compile=True, autograph=False)
-def _rank_and_top(queries, gallery, match_index, skip_index, depth, chunk):
+def _rank_and_top(queries, gallery, match_index, skip_index, depth, chunk, gallery_norms=None):
     """One block: the rank of each query's first match, and its top `depth` neighbours.
 
     XLA fuses the counting into one pass over the block's scores, which are computed once and
@@ -255,12 +277,14 @@ def _rank_and_top(queries, gallery, match_index, skip_index, depth, chunk):
     matches) so that its scores are computed exactly as the metrics' are.
 
     Args:
-        queries: `(B, D)` unit vectors.
-        gallery: `(M, D)` unit vectors.
+        queries: `(B, D)` unit vectors (raw rows with `gallery_norms`).
+        gallery: `(M, D)` unit vectors (raw rows with `gallery_norms`).
         match_index: int32 `(B, P)` gallery indices of the matches, -1 padded.
         skip_index: int32 `(B,)` gallery index excluded from each query's candidates, or -1.
         depth: Python int, neighbours returned per query.
         chunk: Python int, column chunk of the two-stage top-k selection; 0 for plain top_k.
+        gallery_norms: None (cosine: the score is q.g), or float32 `(M,)` ||g||^2 (euclidean:
+            the score is 2 q.g - ||g||^2).
 
     Returns:
         int32 `(B,)` ranks (0-based position of the first match in the (score desc, index asc)
@@ -268,6 +292,8 @@ def _rank_and_top(queries, gallery, match_index, skip_index, depth, chunk):
         int32 indices `(B, depth)` of the neighbours in that order, exclusion not applied.
     """
     scores = tf.matmul(queries, gallery, transpose_b=True)
+    if gallery_norms is not None:
+        scores = 2.0 * scores - gallery_norms[tf.newaxis, :]
     num_gallery = tf.shape(gallery)[0]
     neg_inf = tf.constant(-np.inf, tf.float32)
     is_match = match_index >= 0
@@ -326,8 +352,8 @@ def _drop_excluded(sims, found, skip, k):
     return sims[keep].reshape(len(found), k), found[keep].reshape(len(found), k)
 
 
-def _faiss_blocks(queries, gallery, k, exclude, block_size, matches, rank_limit):
-    """`_exact_blocks` on faiss' IndexFlatIP, in the same order.
+def _faiss_blocks(queries, gallery, k, exclude, block_size, matches, rank_limit, euclidean):
+    """`_exact_blocks` on faiss' IndexFlatIP (IndexFlatL2, scores -||q - g||^2), in the same order.
 
     faiss returns the best by score but orders equal scores arbitrarily, and may cut a run of
     equal scores anywhere. Lists are therefore re-sorted by (score desc, index asc) and trusted
@@ -335,11 +361,12 @@ def _faiss_blocks(queries, gallery, k, exclude, block_size, matches, rank_limit)
     deeper, until it is long enough or holds the whole gallery.
     """
     faiss = import_faiss(required=True)
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    unit_gallery = unit_rows(gallery)
-    index.add(unit_gallery)
-    queries = unit_gallery if queries is gallery else unit_rows(queries)
-    del unit_gallery  # faiss holds its own copy
+    index = (faiss.IndexFlatL2 if euclidean else faiss.IndexFlatIP)(gallery.shape[1])
+    prepare = check_rows if euclidean else unit_rows
+    prepared = prepare(gallery)
+    index.add(prepared)
+    queries = prepared if queries is gallery else prepare(queries)
+    del prepared  # faiss holds its own copy
     num_gallery, num_queries = len(gallery), len(queries)
     # One more than needed, so that the needed ones can all lie above the last score. With
     # ranks, most first matches are near the top: a shallow search settles most queries, and
@@ -356,6 +383,8 @@ def _faiss_blocks(queries, gallery, k, exclude, block_size, matches, rank_limit)
         depth = min(num_gallery, first_k)
         while len(pending):
             scores, neighbours = index.search(queries[pending], depth)
+            if euclidean:  # ascending distances: as scores, descending, missing ones last
+                scores = -scores
             done, row_sims, row_found, rank = _settle(
                 scores, neighbours, pending, exclude, k, matches, rank_limit,
                 complete=depth == num_gallery)

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pnpp_tf import evaluation
+from pnpp_tf import evaluation, neighbours
 from pnpp_tf.data import image_check, pipeline
 from pnpp_tf.errors import UserError
 
@@ -26,12 +26,14 @@ class RetrievalEvaluator:
         batch_size: images per inference batch.
         max_pixels: an image file over this many pixels stops the evaluation undecoded
             (`pipeline.eval_dataset`); the start-up check should have left it out.
+        distance: the default of `measure`: "cosine" or "euclidean" (`DISTANCES`).
     """
 
     def __init__(self, query, image_size, ks, gallery=None, batch_size=64,
-                 max_pixels=pipeline.DEFAULT_MAX_PIXELS):
+                 max_pixels=pipeline.DEFAULT_MAX_PIXELS, distance="cosine"):
         self.query = query
         self.gallery = gallery
+        self.distance = neighbours.check_distance(distance)
         self.ks = tuple(int(k) for k in ks)
         check_ks(self.ks, len(query), len(gallery) if gallery else None)
         self._query_images = pipeline.eval_dataset(query.paths, image_size, batch_size, max_pixels)
@@ -47,28 +49,34 @@ class RetrievalEvaluator:
             return queries, None
         return queries, embed_images(model, self._gallery_images, len(self.gallery), verbose)
 
-    def measure(self, model, with_nmi=False, verbose=0):
+    def measure(self, model, with_nmi=False, verbose=0, distance=None):
         """Retrieval metrics of `model` (Recall@K, MAP@R, R-Precision, optionally NMI).
 
         Args:
             model: maps an image batch to embeddings, e.g. a `ProxyNCAModel`.
             with_nmi: also cluster the embeddings (k-means) and report "nmi".
             verbose: Keras progress bar while embedding (0 silent, 1 bar).
+            distance: "cosine" or "euclidean"; None: the evaluator's. "euclidean" measures the
+                raw embedding, the authors' protocol: a model with an `embedder` (a
+                `ProxyNCAModel`, whose own output is L2-normalised) through that embedder.
 
         Returns:
             A dict of metric name to float, named as in `pnpp_tf.evaluation.retrieval_metrics`.
         """
+        distance = neighbours.check_distance(distance or self.distance)
+        if distance == "euclidean":
+            model = getattr(model, "embedder", model)
         queries, gallery = self.embed(model, verbose)
         gallery_labels = self.gallery.labels if self.gallery else None
         metrics = evaluation.retrieval_metrics(
-            queries, self.query.labels, gallery, gallery_labels, ks=self.ks
+            queries, self.query.labels, gallery, gallery_labels, ks=self.ks, distance=distance
         )
         if with_nmi:
             all_embeddings = queries if gallery is None else np.concatenate([queries, gallery])
             all_labels = self.query.labels if gallery is None else np.concatenate(
                 [self.query.labels, gallery_labels]
             )
-            metrics["nmi"] = evaluation.nmi(all_embeddings, all_labels)
+            metrics["nmi"] = evaluation.nmi(all_embeddings, all_labels, distance=distance)
         return metrics
 
 

@@ -11,11 +11,17 @@ PyTorch pads convolutions symmetrically (1 pixel for a 3x3, 3 for the 7x7), wher
 `padding="same"` with stride 2 on an even input puts the odd pixel at the bottom/right (0/1 for a
 3x3, 2/3 for the 7x7), which shifts every sampled location by one pixel. Every padded layer here is
 therefore an explicit `ZeroPadding2D` followed by a "valid" layer.
+
+Without weights the trunk starts as torchvision's does (`ResNet.__init__`): convolutions
+Kaiming-normal (fan_out, ReLU gain), BatchNorm gamma = 1 and beta = 0 (`zero_init_residual` is
+False by default, so no block's last gamma is zeroed). Its BatchNorm layers keep PyTorch's
+running statistics (`TorchBatchNormalization`).
 """
 
 import keras
 import numpy as np
-from keras import layers
+import tensorflow as tf
+from keras import layers, ops
 
 from pnpp_tf.backbones import BATCH_NORM_MOMENTUM
 from pnpp_tf.errors import UserError
@@ -30,6 +36,82 @@ EXPANSION = 4
 # BatchNorm's step counter (only used when momentum=None, which torchvision never sets).
 IGNORED_KEY_PREFIXES = ("fc.",)
 IGNORED_KEY_SUFFIXES = (".num_batches_tracked",)
+# torchvision: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"), i.e. an untruncated
+# normal of variance 2 / (out_channels * kh * kw); Keras' fan_out of a conv kernel is the same.
+def conv_initializer():
+    """torchvision's conv init as a Keras initializer (a new one per layer, so no two share a seed)."""
+    return keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+
+
+@keras.saving.register_keras_serializable(package="pnpp_tf")
+class TorchBatchNormalization(layers.BatchNormalization):
+    """BatchNormalization that keeps `torch.nn.BatchNorm2d`'s running statistics.
+
+    The batch is normalised with the biased batch variance, as in Keras and PyTorch alike, but the
+    running variance is updated with the unbiased one, var * n / (n - 1) for n values per channel
+    (over all replicas when `synchronized`), as PyTorch does. Momentum and epsilon default to
+    PyTorch's 0.1 (Keras momentum 0.9) and 1e-5. Renormalisation and masks are not supported.
+
+    In training, on one replica, NHWC float32 or float16, it runs TensorFlow's fused kernel
+    (`FusedBatchNormV3`, oneDNN's on a CPU): the same statistics and the same unbiased running
+    variance in one op, 2-3x faster than Keras' composed ops forward and backward (about 15 % of
+    the 64 px ResNet-50 step). Synchronised statistics take the composed path.
+
+    Args:
+        momentum: Keras' momentum, the weight of the old running value.
+        epsilon: added to the variance.
+        **kwargs: the other arguments of `keras.layers.BatchNormalization`.
+    """
+
+    def __init__(self, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, **kwargs):
+        if kwargs.get("renorm"):
+            raise ValueError("TorchBatchNormalization does not support renorm=True.")
+        super().__init__(momentum=momentum, epsilon=epsilon, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None:
+            raise ValueError("TorchBatchNormalization does not support masks.")
+        if not (training and self.trainable):
+            return super().call(inputs, training=training)
+        if self.fusable(inputs):
+            return self._fused_call(inputs)
+        # As Keras does: the statistics of float16 activations are computed in float32.
+        inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        mean, variance = ops.moments(inputs, axes=self._reduction_axes, synchronized=self.synchronized)
+        count = ops.cast(ops.size(inputs) // ops.shape(inputs)[self.axis], inputs.dtype)
+        context = tf.distribute.get_replica_context()
+        if self.synchronized and context is not None:
+            # Keras' synchronised moments sum over the replicas; the distributed input gives every
+            # replica the same share of the global batch (whole classes per replica).
+            count = count * context.num_replicas_in_sync
+        unbiased = variance * count / ops.maximum(count - 1.0, 1.0)
+        self.moving_mean.assign(ops.cast(
+            ops.cast(self.moving_mean, inputs.dtype) * self.momentum + mean * (1.0 - self.momentum),
+            self.moving_mean.dtype))
+        self.moving_variance.assign(ops.cast(
+            ops.cast(self.moving_variance, inputs.dtype) * self.momentum + unbiased * (1.0 - self.momentum),
+            self.moving_variance.dtype))
+        gamma = ops.cast(self.gamma, inputs.dtype) if self.scale else None
+        beta = ops.cast(self.beta, inputs.dtype) if self.center else None
+        outputs = ops.batch_normalization(inputs, mean, variance, axis=self.axis, offset=beta, scale=gamma,
+                                          epsilon=self.epsilon)
+        return ops.cast(outputs, self.compute_dtype)
+
+
+    def fusable(self, inputs):
+        """Whether training on `inputs` runs the fused kernel."""
+        return (keras.backend.backend() == "tensorflow" and not self.synchronized and self.center and self.scale
+                and len(inputs.shape) == 4 and self.axis in (-1, 3) and inputs.dtype in ("float32", "float16"))
+
+    def _fused_call(self, inputs):
+        outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs, scale=tf.cast(self.gamma, tf.float32), offset=tf.cast(self.beta, tf.float32),
+            mean=tf.convert_to_tensor(self.moving_mean), variance=tf.convert_to_tensor(self.moving_variance),
+            epsilon=self.epsilon, exponential_avg_factor=1.0 - self.momentum, data_format="NHWC", is_training=True)
+        # The op returns the running statistics already updated (variance with Bessel's correction).
+        self.moving_mean.assign(mean)
+        self.moving_variance.assign(variance)
+        return ops.cast(outputs, self.compute_dtype)
 
 
 def _conv(x, filters, kernel_size, stride, name):
@@ -38,14 +120,14 @@ def _conv(x, filters, kernel_size, stride, name):
     if pad:
         x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
     return layers.Conv2D(
-        filters, kernel_size, strides=stride, padding="valid", use_bias=False, name=name
+        filters, kernel_size, strides=stride, padding="valid", use_bias=False,
+        kernel_initializer=conv_initializer(), name=name,
     )(x)
 
 
 def _batch_norm(x, name):
-    return layers.BatchNormalization(
-        momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, name=name
-    )(x)
+    # Keras' default gamma/beta initialisers are torchvision's ones and zeros.
+    return TorchBatchNormalization(name=name)(x)
 
 
 def _bottleneck(x, width, stride, downsample, name):

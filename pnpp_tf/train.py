@@ -93,7 +93,7 @@ def _train_model_locked(config, strategy):
 def _draw_curves(run, results):
     try:
         plots.save_run_curves(results["history"], results["flags"], run.curves_path,
-                              os.path.basename(os.path.normpath(run.path)))
+                              os.path.basename(os.path.normpath(run.path)), eval_every=results.get("eval_every"))
     except (OSError, ValueError) as error:  # a figure must never fail a finished run
         logging.warning("Could not draw curves.png: %s", error)
 

@@ -5,6 +5,7 @@ proxies'); the warm-up phase keeps the backbone frozen. A run resumed from a che
 mid-epoch first finishes that epoch, then fits whole epochs.
 """
 
+import math
 import os
 import time
 from typing import NamedTuple
@@ -14,10 +15,15 @@ from absl import logging
 
 from pnpp_tf import callbacks, distribute
 from pnpp_tf.data import protocol
+from pnpp_tf.errors import UserError
 from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile, synchronize_batch_norm
 from pnpp_tf.optimizers import TorchAdam
 
 SCHEDULE_FILE = "schedule.json"
+# --eval_every=auto: measuring may take this share of the training time; a train step costs about
+# three forward passes per image (the backward pass about two).
+EVAL_TIME_SHARE = 0.1
+FORWARD_PASSES_PER_TRAIN_IMAGE = 3
 
 
 class NumericalFault(RuntimeError):
@@ -94,8 +100,16 @@ class Trainer:
                        Phase("training", config.warmup_epochs, self.total_epochs, False))
         self.with_nmi = protocol(config.dataset).nmi
         self.jit_compile = resolve_jit_compile(config.jit_compile, strategy.num_replicas_in_sync)
+        self.eval_every = 1 if config.mode == "train" else eval_interval(
+            config.eval_every, data.sampler.num_batches * config.batch_size,
+            len(data.evaluator.query) + len(data.evaluator.gallery or ()))
+        logging.info("Recall@K on the %s split %s (--eval_every=%s)", data.evaluated_on,
+                     f"every {self.eval_every} epoch(s)" if self.eval_every else "after the last epoch only",
+                     config.eval_every)
         self.model = self._build_model()
         self.finished_epochs, self.record = checkpoint.restore_model(self.model)
+        _check_steps_per_execution(config.steps_per_execution, data.sampler.num_batches,
+                                   self.record.get("step_in_epoch", 0))
         self.history = self.record.get("history", {})
         # Checkpoints before the split timings kept one train_seconds, the phases' wall time: an
         # upper bound of the training time, so the rate it gives errs low.
@@ -115,7 +129,8 @@ class Trainer:
             NumericalFault: a loss was NaN or infinite; the last good checkpoint is on disk.
         """
         if self.before is None:
-            self.before = self.data.evaluator.measure(self.model, with_nmi=self.with_nmi)
+            self.before = self.data.evaluator.measure(self.model, with_nmi=self.with_nmi,
+                                                      distance=self.config.eval_distance)
             logging.info("Before training: %s", summary(self.before))
         after = None
         for phase in self.phases:
@@ -123,7 +138,8 @@ class Trainer:
                 after = self._train_phase(phase)
         if after is None:  # the last epoch was trained by an earlier, interrupted run
             start = time.perf_counter()
-            after = self.data.evaluator.measure(self.model, with_nmi=self.with_nmi), time.perf_counter() - start
+            after = (self.data.evaluator.measure(self.model, with_nmi=self.with_nmi, distance=self.config.eval_distance),
+                     time.perf_counter() - start)
         after, final_eval_seconds = after
         logging.info("After training: %s", summary(after))
         return self._results(after, final_eval_seconds)
@@ -134,7 +150,7 @@ class Trainer:
         with strategy.scope():
             embedder = build_embedder(
                 config.backbone, config.image_size, config.embedding_dim, config.pooling,
-                config.layer_norm, config.weights,
+                config.layer_norm, config.weights, backbone_preset=config.backbone_preset,
             )
             if strategy.num_replicas_in_sync > 1 and config.sync_batch_norm:
                 logging.info("Synchronised BatchNorm in %d layers", synchronize_batch_norm(embedder))
@@ -146,10 +162,12 @@ class Trainer:
         return {
             "dataset": config.dataset,
             "evaluated_on": self.data.evaluated_on,
+            "eval_distance": config.eval_distance,
             "metrics": after,
             "before_training": self.before,
             "history": self.history,
             "lr_drop_epochs": list(self.schedule.lr_drop_epochs),
+            "eval_every": self.eval_every,
             "skipped_images": self.data.skipped_images,
             "timings": {
                 **self.timings,
@@ -202,6 +220,7 @@ class Trainer:
                 freeze_backbone=freeze_backbone,
                 clip_value=config.clip_value or None,
                 jit_compile=self.jit_compile,
+                steps_per_execution=config.steps_per_execution,
             )
         logging.info("XLA for the train step: %s (--jit_compile=%s)", self.model.jit_compile, config.jit_compile)
 
@@ -259,9 +278,9 @@ class _PhaseCallbacks:
         self.start = time.perf_counter()
         self.clock = callbacks.TrainingClock()
         self.recall = callbacks.RecallAtK(
-            data.evaluator, every_n_epochs=1 if config.mode == "train" else config.eval_every,
+            data.evaluator, every_n_epochs=trainer.eval_every,
             prefix="val_" if data.evaluated_on == "val_half" else "test_",
-            last_epoch=trainer.total_epochs - 1, with_nmi=trainer.with_nmi)
+            last_epoch=trainer.total_epochs - 1, with_nmi=trainer.with_nmi, distance=config.eval_distance)
         self.schedule = [] if phase.freeze_backbone else _schedule_callbacks(trainer, phase.first_epoch)
         self.guard = callbacks.NonFiniteGuard(first_step=resume_step)
         self.saver = callbacks.SaveCheckpoints(trainer.checkpoint, trainer._record, data.sampler.num_batches,
@@ -314,6 +333,44 @@ def _schedule_callbacks(trainer, first_epoch):
         if hasattr(callback, "set_state") and "schedule" in trainer.record:
             callback.set_state(trainer.record["schedule"])
     return schedule
+
+
+def _check_steps_per_execution(steps_per_execution, steps_per_epoch, resume_step=0):
+    # Keras (3.15) runs whole executions: the last one of an epoch would train on the next
+    # epoch's batches.
+    if (steps_per_epoch - resume_step) % steps_per_execution and not steps_per_epoch % steps_per_execution:
+        raise UserError(f"--steps_per_execution={steps_per_execution} does not divide the "
+                        f"{steps_per_epoch - resume_step} batches left of the epoch this run resumes at step "
+                        f"{resume_step}; resume with --steps_per_execution={math.gcd(steps_per_epoch, resume_step)} "
+                        "or a divisor of it.")
+    if steps_per_epoch % steps_per_execution:
+        divisors = [n for n in range(1, steps_per_epoch + 1) if steps_per_epoch % n == 0]
+        raise UserError(f"--steps_per_execution={steps_per_execution} does not divide the {steps_per_epoch} "
+                        f"batches of an epoch; choose one of {', '.join(map(str, divisors[:12]))}"
+                        f"{', ...' if len(divisors) > 12 else ''}.")
+
+
+def eval_interval(eval_every, train_images, eval_images):
+    """`--eval_every` as a number of epochs.
+
+    "auto" is the fewest epochs between measurements for which measuring takes at most
+    `EVAL_TIME_SHARE` of the time: an evaluation embeds each of its `eval_images` once, and an epoch
+    costs about `FORWARD_PASSES_PER_TRAIN_IMAGE` forward passes for each of its `train_images`, so
+    the share of a measurement every N epochs is e / (3tN + e).
+
+    Args:
+        eval_every: "auto", or a number of epochs as a string or int (0: never between epochs).
+        train_images: images trained on per epoch.
+        eval_images: images a measurement embeds.
+
+    Returns:
+        The number of epochs (0: only the final measurement).
+    """
+    if eval_every != "auto":
+        return int(eval_every)
+    share = EVAL_TIME_SHARE
+    epochs = eval_images * (1.0 - share) / (FORWARD_PASSES_PER_TRAIN_IMAGE * max(train_images, 1) * share)
+    return max(1, math.ceil(epochs))
 
 
 def segments(epoch, step, end_epoch):

@@ -2,8 +2,10 @@
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,3 +30,19 @@ def run_python(*args, timeout=600, cwd=None, env=None, tf_log_level="2"):
     env.update(TF_CPP_MIN_LOG_LEVEL=tf_log_level, PYTHONPATH=python_path)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=cwd)
+
+
+def kill_after_first_checkpoint(command, model_dir, delay=0.0):
+    """Starts `command` (a training run into `model_dir`, a pathlib.Path) and SIGKILLs it `delay`
+    seconds after its first checkpoint is on disk, before it finishes."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    index = model_dir / "checkpoints" / "checkpoint"
+    deadline = time.time() + 300
+    while not index.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+    assert not (model_dir / "results.json").exists()

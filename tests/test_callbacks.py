@@ -63,9 +63,11 @@ class CountingEvaluator:
 
     def __init__(self):
         self.calls = []
+        self.distances = []
 
-    def measure(self, model, with_nmi=False):
+    def measure(self, model, with_nmi=False, distance=None):
         self.calls.append(with_nmi)
+        self.distances.append(distance)
         return {"recall@1": 0.5, "map@r": 0.25, **({"nmi": 0.75} if with_nmi else {})}
 
 
@@ -81,6 +83,14 @@ def test_recall_measures_the_last_epoch_in_full_once_and_logs_only_its_rhythm(ev
     assert recall.final_metrics == {"recall@1": 0.5, "map@r": 0.25, "nmi": 0.75}
     assert recall.final_seconds is not None and recall.seconds >= 0.0
     assert logs[2] == {} and ("test_recall@1" in logs[1]) == (every == 2)
+
+
+def test_recall_measures_with_its_distance():
+    evaluator = CountingEvaluator()
+    recall = callbacks.RecallAtK(evaluator, last_epoch=1, distance="euclidean")
+    recall.set_model(types.SimpleNamespace(stop_training=False))
+    recall.on_epoch_end(0, {})
+    assert evaluator.distances == ["euclidean"]
 
 
 def test_recall_does_not_measure_an_epoch_cut_short():

@@ -153,3 +153,33 @@ def test_benchmark_quick_prints_a_table():
     assert [row.split("|")[3].strip() for row in rows] == ["tf", "faiss"]
     assert re.search(r"\| tf \| [\d.]+ \| [\d.e-]+ \(\d+ GFLOP/s\) \| [\d.]+ \| [\d.]+ \| \d+ MB", rows[0])
     assert rows[1].endswith("| 0 |") or "faiss not installed" in rows[1]
+
+
+def test_euclidean_evaluates_the_raw_embedding_and_says_so(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data", test_classes=3, images_per_class=4)
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    embedder = build_embedder("small_cnn", image_size=32, embedding_dim=8, weights="none")
+    embedder.save(model_dir / "embedder.keras")
+    results = evaluate.evaluate(config(model_dir=str(model_dir), data_dir=data_dir, eval_ks=[1, 2],
+                                       eval_distance="euclidean"))
+    test = load_splits("folder", data_dir)["test"]
+    raw = embed(lambda images: embedder(images, training=False), test, 32)
+    want = evaluation.retrieval_metrics(raw, test.labels, ks=(1, 2), distance="euclidean")
+    want["nmi"] = evaluation.nmi(raw, test.labels, distance="euclidean")
+    for name, value in want.items():
+        assert results["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    on_disk = json.loads((model_dir / "eval_folder.json").read_text())
+    assert on_disk["eval_distance"] == "euclidean"
+    assert "Euclidean distance of the raw embeddings" in (model_dir / "eval_folder.md").read_text()
+    assert evaluate.evaluate(config(model_dir=str(model_dir), data_dir=data_dir,
+                                    eval_ks=[1, 2]))["eval_distance"] == "cosine"
+
+
+def test_euclidean_refuses_an_export_whose_output_is_normalised(tmp_path):
+    data_dir = make_folder_dataset(tmp_path / "data", test_classes=3, images_per_class=4)
+    module = ColourStatistics(image_size=40)
+    tf.saved_model.save(module, str(tmp_path / "export"), signatures={"serving_default": module.serve})
+    with pytest.raises(ValueError, match="--eval_distance=euclidean needs the raw embedding"):
+        evaluate.evaluate(config(saved_model=str(tmp_path / "export"), data_dir=data_dir,
+                                 output_dir=str(tmp_path / "out"), eval_distance="euclidean"))

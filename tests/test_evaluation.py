@@ -24,19 +24,26 @@ BACKENDS = ["tf", pytest.param("faiss", marks=pytest.mark.skipif(
     not HAVE_FAISS, reason="faiss is not installed (pip install 'pnpp_tf[faiss]')"))]
 
 
-def reference_metrics(q, ql, g=None, gl=None, ks=KS):
-    """The obvious O(N*M) implementation with explicit loops."""
+def reference_metrics(q, ql, g=None, gl=None, ks=KS, distance="cosine"):
+    """The obvious O(N*M) implementation with explicit loops; "euclidean" ranks the raw rows by
+    ascending ||q - g||^2."""
+    cosine = distance == "cosine"
     q = np.asarray(q, np.float64)
-    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    if cosine:
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     self_mode = g is None
     if self_mode:
         g, gl = q, ql
     else:
         g = np.asarray(g, np.float64)
-        g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+        if cosine:
+            g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
     # Broadcast-and-sum rather than BLAS matmul: identical rows then give
     # bit-identical scores, so exact duplicates really tie.
-    sim = (q[:, None, :] * g[None, :, :]).sum(axis=-1)
+    if cosine:
+        sim = (q[:, None, :] * g[None, :, :]).sum(axis=-1)
+    else:
+        sim = -((q[:, None, :] - g[None, :, :]) ** 2).sum(axis=-1)
     hits = {k: 0 for k in ks}
     aps, rps, no_pos = [], [], 0
     for i in range(len(q)):
@@ -334,3 +341,65 @@ def test_nmi_random_range_and_determinism():
     assert 0.0 <= value <= 1.0
     assert nmi(x, y, seed=3) == value
     assert 0.0 <= nmi(x, y, n_clusters=4) <= 1.0
+
+
+# --- Euclidean distance on the raw embeddings (the authors' protocol) ---------------------------
+
+
+def integer_rows(rng, n, dim=6):
+    """Raw embeddings of small integers with norms from 1x to 3x: every squared distance is an
+    exact integer in float32, so the ties the reference sees are the ones the backends see."""
+    return (rng.integers(-2, 3, size=(n, dim)) * rng.integers(1, 4, size=(n, 1))).astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_gallery", [False, True])
+@pytest.mark.parametrize("block_size", [5, 1024])
+def test_euclidean_ties_and_duplicates(backend, with_gallery, block_size):
+    rng = np.random.default_rng(20)
+    x = integer_rows(rng, 90)
+    x[60:75] = x[:15]  # exact duplicates at other indices
+    x[75:] = 2 * x[15:30]  # same directions, twice the length: cosine ties, Euclidean does not
+    y = rng.integers(0, 12, size=90)
+    args = (x[:40], y[:40], x[40:], y[40:]) if with_gallery else (x, y)
+    got = retrieval_metrics(*args, block_size=block_size, backend=backend, distance="euclidean")
+    assert_same(got, reference_metrics(*args, distance="euclidean"))
+    # The two distances rank these embeddings differently, so the test tells them apart.
+    assert got != retrieval_metrics(*args, block_size=block_size, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_euclidean_random_floats(backend):
+    rng = np.random.default_rng(21)
+    x = (rng.normal(size=(70, 8)) * rng.uniform(0.1, 10.0, size=(70, 1))).astype(np.float32)
+    y = rng.integers(0, 8, size=70)
+    # float32 rounds 2 q.g - ||g||^2 (8 products, a norm, a subtraction) by at most about
+    # 10 * 2^-24 * (|q| + |g|)^2. Every two neighbours adjacent in a query's exact order are
+    # further apart than their two bounds together, so no CPU's rounding can swap them.
+    x64 = x.astype(np.float64)
+    d = ((x64[:, None, :] - x64[None, :, :]) ** 2).sum(-1)
+    norms = np.linalg.norm(x64, axis=1)
+    bound = 10 * 2.0 ** -24 * (norms[:, None] + norms[None, :]) ** 2
+    np.fill_diagonal(d, np.inf)
+    order = np.argsort(d, axis=1)[:, :-1]
+    gaps = np.diff(np.take_along_axis(d, order, axis=1), axis=1)
+    near = np.take_along_axis(bound, order, axis=1)
+    assert np.all(gaps > near[:, 1:] + near[:, :-1])
+    got = retrieval_metrics(x, y, backend=backend, distance="euclidean", block_size=16)
+    assert_same(got, reference_metrics(x, y, distance="euclidean"))
+
+
+def test_euclidean_nmi_clusters_the_raw_vectors():
+    # Two classes along the same directions, one near the origin and one far out: the raw
+    # vectors cluster by class, their unit vectors cannot tell the classes apart.
+    rng = np.random.default_rng(22)
+    directions = np.abs(rng.normal(size=(40, 4))) + 1.0
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    x = directions * np.repeat([1.0, 20.0], 20)[:, None]
+    y = np.repeat([0, 1], 20)
+    assert nmi(x, y, distance="euclidean") == pytest.approx(1.0)
+    assert nmi(x, y) < 0.5
+    with pytest.raises(UserError, match="distance='l1'"):
+        nmi(x, y, distance="l1")
+    with pytest.raises(UserError, match="distance='l1'"):
+        retrieval_metrics(x, y, distance="l1")

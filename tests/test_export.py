@@ -252,7 +252,7 @@ def test_parity_report_beside_the_export(exported):
     assert names == expected and report["passed"] is True
     assert report["eval_images"] == {"test": 12} and report["image_size"] == IMAGE_SIZE
     for row in report["variants"]:
-        assert row["size_bytes"] > 0 and row["latency_ms"] > 0 and 0.0 <= row["recall@1"] <= 1.0
+        assert row["size_bytes"] > 0 and row["latency_ms"] > 0 and row["images_per_second"] > 0 and 0.0 <= row["recall@1"] <= 1.0
         assert row["max_abs_diff"] >= 0.0 and -1.0 <= row["min_cosine"] <= row["mean_cosine"] <= 1.0 + 1e-6
     assert report["variants"][0]["max_abs_diff"] == 0.0
     markdown = (exported["export_dir"] / "parity" / "1.md").read_text()

@@ -234,3 +234,90 @@ def test_unit_rows_is_the_naive_normaliser():
         neighbours.unit_rows(np.ones(3))
     with pytest.raises(UserError, match="is empty"):
         neighbours.unit_rows(np.ones((0, 3)))
+
+
+# --- Euclidean distance on the raw rows ---------------------------------------------------------
+
+
+def integer_rows(rng, n, dim=5):
+    """Raw rows of small integers, scaled by 1 to 3: norms differ, and every product, norm and
+    squared distance is an exact small integer in float32, so every backend and the reference
+    see the same ties. Row i + n // 2 is 2x row i: the same direction (a cosine tie), farther."""
+    x = (rng.integers(-2, 3, size=(n, dim)) * rng.integers(1, 4, size=(n, 1))).astype(np.float32)
+    x[n // 2:n // 2 + n // 4] = 2 * x[:n // 4]
+    return x
+
+
+def naive_euclidean(queries, gallery, k, exclude=None):
+    """Each query's k nearest by ||q - g||^2 (exact integers in float64), then by index."""
+    indices, sims = [], []
+    for i, query in enumerate(queries.astype(np.float64)):
+        distances = [float(np.sum((query - row) ** 2)) for row in gallery.astype(np.float64)]
+        skip = -1 if exclude is None else exclude[i]
+        order = sorted((j for j in range(len(gallery)) if j != skip), key=lambda j: (distances[j], j))
+        indices.append(order[:k])
+        sims.append([-distances[j] for j in order[:k]])
+    return np.array(sims), np.array(indices)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block_size", [1, 7, None])
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_euclidean_nearest_matches_the_naive_order(backend, block_size, k):
+    rng = np.random.default_rng(10)
+    gallery = integer_rows(rng, 120)
+    gallery[100:] = gallery[:20]  # exact duplicates at other indices
+    queries = np.concatenate([gallery[:10], integer_rows(rng, 13)])
+    got = neighbours.nearest(queries, gallery, k, backend=backend, block_size=block_size,
+                             distance="euclidean")
+    want = naive_euclidean(queries, gallery, k)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])  # -||q - g||^2, exact integers
+    distances = -want[0]
+    assert np.any(distances[:, :-1] == distances[:, 1:]) or k == 1  # ties inside the lists
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_euclidean_excludes_the_query_itself_by_index(backend):
+    rng = np.random.default_rng(11)
+    x = integer_rows(rng, 60)
+    x[30:40] = x[:10]  # duplicates of a query stay candidates: at distance 0, ahead of the rest
+    exclude = np.arange(60)
+    for k in (1, 4, 59):
+        got = neighbours.nearest(x, x, k, exclude, backend, block_size=16, distance="euclidean")
+        want = naive_euclidean(x, x, k, exclude)
+        np.testing.assert_array_equal(got[1], want[1])
+        assert not np.any(got[1] == exclude[:, None])
+    assert np.all(got[1][:10, 0] == np.arange(30, 40))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_euclidean_ranks_by_distance_not_by_direction(backend):
+    # Same direction, different norms: a cosine tie broken by index, but Euclidean picks the
+    # row of the query's own length.
+    gallery = np.array([[2.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    query = np.array([[1.0, 0.0]], np.float32)
+    assert neighbours.nearest(query, gallery, 3, backend=backend)[1].tolist() == [[0, 1, 2]]
+    sims, found = neighbours.nearest(query, gallery, 3, backend=backend, distance="euclidean")
+    assert found.tolist() == [[1, 0, 2]] and sims.tolist() == [[0.0, -1.0, -2.0]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_euclidean_ranks_are_first_match_positions(backend):
+    rng = np.random.default_rng(12)
+    x = integer_rows(rng, 90)
+    x[60:] = x[:30]
+    labels = rng.integers(0, 25, size=90)
+    exclude = np.arange(90)
+    ranks = np.concatenate([rank for *_, rank in neighbours.blocks(
+        x, x, 2, exclude, backend, 16, LabelMatches(labels, labels, exclude), distance="euclidean")])
+    _, order = naive_euclidean(x, x, 89, exclude)
+    for i in range(90):
+        hits = [position for position, j in enumerate(order[i]) if labels[j] == labels[i]]
+        assert ranks[i] == (hits[0] if hits else 90), i
+
+
+def test_unknown_distance_is_a_user_error():
+    x = np.eye(3, dtype=np.float32)
+    with pytest.raises(UserError, match="distance='manhattan' is not one of cosine, euclidean"):
+        neighbours.nearest(x, x, 1, distance="manhattan")

@@ -3,12 +3,8 @@
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import signal
-import subprocess
 import sys
-import time
 import types
 
 import keras
@@ -16,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cli_helpers import REPO, TINY_RUN, run_module, run_python
+from cli_helpers import REPO, TINY_RUN, kill_after_first_checkpoint, run_module, run_python
 from conftest import make_folder_dataset
 from pnpp_tf import flags as pnpp_flags
 from pnpp_tf.callbacks import NonFiniteGuard
@@ -43,20 +39,6 @@ def uninterrupted(tmp_path_factory):
     return data_dir, embedder_weights(root / "reference")
 
 
-def kill_after_first_checkpoint(command, model_dir, delay):
-    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    index = model_dir / "checkpoints" / "checkpoint"
-    deadline = time.time() + 300
-    while not index.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(delay)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
-    assert not (model_dir / "results.json").exists()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("every_steps, delay, resumed_at", [
     (0, 0.5, "epochs done"),               # killed in the epoch after the first epoch checkpoint
@@ -81,6 +63,20 @@ def test_killed_run_resumes_and_ends_with_the_uninterrupted_weights(tmp_path, un
     assert again.returncode == 0 and "this run is finished; not training again" in again.stderr
     changed = run_module("pnpp_tf.train", *args, "--lr=0.5")
     assert changed.returncode == 2 and "finished run with other flags (lr)" in changed.stderr
+
+
+@pytest.mark.slow
+def test_several_steps_per_execution_train_the_same_weights(tmp_path, uninterrupted):
+    data_dir, reference = uninterrupted  # 12 batches an epoch
+    args = (*RUN, f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'run'}")
+    uneven = run_module("pnpp_tf.train", *args, "--steps_per_execution=5")
+    assert uneven.returncode == 2
+    assert "--steps_per_execution=5 does not divide the 12 batches of an epoch; choose one of 1, 2, 3, 4, 6, 12" \
+        in uneven.stderr
+    result = run_module("pnpp_tf.train", *args, "--steps_per_execution=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for ours, theirs in zip(embedder_weights(tmp_path / "run"), reference):
+        np.testing.assert_array_equal(ours, theirs)
 
 
 @pytest.mark.slow

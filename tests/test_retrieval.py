@@ -107,3 +107,38 @@ def test_models_without_weak_references_are_still_embedded(splits):
     got = embed_images(SlottedModel(embedder), dataset, len(splits["query"]))
     assert got.dtype == np.float32 and got.shape == (len(splits["query"]), 16)
     np.testing.assert_allclose(got, direct_embeddings(embedder, splits["query"]), rtol=1e-4, atol=1e-4)
+
+
+class Normalising:
+    """Stands in for a ProxyNCAModel: its output is L2-normalised, its `embedder`'s is raw."""
+
+    def __init__(self, embedder):
+        self.embedder = embedder
+
+    def __call__(self, images, training=False):
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        return tf.math.l2_normalize(self.embedder(images, training=training), axis=1)
+
+
+def test_euclidean_measures_the_raw_embedding(splits):
+    from pnpp_tf import evaluation  # pylint: disable=import-outside-toplevel
+
+    embedder = small_embedder(3)
+    evaluator = RetrievalEvaluator(splits["query"], IMAGE_SIZE, ks=(1, 2), gallery=splits["gallery"],
+                                   distance="euclidean")
+    raw = [direct_embeddings(embedder, splits[name]) for name in ("query", "gallery")]
+    # Rows of very different norms: on them the two distances rank differently.
+    assert np.ptp(np.linalg.norm(raw[0], axis=1)) > 0
+    want = evaluation.retrieval_metrics(raw[0], splits["query"].labels, raw[1], splits["gallery"].labels,
+                                        ks=(1, 2), distance="euclidean")
+    want["nmi"] = evaluation.nmi(np.concatenate(raw), np.concatenate(
+        [splits["query"].labels, splits["gallery"].labels]), distance="euclidean")
+    got = evaluator.measure(Normalising(embedder), with_nmi=True)
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, abs=1e-6), name
+    cosine = evaluator.measure(Normalising(embedder), distance="cosine")
+    want_cosine = evaluation.retrieval_metrics(raw[0], splits["query"].labels, raw[1],
+                                               splits["gallery"].labels, ks=(1, 2))
+    for name, value in want_cosine.items():
+        assert cosine[name] == pytest.approx(value, abs=1e-6), name

@@ -80,6 +80,7 @@ def test_index_counts_unreadable_files_and_finds_each_image_first(setup, tmp_pat
     index = search_index.build_index(embedder, paths, setup["photos"], batch_size=5, verbose=0)
     assert len(index) == 12 and index.embeddings.shape == (12, EMBEDDING_DIM)
     assert index.metadata["num_skipped"] == 2
+    assert index.metadata["images_per_second"] == pytest.approx(12 / index.metadata["embed_seconds"])
     skipped = {os.path.relpath(path, setup["photos"]): reason
                for path, reason in index.metadata["skipped"]}
     assert set(skipped) == set(BAD_FILES)

@@ -7,12 +7,17 @@ and check that the converted Keras trunk computes the same feature map.
 
 import importlib.util
 import pathlib
+import textwrap
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from cli_helpers import run_python
 from pnpp_tf.backbones import get_backbone
-from pnpp_tf.torchvision_resnet import expected_state_dict_shapes, load_torchvision_state_dict
+from pnpp_tf.torchvision_resnet import (TorchBatchNormalization, expected_state_dict_shapes,
+                                        load_torchvision_state_dict)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 64
@@ -106,6 +111,177 @@ def test_pytorch_files_are_refused_with_a_hint(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(ValueError, match="convert_torchvision_resnet50.py"):
         build_trunk(str(path))
+
+
+# --- torchvision's initialisation and PyTorch's BatchNorm statistics ---------------------------
+
+# Bounds in standard errors of the statistic: with 53 layers x 3 statistics, a correct init fails
+# one of them with probability ~1e-7.
+SIGMAS = 6.0
+
+
+def test_convs_start_kaiming_normal_fan_out_and_batch_norm_at_identity(trunk):
+    """torchvision's `ResNet.__init__`: kaiming_normal_(mode="fan_out", nonlinearity="relu"), so
+    N(0, 2 / (out * kh * kw)); BatchNorm weight 1, bias 0 (zero_init_residual=False).
+
+    For n draws of N(0, s^2): the sample mean has standard error s / sqrt(n), the sample standard
+    deviation a relative one of 1 / sqrt(2 n), the excess kurtosis sqrt(24 / n). The kurtosis tells
+    a normal (0) from a uniform (-1.2, Keras' Glorot-uniform default) even for conv1, where the two
+    standard deviations are only 2 % apart.
+    """
+    convs = [l for l in trunk.layers if isinstance(l, keras.layers.Conv2D)]
+    assert len(convs) == 53
+    for layer in convs:
+        kernel = layer.kernel.numpy().astype(np.float64).ravel()
+        kh, kw, _, out = layer.kernel.shape
+        expected_std = np.sqrt(2.0 / (out * kh * kw))
+        n = kernel.size
+        std = kernel.std()
+        excess_kurtosis = np.mean((kernel - kernel.mean()) ** 4) / std ** 4 - 3.0
+        assert abs(kernel.mean()) <= SIGMAS * expected_std / np.sqrt(n), layer.name
+        assert abs(std / expected_std - 1.0) <= SIGMAS / np.sqrt(2.0 * n), (layer.name, std, expected_std)
+        assert abs(excess_kurtosis) <= SIGMAS * np.sqrt(24.0 / n), (layer.name, excess_kurtosis)
+    norms = [l for l in trunk.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(norms) == 53 and all(isinstance(l, TorchBatchNormalization) for l in norms)
+    for layer in norms:
+        for variable, value in ((layer.gamma, 1.0), (layer.beta, 0.0), (layer.moving_mean, 0.0),
+                                (layer.moving_variance, 1.0)):
+            np.testing.assert_array_equal(variable.numpy(), value, err_msg=f"{layer.name} {variable.name}")
+
+
+def reference_statistics(x, momentum=0.1):
+    """PyTorch's BatchNorm2d update from running (0, 1), in float64: (running_mean, running_var)."""
+    flat = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    return momentum * flat.mean(0), (1 - momentum) + momentum * flat.var(0, ddof=1)
+
+
+# Float32 moments of ~1,000 values per channel carry a relative rounding error of a few 1e-7.
+STATISTICS_RTOL = 1e-5
+
+
+def test_running_variance_is_unbiased_and_momentum_is_pytorchs():
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(4, 6, 5, 7)).astype(np.float32)
+    layer = TorchBatchNormalization()
+    outputs = np.asarray(layer(x, training=True))
+    mean, variance = reference_statistics(x)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=STATISTICS_RTOL, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=STATISTICS_RTOL)
+    # The batch itself is normalised with the biased variance, as in PyTorch.
+    flat = x.reshape(-1, 7).astype(np.float64)
+    expected = (x - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+    # Inference uses the running statistics, as the Keras layer does.
+    running = np.asarray(layer(x, training=False))
+    np.testing.assert_allclose(running, (x - mean) / np.sqrt(variance + 1e-5), rtol=1e-5, atol=1e-5)
+
+
+def test_running_statistics_after_one_training_step_of_the_trunk():
+    """One ProxyNCAModel step: bn1's running statistics are PyTorch's update from conv1's output."""
+    from pnpp_tf.model import ProxyNCAModel, build_embedder
+    from pnpp_tf.optimizers import TorchAdam
+
+    keras.utils.set_random_seed(0)
+    embedder = build_embedder("resnet50_torchvision", 32, 8, weights="none")
+    trunk = embedder.get_layer("backbone")
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    labels = np.array([0, 0, 1, 1], np.int32)
+    # conv1's output before the step, from the weights the step's forward pass used.
+    normalised = embedder.get_layer("normalization")(images)
+    conv1_out = np.asarray(keras.Model(trunk.input, trunk.get_layer("conv1").output)(normalised))
+    model = ProxyNCAModel(embedder, 2)
+    model.compile(optimizer=TorchAdam(1e-3), proxy_optimizer=TorchAdam(1.0), freeze_backbone=True)
+    model.train_on_batch(images, labels)
+    mean, variance = reference_statistics(conv1_out)
+    bn1 = trunk.get_layer("bn1")
+    np.testing.assert_allclose(bn1.moving_mean.numpy(), mean, rtol=STATISTICS_RTOL, atol=1e-6)
+    np.testing.assert_allclose(bn1.moving_variance.numpy(), variance, rtol=STATISTICS_RTOL)
+
+
+def test_fused_and_composed_training_paths_agree(monkeypatch):
+    """The fused kernel (one replica) and the composed ops (synchronised statistics) compute the
+    same outputs, running statistics and gradients, to float32 rounding of sums over 120 values."""
+    x = tf.constant(np.random.default_rng(2).normal(1.0, 2.0, size=(4, 6, 5, 7)).astype(np.float32))
+    results = {}
+    for path in ("fused", "composed"):
+        layer = TorchBatchNormalization()
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 7).astype(np.float32))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 7).astype(np.float32))
+        if path == "composed":
+            monkeypatch.setattr(layer, "fusable", lambda inputs: False)
+        traced = tf.function(lambda images, layer=layer: layer(images, training=True))
+        ops_run = {op.type for op in traced.get_concrete_function(x).graph.get_operations()}
+        assert ("FusedBatchNormV3" in ops_run) == (path == "fused")
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.sin(layer(x, training=True)))
+        gradients = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results[path] = [layer(x, training=True).numpy(), layer.moving_mean.numpy(),
+                         layer.moving_variance.numpy(), *(np.asarray(g) for g in gradients)]
+    for fused, composed in zip(results["fused"], results["composed"]):
+        np.testing.assert_allclose(fused, composed, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_precision_keeps_float32_statistics_of_the_float16_batch():
+    x = np.random.default_rng(1).normal(0.5, 2.0, size=(8, 4, 4, 3)).astype(np.float32)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = TorchBatchNormalization()
+        outputs = layer(keras.ops.cast(x, "float16"), training=True)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert outputs.dtype == "float16" and layer.moving_variance.dtype == "float32"
+    # The layer sees the float16-rounded batch; its moments are taken in float32.
+    mean, variance = reference_statistics(x.astype(np.float16))
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=STATISTICS_RTOL, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=STATISTICS_RTOL)
+
+
+SYNC_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    from pnpp_tf.torchvision_resnet import TorchBatchNormalization
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    x = np.random.default_rng(0).normal(1.0, 2.0, size=(6, 3, 3, 5)).astype(np.float32)
+    # The two replicas' halves differ in mean, so per-replica statistics would not pass.
+    x[3:] += 4.0
+    with strategy.scope():
+        layer = TorchBatchNormalization(synchronized=True)
+        layer.build(x.shape)
+    halves = strategy.experimental_distribute_values_from_function(
+        lambda context: x[3 * context.replica_id_in_sync_group:][:3])
+    strategy.run(tf.function(lambda part: layer(part, training=True)), args=(halves,))
+    np.savez(sys.argv[1], x=x, mean=layer.moving_mean.numpy(), variance=layer.moving_variance.numpy())
+""")
+
+
+def test_synchronised_statistics_are_the_whole_batch_unbiased_ones(tmp_path):
+    out = tmp_path / "statistics.npz"
+    result = run_python("-c", SYNC_SCRIPT, str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = np.load(out)
+    mean, variance = reference_statistics(saved["x"])
+    np.testing.assert_allclose(saved["mean"], mean, rtol=STATISTICS_RTOL, atol=1e-6)
+    np.testing.assert_allclose(saved["variance"], variance, rtol=STATISTICS_RTOL)
+
+
+def test_batch_norm_config_round_trips_and_saved_model_reloads(tmp_path):
+    layer = TorchBatchNormalization(name="bn")
+    assert (layer.momentum, layer.epsilon) == (0.9, 1e-5)
+    clone = TorchBatchNormalization.from_config(layer.get_config())
+    assert type(clone) is TorchBatchNormalization and clone.get_config() == layer.get_config()
+    inputs = keras.Input((3, 3, 2))
+    model = keras.Model(inputs, TorchBatchNormalization(name="bn")(inputs))
+    model.get_layer("bn").moving_variance.assign([2.0, 3.0])
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert type(loaded.get_layer("bn")) is TorchBatchNormalization
+    np.testing.assert_array_equal(loaded.get_layer("bn").moving_variance.numpy(), [2.0, 3.0])
+    with pytest.raises(ValueError, match="renorm"):
+        TorchBatchNormalization(renorm=True)
 
 
 # --- Against a PyTorch reference ---------------------------------------------------------------

@@ -1,6 +1,7 @@
 """`python -m pnpp_tf.train` end to end on tiny folder datasets, and its one-line errors."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ def run_train(*args):
 def test_trains_end_to_end_and_writes_results(tmp_path):
     data_dir = make_folder_dataset(tmp_path / "data")
     model_dir = tmp_path / "run"
-    result = run_train(*TINY_FOLDER_RUN, f"--data_dir={data_dir}", f"--model_dir={model_dir}")
+    result = run_train(*TINY_FOLDER_RUN, f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--eval_every=1")
     assert result.returncode == 0, result.stderr[-3000:]
 
     results = json.loads((model_dir / "results.json").read_text())
@@ -146,3 +147,16 @@ def test_resuming_refuses_a_damaged_results_json_and_fewer_epochs_naming_them(tm
         "epochs (after 1 of warm-up); --epochs may only grow when resuming. Pass --epochs=2 or more, or choose "
         "another --model_dir.")
     assert not results.exists()
+
+
+def test_the_gpu_switches_train_on_a_cpu_too(tmp_path):
+    # What a GPU user turns on: XLA, half precision, several steps per execution.
+    data_dir = make_folder_dataset(tmp_path / "data")
+    model_dir = tmp_path / "run"
+    result = run_train(*TINY_FOLDER_RUN, f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--jit_compile=true",
+                       "--mixed_precision=mixed_bfloat16", "--steps_per_execution=2", "--eval_every=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "XLA for the train step: True (--jit_compile=true)" in result.stderr
+    results = json.loads((model_dir / "results.json").read_text())
+    assert len(results["history"]["loss"]) == 3 and all(map(math.isfinite, results["history"]["loss"]))
+    assert results["eval_every"] == 0 and 0.0 <= results["metrics"]["recall@1"] <= 1.0

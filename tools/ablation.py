@@ -4,6 +4,8 @@ a temperature sweep and the original ProxyNCA, each in its own model_dir.
     python tools/ablation.py --flagfile=configs/demo.flags --output_dir=runs/ablation
 
 Every flag this script does not know is passed to `python -m pnpp_tf.train` for every variant.
+With a transformer backbone (--backbone=keras_hub and a DINOv2, DINOv3 or ViT preset, whose
+max/avg pooling is over the patch tokens) the variants include its CLS token (--pooling=cls).
 A variant whose results.json exists is not run again (rerun the same command to resume). The
 table goes to <output_dir>/ablation.json and ablation.md: Recall@1 (and the dataset's other
 metrics), the delta to the full recipe, and the wall time of each run.
@@ -32,6 +34,8 @@ COMPONENTS = (
     ("-class_balanced", "batches without class balancing", ("--sampler=random",)),
     ("-warmup", "without the warm-up epochs", ("--warmup_epochs=0",)),
 )
+# Transformers only: their CLS token, the usual ViT embedding, against ProxyNCA++'s max pooling.
+CLS_TOKEN = ("cls_token", "the CLS token instead of global max pooling (transformers)", ("--pooling=cls",))
 # The sweep around the recipe's T = 1/9 ("full"); T = 1 is "-low_temperature".
 TEMPERATURES = (("T=1/3", "0.3333333333333333"), ("T=1/27", "0.037037037037037035"))
 ORIGINAL_PROXYNCA = ("--loss=proxynca", "--temperature=1.0", "--pooling=avg", "--layer_norm=false",
@@ -46,7 +50,11 @@ def main(argv=None):
     if any(a.startswith("--model_dir") for a in train_args):
         parser.error("--model_dir is chosen per variant under --output_dir; do not pass it.")
     lr = _flag_value(train_args, "lr")
-    variants = _variants(lr)
+    try:
+        variants = _variants(lr, _has_cls_token(train_args))
+    except ValueError as error:  # pnpp_tf.errors.UserError: a preset that does not load, keras-hub missing
+        print(f"tools/ablation.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
     if args.only:
         wanted = args.only.split(",")
         unknown = sorted(set(wanted) - {name for name, _, _ in variants})
@@ -90,14 +98,27 @@ def _run_variants(output_dir, variants, train_args):
     return _with_deltas(rows)
 
 
-def _variants(lr):
+def _variants(lr, cls_token=False):
     def fill(flags):
         return tuple(flag.format(lr=lr) for flag in flags)
 
     variants = [(name, description, fill(flags)) for name, description, flags in COMPONENTS]
+    if cls_token:
+        variants.append(CLS_TOKEN)
     variants += [(name, f"temperature {name[2:]}", (f"--temperature={value}",)) for name, value in TEMPERATURES]
     variants.append(("proxynca", "the original ProxyNCA: every component off", fill(ORIGINAL_PROXYNCA)))
     return variants
+
+
+def _has_cls_token(train_args):
+    """Whether the run's backbone is a KerasHub transformer with a CLS token (reads its preset)."""
+    preset = _flag_value(train_args, "backbone_preset")
+    if _flag_value(train_args, "backbone") != "keras_hub" or not preset:
+        return False
+    from pnpp_tf.hub_backbones import preset_token_layout  # pylint: disable=import-outside-toplevel - TF, keras-hub
+
+    layout = preset_token_layout(preset)
+    return layout is not None and layout.has_cls
 
 
 def _flag_value(train_args, name):

@@ -21,6 +21,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # their (and their workers') `import pnpp_tf` would fail unless pnpp_tf were installed.
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+# Before any tool imports Keras or TensorFlow: pnpp_tf chooses the CPU kernels (oneDNN on x86) as
+# they load, so that a tool measures what pnpp_tf's programs run.
+import pnpp_tf  # noqa: E402,F401 pylint: disable=unused-import,wrong-import-position
 
 WORKER_OUTPUT = "--worker_output"
 
@@ -79,7 +82,7 @@ def describe_machine(machine):
     hardware = f"{machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable)"
     if "gpus" in machine:
         hardware += f", {machine['gpus']} GPU"
-    names = {"tensorflow": "TensorFlow", "keras": "Keras", "python": "Python"}
+    names = {"tensorflow": "TensorFlow", "keras": "Keras", "torch": "PyTorch", "python": "Python"}
     software = ", ".join(f"{name} {machine[key]}" for key, name in names.items() if key in machine)
     return f"{hardware}; {software}"
 

@@ -56,7 +56,7 @@ def plot_run(model_dir, output=None, source="auto", title=None):
         raise UserError(f"The {source} of {model_dir} record no epoch.")
     output = output or run.curves_path
     plots.save_run_curves(history, run_flags, output, os.path.basename(os.path.normpath(model_dir)),
-                          epochs=epochs, title=title)
+                          epochs=epochs, title=title, eval_every=results.data.get("eval_every") if results else None)
     return output, source
 
 

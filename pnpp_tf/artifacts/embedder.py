@@ -77,7 +77,7 @@ class Embedder:
         return f"{self.kind} {self.source} ({self.image_size} px)"
 
 
-class _KerasInference:
+class KerasInference:
     """`serving.normalized_embeddings` of a Keras embedder, traced once per image shape."""
 
     def __init__(self, model):
@@ -139,7 +139,7 @@ def load_keras_embedder(path, image_size=None):
     path = os.path.abspath(path)
     model = load_keras_model(path)
     size = _crop_size(image_size_of(model.input_shape, path), image_size, path)
-    return Embedder(_KerasInference(model), path, "keras", size, int(model.output.shape[-1]),
+    return Embedder(KerasInference(model), path, "keras", size, int(model.output.shape[-1]),
                     keras_model=model)
 
 

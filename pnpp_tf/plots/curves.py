@@ -90,7 +90,7 @@ def save_training_curves(history, path, warmup_epochs=0, eval_every=1, epochs=No
     return path
 
 
-def save_run_curves(history, run_flags, path, run_name, epochs=None, title=None):
+def save_run_curves(history, run_flags, path, run_name, epochs=None, title=None, eval_every=None):
     """Draws a training run's curves as pnpp_tf.train draws them into its curves.png.
 
     The run's flags say how to read the history: its warm-up epochs are shaded, and a
@@ -101,6 +101,8 @@ def save_run_curves(history, run_flags, path, run_name, epochs=None, title=None)
         history: {name: per-epoch values}, results.json's "history".
         run_flags: the run's flags, results.json's "flags" (warmup_epochs, eval_every, mode,
             dataset, backbone; absent ones take their defaults).
+        eval_every: the epochs between measurements the run used (results.json's "eval_every");
+            None: the flags' value, or with --eval_every=auto what the history's lengths say.
         path: the PNG to write.
         run_name: the run's name for the title (its model_dir's last component).
         epochs: as `save_training_curves`.
@@ -109,13 +111,26 @@ def save_run_curves(history, run_flags, path, run_name, epochs=None, title=None)
     Returns:
         `path`; the image is `CURVES_SIZE` pixels.
     """
-    eval_every = 1 if run_flags.get("mode") == "train" else int(run_flags.get("eval_every", 1) or 0)
+    if eval_every is None:
+        eval_every = _eval_every(history, run_flags)
     if title is None:
         about = " ".join(filter(None, (run_flags.get("dataset"), run_flags.get("backbone"))))
         title = run_name + (f": {about}" if about else "")
     warmup_epochs = int(run_flags.get("warmup_epochs", 0) or 0)
     return save_training_curves(history, path, warmup_epochs=warmup_epochs, eval_every=eval_every,
                                 epochs=epochs, title=title)
+
+
+def _eval_every(history, run_flags):
+    """The epochs between measurements, from the flags, or from the history for "auto"."""
+    if run_flags.get("mode") == "train":
+        return 1
+    flag = str(run_flags.get("eval_every", 1) or 0)
+    if flag.isascii() and flag.isdigit():
+        return int(flag)
+    epochs = len(history.get("loss", ()))
+    measured = max((len(v) for k, v in history.items() if "recall@" in k), default=0)
+    return epochs // measured if measured else 0
 
 
 def read_tensorboard_history(log_dir):

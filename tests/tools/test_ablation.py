@@ -51,3 +51,30 @@ def test_an_unreadable_results_json_of_a_finished_variant_is_named(tmp_path):
         assert len(errors) == 1 and errors[0].startswith(f"tools/ablation.py: error: {results}")
         assert problem in errors[0]
         assert sorted(p.name for p in output.iterdir()) == ["full"]  # no table written
+
+
+def test_pooling_variants_on_a_keras_hub_transformer(tmp_path):
+    pytest.importorskip("keras_hub", reason='keras-hub is not installed: pip install -e ".[hub]"',
+                        exc_type=ImportError)
+    import hub_presets  # pylint: disable=import-outside-toplevel - needs keras_hub
+
+    preset, _ = hub_presets.save_preset(tmp_path / "preset", "dinov2")
+    data_dir = make_folder_dataset(tmp_path / "data")
+    output = tmp_path / "ablation"
+    run = [arg for arg in TINY_RUN if not arg.startswith(("--backbone", "--weights", "--image_size"))]
+    result = run_ablation("--only=full,-global_max_pooling,cls_token", f"--output_dir={output}", *run,
+                          "--backbone=keras_hub", f"--backbone_preset={preset}",
+                          f"--image_size={hub_presets.IMAGE_SIZE}",
+                          "--dataset=folder", f"--data_dir={data_dir}", "--eval_ks=1", "--epochs=1",
+                          "--warmup_epochs=0", "--eval_every=0")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    table = json.loads((output / "ablation.json").read_text())
+    assert [row["variant"] for row in table] == ["full", "-global_max_pooling", "cls_token"]
+    poolings = [json.loads((output / name / "results.json").read_text())["flags"]["pooling"]
+                for name in ("full", "global_max_pooling", "cls_token")]
+    assert poolings == ["max", "avg", "cls"]
+
+
+def test_the_cls_token_variant_is_only_offered_for_transformers(tmp_path):
+    result = run_ablation("--only=cls_token", f"--output_dir={tmp_path}", *TINY_RUN)
+    assert result.returncode == 2 and "unknown variants ['cls_token']" in result.stderr

@@ -35,9 +35,10 @@ def test_bench_train_prints_both_xla_rows_and_writes_json(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = table_rows(result.stdout)
-    assert [row[:5] for row in rows] == [["small_cnn", "32", "8", "none", "off"], ["small_cnn", "32", "8", "none", "on"]]
+    assert [row[:6] for row in rows] == [["pnpp_tf", "small_cnn", "32", "8", "none", "off"],
+                                         ["pnpp_tf", "small_cnn", "32", "8", "none", "on"]]
     for row in rows:
-        assert float(row[5]) > 0 and float(row[6]) > 0  # median step ms, images/s
+        assert float(row[6]) > 0 and float(row[7]) > 0  # median step ms, images/s
     assert re.search(r"Machine: .+, \d+ cores .*TensorFlow 2\.", result.stdout)
 
     report = json.loads(output.read_text())
@@ -75,6 +76,27 @@ def test_bench_input_times_train_and_eval_pipelines_per_core(tmp_path):
         assert row["images_per_second"] > 0
         assert abs(row["images_per_second_per_core"] * row["cores"] - row["images_per_second"]) < 1e-6
         assert all(window["images"] == 2 * 8 for window in row["windows"])
+
+
+def test_bench_loop_splits_a_real_runs_time_and_writes_json(tmp_path):
+    output = tmp_path / "loop.json"
+    result = run_python(
+        str(REPO / "tools" / "bench_loop.py"), "--backbone=small_cnn", "--image_size=32", "--embedding_dim=16",
+        "--train_images=40", "--images_per_class=4", "--batch_size=8", "--classes_per_batch=2", "--epochs=2",
+        "--eval_every=1", f"--work_dir={tmp_path / 'work'}", f"--json={output}", timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = table_rows(result.stdout)
+    assert row[:5] == ["small_cnn", "32", "8", "3", "1"]
+    assert re.search(r"Machine: .+, \d+ cores .*TensorFlow 2\.", result.stdout)
+
+    (measured,) = json.loads(output.read_text())["rows"]
+    assert (measured["train_images"], measured["test_images"], measured["train_classes"]) == (40, 41, 10)
+    shares = measured["shares"]
+    assert abs(sum(shares.values()) - 1.0) < 1e-9 and min(shares.values()) >= 0.0
+    assert shares["epoch_eval"] > 0 and shares["checkpoint"] > 0  # measured every epoch, saved every epoch
+    assert abs(measured["loop_overhead_share"] - (1.0 - shares["train"])) < 1e-9
+    assert measured["process_seconds"] > measured["timings"]["wall_seconds"] > measured["timings"]["train_seconds"]
 
 
 def test_xla_train_step_compiles_on_cpu_and_matches_the_unjitted_step():
