@@ -51,6 +51,16 @@ class Backbone:
         """Whether the trunk is built from `--backbone_preset`."""
         return self.normalization == "preset"
 
+    def check_preset(self, preset):
+        """Raises `UserError` if `--backbone_preset` is missing for this backbone, or given to one
+        that does not read it."""
+        if self.takes_preset and not preset:
+            raise UserError(f"--backbone={self.name} needs --backbone_preset=HANDLE_OR_DIR: a KerasHub preset "
+                            "handle (e.g. dinov2_small, hf://timm/resnet50.tv_in1k) or a local preset directory.")
+        if preset and not self.takes_preset:
+            raise UserError(f"--backbone_preset={preset} is only read with --backbone=keras_hub; drop it or "
+                            "pass --backbone=keras_hub.")
+
     def build(self, input_shape, weights, preset=None):
         """Builds the trunk and its input normalisation.
 
@@ -62,11 +72,9 @@ class Backbone:
         Returns:
             A `Trunk`.
         """
+        self.check_preset(preset)
         if self.takes_preset:
             return self.build_trunk(input_shape, weights, preset)
-        if preset:
-            raise UserError(f"--backbone_preset={preset} is only read with --backbone=keras_hub; drop it or "
-                            "pass --backbone=keras_hub.")
         model = self.build_trunk(input_shape, weights)
         return Trunk(model, ImageNormalization(self.normalization, name="normalization"))
 

@@ -25,7 +25,7 @@ from pnpp_tf.data.pipeline import SAMPLERS
 from pnpp_tf.distribute import STRATEGIES
 from pnpp_tf.errors import UserError
 from pnpp_tf.losses import VARIANTS
-from pnpp_tf.model import POOLINGS
+from pnpp_tf.model import POOLINGS, cls_of_a_feature_map
 
 
 def option(default, help, *, choices=None, lower=None, upper=None, positive=False, parse=None, words=None):
@@ -156,17 +156,10 @@ class ModelConfig(Config):
 
     def validate(self):
         super().validate()
-        takes_preset = backbones.get_backbone(self.backbone).takes_preset
-        if takes_preset and not self.backbone_preset:
-            raise UserError(f"--backbone={self.backbone} needs --backbone_preset=HANDLE_OR_DIR: a KerasHub preset "
-                            "handle (e.g. dinov2_small, hf://timm/resnet50.tv_in1k) or a local preset directory.")
-        if self.backbone_preset and not takes_preset:
-            raise UserError(f"--backbone_preset={self.backbone_preset} is only read with --backbone=keras_hub; "
-                            "drop it or pass --backbone=keras_hub.")
-        if self.pooling == "cls" and not takes_preset:
-            raise UserError(f"--pooling=cls needs a transformer with a CLS token (--backbone=keras_hub with a "
-                            f"DINOv2, DINOv3 or ViT preset); --backbone={self.backbone} gives a feature map: use "
-                            "--pooling=max or avg.")
+        spec = backbones.get_backbone(self.backbone)
+        spec.check_preset(self.backbone_preset)
+        if self.pooling == "cls" and not spec.takes_preset:
+            raise cls_of_a_feature_map(f"--backbone={self.backbone}")
 
 
 @dataclasses.dataclass(frozen=True)

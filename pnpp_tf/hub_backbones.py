@@ -64,12 +64,9 @@ def build_hub_trunk(input_shape, weights, preset):
         A `pnpp_tf.backbones.Trunk`.
 
     Raises:
-        UserError: no preset, keras-hub missing, a preset that does not load or has no image
+        UserError: keras-hub missing, a preset that does not load or has no image
             converter, or an image size the preset cannot take.
     """
-    if not preset:
-        raise UserError("--backbone=keras_hub needs --backbone_preset=HANDLE_OR_DIR: a KerasHub preset handle "
-                        "(e.g. dinov2_small, hf://timm/resnet50.tv_in1k) or a local preset directory.")
     keras_hub = import_keras_hub()
     config = _preset_config(keras_hub, preset)
     class_name = config["class_name"]

@@ -95,6 +95,12 @@ def _build_trunk(spec, input_shape, weights, preset):
                          "pass a weights file saved from this backbone, or --weights=none.") from error
 
 
+def cls_of_a_feature_map(where):
+    """The `UserError` of --pooling=cls on a backbone that gives a feature map (`where` names it)."""
+    return UserError(f"--pooling=cls needs a transformer with a CLS token (--backbone=keras_hub with a DINOv2, "
+                     f"DINOv3 or ViT preset); {where} gives a feature map: use --pooling=max or avg.")
+
+
 def _pooling(pooling, tokens, backbone, preset):
     """The pooling layer of a feature map (`tokens` None) or of tokens laid out as `tokens` says."""
     if tokens is not None:
@@ -102,9 +108,7 @@ def _pooling(pooling, tokens, backbone, preset):
             raise UserError(f"--pooling=cls: --backbone_preset={preset} has no CLS token; use --pooling=max or avg.")
         return TokenPooling(pooling, tokens.prefix_tokens, name=f"token_{pooling}_pool")
     if pooling == "cls":
-        where = f"--backbone_preset={preset}" if preset else f"--backbone={backbone}"
-        raise UserError(f"--pooling=cls needs a transformer with a CLS token (--backbone=keras_hub with a DINOv2, "
-                        f"DINOv3 or ViT preset); {where} gives a feature map: use --pooling=max or avg.")
+        raise cls_of_a_feature_map(f"--backbone_preset={preset}" if preset else f"--backbone={backbone}")
     pool = layers.GlobalMaxPooling2D if pooling == "max" else layers.GlobalAveragePooling2D
     return pool(name=f"global_{pooling}_pool")
 

@@ -78,9 +78,9 @@ def _embed_held_out(variants, held_out, image_size, batch_size, latency_images):
         for start, images in zip(range(0, len(split), batch_size), batches):
             encoded = [_read(path) for path in split.paths[start:start + batch_size]]
             for variant, embeddings in zip(variants, embedded):
-                start = time.perf_counter()
+                began = time.perf_counter()
                 embeddings[part].append(variant.embed(images, encoded))
-                seconds[variant.name] += time.perf_counter() - start
+                seconds[variant.name] += time.perf_counter() - began
             if part == next(iter(held_out)) and len(samples) < latency_images:
                 samples += list(zip(images, encoded))[:latency_images - len(samples)]
     for embeddings in embedded:

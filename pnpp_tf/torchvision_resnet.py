@@ -36,8 +36,10 @@ EXPANSION = 4
 # BatchNorm's step counter (only used when momentum=None, which torchvision never sets).
 IGNORED_KEY_PREFIXES = ("fc.",)
 IGNORED_KEY_SUFFIXES = (".num_batches_tracked",)
-# torchvision: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"), i.e. an untruncated
-# normal of variance 2 / (out_channels * kh * kw); Keras' fan_out of a conv kernel is the same.
+
+
+# torchvision: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"); Keras' fan_out of
+# a conv kernel is torchvision's (out_channels * kh * kw).
 def conv_initializer():
     """torchvision's conv init as a Keras initializer (a new one per layer, so no two share a seed)."""
     return keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
