@@ -9,7 +9,9 @@ What runs is `pnpp_tf.data.pipeline` exactly as training and evaluation use it:
   - eval: `eval_dataset` (read file, decode, resize the shorter side to 288/256 of the crop,
     center crop);
   - train_cached, eval_cached: the same, reading an `ImageCache` of the files (decoded once,
-    shorter side --cache_short_side) built before the timing; the table notes its size and build time.
+    shorter side --cache_short_side) built before the timing; the table notes its size and build time;
+  - read_cached (only when --pipelines names it): `read_cached_image` alone (read an entry,
+    check it, take its pixels as float32), the part of the cached rows that the entry format decides.
 Without --data_dir, --num_images JPEG files are written to a temporary directory first, of
 photo-like content (smooth colour fields, shapes and sensor-like noise, quality 90) with the long
 side --long_side px (500 by default, as in CUB-200-2011) and the short side 300-400 px, and get
@@ -38,12 +40,14 @@ import tempfile
 from machine import (Stopwatch, add_output_arguments, describe_machine, machine_info, run_measurement,
                      usable_cores, write_json, write_results)
 
-PIPELINES = ("train", "eval", "train_cached", "eval_cached")
+PIPELINES = ("train", "eval", "train_cached", "eval_cached", "read_cached")
+DEFAULT_PIPELINES = PIPELINES[:4]
 PIPELINE_LABELS = {
     "train": "train (decode + RandomResizedCrop + flip)",
     "eval": "eval (decode + resize + center crop)",
     "train_cached": "train from --cache_dir (read + RandomResizedCrop + flip)",
     "eval_cached": "eval from --cache_dir (read + resize + center crop)",
+    "read_cached": "read from --cache_dir alone (read + check + pixels to float32)",
 }
 IMAGES_PER_CLASS = 20
 JPEG_QUALITY = 90
@@ -64,8 +68,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="Timed windows; the median is reported.")
     parser.add_argument("--cores", default="1,all", help="Comma-separated core counts to run on ('all': every "
                         "core this process may use).")
-    parser.add_argument("--pipelines", default=",".join(PIPELINES), help="Comma-separated: "
-                        f"{', '.join(PIPELINES)}; *_cached read decoded images from an ImageCache.")
+    parser.add_argument("--pipelines", default=",".join(DEFAULT_PIPELINES), help="Comma-separated: "
+                        f"{', '.join(PIPELINES)}; *_cached read decoded images from an ImageCache "
+                        "(read_cached, asked for by name, reads them alone).")
     parser.add_argument("--cache_short_side", type=int, default=0, help="Shorter side of the cached images "
                         "(0: 288/256 of --image_size, what pnpp_tf.train's --cache_short_side defaults to).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the files, labels, sampler and augmentation.")
@@ -218,7 +223,8 @@ def run_worker(args, pipelines):
             dataset = pipeline.train_dataset(paths, labels, sampler, args.image_size, epochs, seed=args.seed, flip=True)
         else:
             repeated = (paths * math.ceil(total_batches * args.batch_size / len(paths)))[:total_batches * args.batch_size]
-            dataset = pipeline.eval_dataset(repeated, args.image_size, args.batch_size)
+            dataset = (_read_only_dataset(repeated, args.batch_size) if name == "read_cached"
+                       else pipeline.eval_dataset(repeated, args.image_size, args.batch_size))
         load_before = os.getloadavg()[0]
         windows = _time_batches(iter(dataset), args)
         rate = statistics.median(w["images"] / w["seconds"] for w in windows)
@@ -245,6 +251,22 @@ def run_worker(args, pipelines):
         })
         print(f"  {len(cores)} core(s), {name}: {rate:.1f} images/s", file=sys.stderr, flush=True)
     return rows
+
+
+def _read_only_dataset(paths, batch_size):
+    """Batches of the shapes of the entries `pipeline.read_cached_image` reads, mapped as `eval_dataset` maps.
+
+    The shapes are taken in a map of their own, after the reading map: in the same function, an
+    optimiser could skip making float32 pixels that nothing uses.
+    """
+    import tensorflow as tf
+
+    from pnpp_tf.data import pipeline
+
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(paths)).map(
+        pipeline.read_cached_image, num_parallel_calls=pipeline.PARALLEL_CALLS, deterministic=True)
+    dataset = dataset.map(tf.shape).batch(batch_size).prefetch(pipeline.PREFETCH_BATCHES)
+    return dataset.with_options(pipeline.dataset_options())
 
 
 def _time_batches(iterator, args):

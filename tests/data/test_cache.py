@@ -114,6 +114,16 @@ def test_an_image_that_does_not_decode_is_named(tmp_path):
         ImageCache(str(tmp_path / "cache"), 16).cached_paths([good, str(broken)], progress=False)
 
 
+def test_a_listed_image_that_is_gone_is_a_bad_image(tmp_path):
+    good = write_image(str(tmp_path / "good.png"), np.random.default_rng(3))
+    gone = str(tmp_path / "gone.png")  # a list-file dataset (SOP, In-Shop) may name a deleted file
+    cache = ImageCache(str(tmp_path / "cache"), 16)
+    check = cache.check_and_build([good, gone], progress=False)
+    assert check.bad == [(gone, "file not found")] and check.checked == 2
+    with pytest.raises(ValueError, match="gone.png: cannot read or decode this image for the cache .file not found"):
+        cache.cached_paths([good, gone], progress=False)
+
+
 def test_the_start_up_check_with_a_cache_decodes_each_image_once(tmp_path):
     rng = np.random.default_rng(4)
     good = [write_image(str(tmp_path / f"good_{i}.png"), rng) for i in range(3)]
