@@ -207,6 +207,9 @@ class OptimizationConfig(Config):
     debug_numerics: bool = option(False, "Check every op for NaN/Inf and name the first that produces one "
                                   "(slow: for debugging).")
     keep_checkpoints: int = option(3, "Checkpoints kept in <model_dir>/checkpoints.", lower=1)
+    accept_data_change: bool = option(False, "Resume although image files were added, removed or modified since "
+                                      "the run was checkpointed (the classes must be the same); without it such "
+                                      "a resume stops, naming the changes.")
     checkpoint_every_steps: int = option(0, "Also checkpoint every N steps within an epoch (0: at the end of each "
                                          "epoch only); a rerun resumes at that step.", lower=0)
     verbose: int = option(1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.", lower=0, upper=2)
@@ -220,7 +223,7 @@ class TrainConfig(OptimizationConfig, ModelConfig, CacheConfig, DataConfig):
     # resumed, or recognised as finished, whatever their values.
     BOOKKEEPING = frozenset({"verbose", "debug_numerics", "keep_checkpoints", "checkpoint_every_steps",
                              "eval_batch_size", "eval_every", "steps_per_execution", "model_dir",
-                             "data_dir"})
+                             "data_dir", "accept_data_change"})
 
     def validate(self):
         super().validate()
@@ -287,6 +290,9 @@ class ExportConfig(Config):
     latency_images: int = option(50, "Single-image calls timed per variant.")
     eval_batch_size: int = option(64, "Images per batch for Keras and the SavedModel.")
     tflite_threads: typing.Optional[int] = option(None, "TFLite interpreter threads (default: all cores).")
+    publish_on_parity_failure: bool = option(False, "Publish a version even if a variant fails the parity "
+                                             "check (default: its report goes to parity/<version>.rejected.md "
+                                             "and nothing else of it stays).")
 
 
 @dataclasses.dataclass(frozen=True)

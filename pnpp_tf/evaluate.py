@@ -27,7 +27,7 @@ from pnpp_tf.config import EvaluateConfig
 from pnpp_tf.data import load_splits, protocol
 from pnpp_tf.data.image_check import drop_or_raise
 from pnpp_tf.errors import UserError
-from pnpp_tf.io_utils import write_atomic
+from pnpp_tf.io_utils import check_writable_dir, write_atomic
 from pnpp_tf.retrieval import check_ks, embed_decodable
 
 def evaluate(config):
@@ -41,13 +41,20 @@ def evaluate(config):
 
     Raises:
         UserError: naming the missing or malformed input (model, data, flag, images that do not
-            decode with --on_bad_image=error); the model's errors are those of
-            `pnpp_tf.artifacts.errors`.
+            decode with --on_bad_image=error), or an output directory that cannot be written;
+            the model's errors are those of `pnpp_tf.artifacts.errors`.
     """
     output_dir = config.output_dir or config.model_dir
     if not output_dir:
         raise UserError("--output_dir (or --model_dir) is required: eval_<dataset>.json is "
                          "written there.")
+    # Before any image is embedded: a directory the results cannot be written to is one line now,
+    # not a traceback after the whole evaluation.
+    if config.output_dir:
+        check_writable_dir(output_dir, "--output_dir")
+    else:
+        check_writable_dir(output_dir, "--model_dir",
+                           f"pass --output_dir to write eval_{config.dataset}.json elsewhere")
     eval_protocol = protocol(config.dataset)
     ks = list(config.eval_ks or eval_protocol.ks)
     with_nmi = eval_protocol.nmi if config.nmi == "auto" else config.nmi == "true"

@@ -10,8 +10,15 @@ Reads <model_dir>/embedder.keras and results.json (dataset, data_dir, image_size
                                                  (see pnpp_tf.parity)
 <version> is the next integer after those present, unless --version says otherwise. The layout
 of both directories is `pnpp_tf.artifacts`'.
+
+A version appears whole or not at all: every part is written under a temporary name, parity is
+measured on those files, and only a version that passed (or --publish_on_parity_failure) is
+renamed into place, its SavedModel directory last, as TF Serving watches it. A version that fails
+leaves only its report, parity/<version>.rejected.json and .md. One export at a time holds
+<export_dir>/export.lock, and removes what killed exports left (`ExportDir.remove_leftovers`).
 """
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -22,18 +29,19 @@ from absl import logging
 
 from pnpp_tf import flags, parity, serving
 from pnpp_tf.artifacts import ExportDir, ModelDir, load_model_dir_embedder
-from pnpp_tf.artifacts.export_dir import FORMATS, TFLITE_VARIANTS
+from pnpp_tf.artifacts.export_dir import FORMATS, LOCK_FILE, TFLITE_VARIANTS
 from pnpp_tf.config import ExportConfig
 from pnpp_tf.data import load_splits, pipeline
 from pnpp_tf.data.datasets import verify_images
 from pnpp_tf.errors import UserError
-from pnpp_tf.io_utils import replacing_dir, variables_bytes, write_atomic
+from pnpp_tf.io_utils import Staged, check_writable_dir, variables_bytes, write_atomic
+from pnpp_tf.run_lock import RunLock
 
 
 def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, data_dir=None,
            tflite_variants=TFLITE_VARIANTS, max_pixels=serving.DEFAULT_MAX_PIXELS,
            representative_images=100, max_eval_images=0, latency_images=50, batch_size=64,
-           num_threads=None):
+           num_threads=None, publish_on_parity_failure=False):
     """Exports the embedder of `model_dir` and writes the parity report beside the export.
 
     Args:
@@ -51,14 +59,18 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
         latency_images: single-image calls timed per variant (the median is reported).
         batch_size: images per batch when embedding with Keras and the SavedModel.
         num_threads: CPU threads of the TFLite interpreter (None: all cores).
+        publish_on_parity_failure: publish the version even if a variant fails its threshold.
 
     Returns:
-        The report dict, also written to `<export_dir>/parity/<version>.json` (and `.md`).
+        The report dict. Its "published" says whether the version was published; the report is
+        at `<export_dir>/parity/<version>.json` (and `.md`) if so, else at
+        `parity/<version>.rejected.json` (and `.md`), and nothing else of the version stays.
 
     Raises:
-        UserError: bad arguments, or one of `pnpp_tf.artifacts.errors` for embedder.keras or
-            results.json (missing, cut short, unloadable, from another run).
-        OutOfSpaceError: the disk filled up; every file written is whole, the partial one removed.
+        UserError: bad arguments, an --export_dir that cannot be written or is in use by another
+            export, or one of `pnpp_tf.artifacts.errors` for embedder.keras or results.json
+            (missing, cut short, unloadable, from another run).
+        OutOfSpaceError: the disk filled up; nothing of the version is left.
     """
     formats, tflite_variants = _check_choices(formats, tflite_variants)
     for name, value, least in (("representative_images", representative_images, 1),
@@ -67,6 +79,7 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
                                ("eval_batch_size", batch_size, 1)):
         if int(value) < least:
             raise UserError(f"--{name} must be at least {least}, got {value}.")
+    check_writable_dir(export_dir, "--export_dir")
     litert = _import_litert() if "tflite" in formats else None
     run = ModelDir(model_dir)
     embedder = load_model_dir_embedder(model_dir)
@@ -78,51 +91,121 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
     held_out = _held_out(splits, max_eval_images)
     verify_images([p for split in held_out.values() for p in split.paths])
     target = ExportDir(export_dir)
-    version = target.new_version(version)
-    module = serving.EmbedderServingModule(embedder.keras_model, max_pixels=max_pixels)
-
-    variants = [parity.KerasVariant(embedder.inference, run.embedder_path)]
-    if "saved_model" in formats:
-        path = write_saved_model(module, export_dir, version)
-        loaded = tf.saved_model.load(path)
-        variants += [parity.SavedModelVariant(loaded, path, bytes_input=False),
-                     parity.SavedModelVariant(loaded, path, bytes_input=True)]
-    if "tflite" in formats:
-        calibration = None
-        if "full_int8" in tflite_variants:
-            calibration = _representative_images(splits["train"], embedder.image_size,
-                                                  representative_images)
-        converter = TFLiteExporter(module, calibration)
-        for variant in tflite_variants:
-            path = target.tflite_path(version, variant)
-            logging.info("Converting to TFLite %s", variant)
-            write_atomic(path, converter.convert(variant))
-            variants.append(parity.TFLiteVariant(litert, path, variant, num_threads))
-
-    report = parity.measure_parity(variants, held_out, embedder.image_size, batch_size,
-                                   latency_images)
-    report.update(
-        model_dir=model_dir, export_dir=export_dir, version=version, dataset=dataset,
-        data_dir=data_dir, image_size=embedder.image_size, embedding_dim=embedder.embedding_dim,
-        max_pixels=int(max_pixels), tflite_threads=num_threads or os.cpu_count(),
-        trained_recall_at_1=results.metrics.get("recall@1") if results else None,
-    )
-    parity.write_report(report, target.parity_stem(version))
+    # Held until the version is published: the leftovers removed below are then surely those of
+    # exports that are no longer running, and two exports never pick the same version.
+    with RunLock(export_dir, flag="--export_dir", file_name=LOCK_FILE, holder="export"):
+        removed = target.remove_leftovers()
+        version = target.new_version(version, also_taken=removed)
+        module = serving.EmbedderServingModule(embedder.keras_model, max_pixels=max_pixels)
+        variants = [parity.KerasVariant(embedder.inference, run.embedder_path)]
+        with _StagedVersion(target, version) as staged:
+            if "saved_model" in formats:
+                _write_saved_model(module, staged.new_saved_model(variables_bytes(module.model_variables)),
+                                   variants)
+            if "tflite" in formats:
+                calibration = None
+                if "full_int8" in tflite_variants:
+                    calibration = _representative_images(splits["train"], embedder.image_size,
+                                                          representative_images)
+                _write_tflite(TFLiteExporter(module, calibration), staged.new_tflite(), tflite_variants,
+                              litert, num_threads, variants)
+            report = parity.measure_parity(variants, held_out, embedder.image_size, batch_size,
+                                           latency_images)
+            report.update(
+                model_dir=model_dir, export_dir=export_dir, version=version, dataset=dataset,
+                data_dir=data_dir, image_size=embedder.image_size, embedding_dim=embedder.embedding_dim,
+                max_pixels=int(max_pixels), tflite_threads=num_threads or os.cpu_count(),
+                trained_recall_at_1=results.metrics.get("recall@1") if results else None,
+                formats=formats, published=bool(report["passed"] or publish_on_parity_failure),
+            )
+            if report["published"]:
+                staged.publish(report)
+            else:
+                staged.reject(report)
     return report
 
 
-def write_saved_model(module, export_dir, version):
-    """Writes `<export_dir>/<version>` whole or not at all: TF Serving watches the directory and
-    would load a half-written version.
+class _StagedVersion:
+    """Version `version` of the `ExportDir` `target`, its parts written under temporary names and
+    then published together: the TFLite folder, the report, and last the SavedModel directory,
+    which TF Serving loads as soon as it appears. Leaving the `with` block removes every part not
+    published (after an error, or a rejected version)."""
+
+    def __init__(self, target, version):
+        self.target, self.version = target, version
+        self._saved_model = self._tflite = None
+        self._reports = []
+
+    def new_saved_model(self, needed_bytes):
+        self._saved_model = Staged(self.target.version_path(self.version), needed_bytes, directory=True)
+        return self._saved_model
+
+    def new_tflite(self):
+        self._tflite = Staged(self.target.tflite_dir(self.version), directory=True)
+        return self._tflite
+
+    def publish(self, report):
+        """Writes the report (naming the files where they will be), then publishes every part."""
+        self._name_final_paths(report)
+        stem = self.target.parity_stem(self.version)
+        texts = {".md": parity.markdown_report(report) + "\n", ".json": parity.report_json(report)}
+        for suffix, text in texts.items():
+            self._reports.append(Staged(stem + suffix, len(text)))
+            with self._reports[-1].writing() as partial, tf.io.gfile.GFile(partial, "w") as file:
+                file.write(text)
+        for part in self._parts():
+            part.publish()
+        logging.info("Published version %d in %s", self.version, self.target.path)
+
+    def reject(self, report):
+        """Writes the report of a version that failed parity where it cannot be taken for one that passed."""
+        self._name_final_paths(report)
+        logging.warning("Version %d failed the parity check and is not published.", self.version)
+        parity.write_report(report, self.target.rejected_stem(self.version))
+
+    def _parts(self):
+        return [part for part in (self._tflite, *self._reports, self._saved_model) if part is not None]
+
+    def _name_final_paths(self, report):
+        """The variants' paths in `report` as they are once published, not the temporary ones."""
+        for row in report["variants"]:
+            for part in self._parts():
+                if row["path"].startswith(part.temporary):
+                    row["path"] = part.path + row["path"][len(part.temporary):]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        for part in self._parts():
+            part.discard()
+        with contextlib.suppress(OSError):  # an empty tflite/ folder, unless it holds other versions
+            os.rmdir(os.path.dirname(self.target.tflite_dir(self.version)))
+
+
+def _write_saved_model(module, staged, variants):
+    """Writes the SavedModel into `staged.temporary` and adds its two variants to `variants`.
 
     Raises:
-        OutOfSpaceError: the disk filled up; no part of the version is left.
+        OutOfSpaceError: the disk filled up; nothing of it is left.
     """
-    path = ExportDir(export_dir).version_path(version)
-    logging.info("Writing the SavedModel to %s", path)
-    with replacing_dir(path, variables_bytes(module.model_variables)) as partial:
-        module.save(partial)
-    return path
+    with staged.writing() as folder:
+        logging.info("Writing the SavedModel of %s", staged.path)
+        module.save(folder)
+    loaded = tf.saved_model.load(staged.temporary)
+    variants += [parity.SavedModelVariant(loaded, staged.temporary, bytes_input=False),
+                 parity.SavedModelVariant(loaded, staged.temporary, bytes_input=True)]
+
+
+def _write_tflite(converter, staged, tflite_variants, litert, num_threads, variants):
+    """Writes each TFLite variant into the folder `staged.temporary` and adds it to `variants`."""
+    for variant in tflite_variants:
+        logging.info("Converting to TFLite %s", variant)
+        flatbuffer = converter.convert(variant)  # outside `writing`: its errors are not a write's
+        with staged.writing() as folder:
+            path = os.path.join(folder, f"embedder_{variant}.tflite")
+            write_atomic(path, flatbuffer)
+        variants.append(parity.TFLiteVariant(litert, path, variant, num_threads))
 
 
 class TFLiteExporter:
@@ -208,6 +291,7 @@ def main(config):
         config.model_dir, config.export_dir, config.format, config.version, config.dataset,
         config.data_dir, config.tflite_variants, config.max_pixels, config.representative_images,
         config.max_eval_images, config.latency_images, config.eval_batch_size, config.tflite_threads,
+        config.publish_on_parity_failure,
     )
     print(parity.markdown_report(report))
     failed = [row for row in report["variants"] if row["passed"] is False]
@@ -215,7 +299,15 @@ def main(config):
         details = "; ".join(
             f"{row['name']} mean cosine {row['mean_cosine']:.6f} < {row['min_mean_cosine']}"
             for row in failed)
-        print(f"pnpp_tf.export: error: parity check failed: {details}.", file=sys.stderr)
+        target = ExportDir(config.export_dir)
+        if report["published"]:
+            outcome = (f"version {report['version']} was published all the same "
+                       "(--publish_on_parity_failure)")
+        else:
+            outcome = (f"version {report['version']} was not published (report: "
+                       f"{target.rejected_stem(report['version'])}.md); pass --publish_on_parity_failure "
+                       "to publish it all the same")
+        print(f"pnpp_tf.export: error: parity check failed: {details}; {outcome}.", file=sys.stderr)
         return 1
     return 0
 

@@ -17,6 +17,7 @@ from pnpp_tf import flags
 from pnpp_tf.config import IndexConfig
 from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS
 from pnpp_tf.errors import UserError
+from pnpp_tf.io_utils import check_writable_file
 from pnpp_tf.indexing.embeddings import find_images
 from pnpp_tf.artifacts import load_embedder
 from pnpp_tf.indexing.search_index import build_index
@@ -40,6 +41,7 @@ def run(model, images, index_path, batch_size=64, progress=True, max_pixels=DEFA
         raise UserError(f"--max_pixels must be at least 1, got {max_pixels}.")
     if os.path.isdir(index_path):
         raise UserError(f"--index={index_path} is a directory; give a file name, e.g. photos.npz.")
+    check_writable_file(index_path, "--index")  # before the images are embedded, not after
     paths = find_images(images)
     embedder = load_embedder(model)
     index = build_index(embedder, paths, images, batch_size, verbose=int(progress), max_pixels=max_pixels)

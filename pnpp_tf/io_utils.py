@@ -9,14 +9,28 @@
 A full disk raises `OutOfSpaceError`, one line naming the path, the space needed and the space
 free, and leaves nothing half written.
 
+An artefact of several parts that must appear together (an export version) stages each part and
+publishes them in the order its readers need:
+
+    parts = [Staged("export/tflite/3", directory=True), Staged("export/3", directory=True)]
+    ...fill each part.temporary inside `with part.writing():`, check them...
+    for part in parts: part.publish()          # or part.discard()
+
+Temporary names end in `.partial-<host>-<pid>-<8 hex digits>` (`is_temporary_name`), so the
+leftovers of a killed writer can be recognised and removed by the next one.
+
 Paths go through `tf.io.gfile`, so they may be local or remote (e.g. gs://). A remote rename is
 a copy and a delete, so there only the finished file is guaranteed whole, not the atomic swap.
+
+`check_writable_dir` and `check_writable_file` tell the user at start-up, in one line, that an
+output path cannot be used (a file, under a file, no permission, a read-only file system).
 """
 
 import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -116,12 +130,10 @@ def replacing(path, needed_bytes=None, suffix=""):
         OSError: for the errors of `tf.io.gfile` (which are not OSErrors), raised by the block or
             by the rename, so callers catch one kind of I/O error.
     """
-    # Here, not at the top: `pnpp_tf.plots` imports this module and otherwise needs no TensorFlow.
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-    with _renamed_into_place(path, _temporary_name(path, suffix), needed_bytes, tf.io.gfile.remove,
-                             overwrite=True) as temporary:
+    staged = Staged(path, needed_bytes, suffix)
+    with staged.writing() as temporary:
         yield temporary
+    staged.publish()
 
 
 @contextlib.contextmanager
@@ -140,27 +152,72 @@ def replacing_dir(path, needed_bytes=None):
         OutOfSpaceError: the file system filled up (the temporary directory is removed).
         OSError: `path` exists already, or another error of `tf.io.gfile`.
     """
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel - see `replacing`
-
-    with _renamed_into_place(path, _temporary_name(path), needed_bytes, tf.io.gfile.rmtree,
-                             overwrite=False) as temporary:
+    staged = Staged(path, needed_bytes, directory=True)
+    with staged.writing() as temporary:
         yield temporary
+    staged.publish()
 
 
-@contextlib.contextmanager
-def _renamed_into_place(path, temporary, needed_bytes, remove, overwrite):
-    """The shared body of `replacing` and `replacing_dir`: `remove` deletes a failed temporary."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel - see `replacing`
+class Staged:
+    """A file or directory written under a temporary name and put in place by `publish`.
 
-    try:
-        _make_parent(path)
-        yield temporary
-        tf.io.gfile.rename(temporary, path, overwrite=overwrite)
-    except BaseException as error:
+    `replacing` and `replacing_dir` are a `Staged` published at the end of their block; use one
+    directly when several parts must be written, then checked, then published together.
+
+    Args:
+        path: the file or directory to produce.
+        needed_bytes: its expected size, if known, for the message of a full disk.
+        suffix: what the temporary name ends with (see `replacing`).
+        directory: True for a directory, which `publish` never renames over an existing one
+            (local paths only); False for a file, which replaces an existing one.
+
+    Attributes:
+        temporary: the name to write (a sibling of `path`; see `is_temporary_name`).
+    """
+
+    def __init__(self, path, needed_bytes=None, suffix="", directory=False):
+        self.path = path
+        self.temporary = _temporary_name(path, suffix)
+        self.needed_bytes = needed_bytes
+        self.directory = directory
+        self.published = False
+
+    @contextlib.contextmanager
+    def writing(self):
+        """The block that fills `temporary`, after its parent directory is created.
+
+        Raises:
+            As `replacing`: an error of the block removes the temporary, a full disk becomes an
+            `OutOfSpaceError` and an error of `tf.io.gfile` an OSError, both naming `path`.
+        """
+        try:
+            _make_parent(self.path)
+            yield self.temporary
+        except BaseException as error:
+            self.discard()
+            _raise_as_os_error(error, self.path, self.temporary, self.needed_bytes)
+
+    def publish(self):
+        """Renames `temporary` to `path`; on failure removes it and raises as `writing` does."""
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel - see `discard`
+
+        try:
+            tf.io.gfile.rename(self.temporary, self.path, overwrite=not self.directory)
+        except BaseException as error:
+            self.discard()
+            _raise_as_os_error(error, self.path, self.temporary, self.needed_bytes)
+        self.published = True
+
+    def discard(self):
+        """Removes the temporary if it exists and was not published; never raises."""
+        # Here, not at the top: `pnpp_tf.plots` imports this module and otherwise needs no TensorFlow.
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        if self.published:
+            return
         with contextlib.suppress(tf.errors.OpError):
-            if tf.io.gfile.exists(temporary):
-                remove(temporary)
-        _raise_as_os_error(error, path, temporary, needed_bytes)
+            if tf.io.gfile.exists(self.temporary):
+                (tf.io.gfile.rmtree if self.directory else tf.io.gfile.remove)(self.temporary)
 
 
 def save_keras_atomic(model, path):
@@ -193,6 +250,15 @@ def _temporary_name(path, suffix=""):
     # Unique per writer: workers on several machines (or in containers, all pid 1) may write the
     # same file at once, e.g. the same image cache entry; each renames its own whole copy.
     return f"{path}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+
+
+_TEMPORARY = re.compile(r"\.partial-.+-\d+-[0-9a-f]{8}")
+
+
+def is_temporary_name(name):
+    """True if the file or folder name `name` is one of `_temporary_name`'s (a write in progress,
+    or left by a writer that was killed)."""
+    return bool(_TEMPORARY.search(os.path.basename(name)))
 
 
 def _make_parent(path):
@@ -230,3 +296,70 @@ def write_atomic(path, contents):
 def write_json(path, payload):
     """Writes `payload` as indented JSON, atomically."""
     write_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
+
+
+def check_writable_dir(path, flag, advice=None):
+    """Stops at start-up, in one line, when files cannot be created in directory `path`.
+
+    Truthful for root too (whom permission bits do not stop, but a read-only file system does):
+    it creates and removes an empty file in `path`, or in its nearest existing parent when `path`
+    is still to be created, instead of asking `os.access`.
+
+    Args:
+        path: a local directory (it need not exist yet); remote ones ("gs://...") are not checked.
+        flag: how the user named it, e.g. "--model_dir".
+        advice: what to do, ending the message (default: "choose another <flag>").
+
+    Raises:
+        UserError: `path` is a file or lies under one, or no file can be created there (no
+            permission, a read-only file system, ...).
+    """
+    if not path or "://" in str(path):
+        return
+    problem = _why_unwritable(os.fspath(path))
+    if problem:
+        raise UserError(f"{flag}={path} {problem}; {advice or f'choose another {flag}'}.")
+
+
+def check_writable_file(path, flag, advice=None):
+    """Like `check_writable_dir`, for a file written through `replacing` (so what matters is its
+    folder: a temporary is created there and renamed onto `path`).
+
+    Raises:
+        UserError: `path` is a directory, or its folder cannot be written (as `check_writable_dir`).
+    """
+    if not path or "://" in str(path):
+        return
+    path = os.fspath(path)
+    advice = advice or f"choose another {flag}"
+    if os.path.isdir(path):
+        raise UserError(f"{flag}={path} is a directory; give a file name there, or {advice}.")
+    folder = os.path.dirname(os.path.abspath(path))
+    problem = _why_unwritable(folder)
+    if problem:
+        raise UserError(f"{flag}={path} cannot be written: {folder} {problem}; {advice}.")
+
+
+def _why_unwritable(path):
+    """What stops files being created in directory `path` (a phrase, `path` its subject), or None."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return "is a file, not a directory" if os.path.isfile(path) else "exists and is not a directory"
+    folder = os.path.abspath(path)
+    while not os.path.lexists(folder):  # the nearest existing parent, where makedirs would start
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"lies under {folder}, which is {'a file' if os.path.isfile(folder) else 'not a directory'}"
+    probe = _temporary_name(os.path.join(folder, ".pnpp_tf_write_check"))
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.remove(probe)
+    except OSError as error:
+        code = errno.EACCES if error.errno == errno.EPERM else error.errno
+        if folder == os.path.abspath(path):
+            reasons = {errno.EROFS: "is on a read-only file system",
+                       errno.EACCES: "is not writable (permission denied)"}
+            return reasons.get(code, f"cannot be written ({error.strerror})")
+        reasons = {errno.EROFS: f"{folder} is on a read-only file system",
+                   errno.EACCES: f"no permission to write in {folder}"}
+        return f"cannot be created: {reasons.get(code, f'{folder}: {error.strerror}')}"
+    return None

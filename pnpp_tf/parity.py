@@ -91,8 +91,13 @@ def _embed_held_out(variants, held_out, image_size, batch_size, latency_images):
 
 def write_report(report, path_stem):
     """Writes `<path_stem>.json` and `<path_stem>.md`."""
-    write_atomic(path_stem + ".json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_atomic(path_stem + ".json", report_json(report))
     write_atomic(path_stem + ".md", markdown_report(report) + "\n")
+
+
+def report_json(report):
+    """The parity report as the text of its .json file."""
+    return json.dumps(report, indent=2, sort_keys=True) + "\n"
 
 
 def markdown_report(report):
@@ -118,6 +123,12 @@ def markdown_report(report):
             f"| {row['name']} | {row['size_bytes'] / 2**20:.2f} MiB | {row['max_abs_diff']:.2e} "
             f"| {row['mean_cosine']:.6f} | {row['min_cosine']:.6f} | {row['recall@1']:.4f} "
             f"| {row['latency_ms']:.2f} | {row['images_per_second']:.1f} | {required} |")
+    if report.get("published") is False:
+        lines += ["", "**Not published:** a variant failed its parity threshold, so no file of this version was "
+                      "kept but this report. Pass --publish_on_parity_failure to publish such a version."]
+    elif report.get("published") and not report["passed"]:
+        lines += ["", "**Published although a variant failed its parity threshold** "
+                      "(--publish_on_parity_failure)."]
     if report.get("trained_recall_at_1") is not None:
         lines += ["", "Recall@1 recorded by training, on the whole test split (results.json): "
                       f"{report['trained_recall_at_1']:.4f}."]

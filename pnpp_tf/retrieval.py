@@ -1,5 +1,6 @@
 """Embeds an evaluation split with a model and scores it: the bridge from models to metrics."""
 
+import dataclasses
 import time
 import weakref
 
@@ -27,23 +28,45 @@ class RetrievalEvaluator:
         max_pixels: an image file over this many pixels stops the evaluation undecoded
             (`pipeline.eval_dataset`); the start-up check should have left it out.
         distance: the default of `measure`: "cosine" or "euclidean" (`DISTANCES`).
+        faults: a `pnpp_tf.data.faults.ImageFaults` knowing the splits' images: an image that
+            stops reading between two measurements is named, and left out from then on if it
+            says "skip". None: the pipeline's error propagates.
     """
 
     def __init__(self, query, image_size, ks, gallery=None, batch_size=64,
-                 max_pixels=pipeline.DEFAULT_MAX_PIXELS, distance="cosine"):
-        self.query = query
-        self.gallery = gallery
+                 max_pixels=pipeline.DEFAULT_MAX_PIXELS, distance="cosine", faults=None):
         self.distance = neighbours.check_distance(distance)
         self.ks = tuple(int(k) for k in ks)
+        self.image_size, self.batch_size, self.max_pixels = image_size, batch_size, max_pixels
+        self.faults = faults
+        self._use(query, gallery)
+
+    def _use(self, query, gallery):
         check_ks(self.ks, len(query), len(gallery) if gallery else None)
-        self._query_images = pipeline.eval_dataset(query.paths, image_size, batch_size, max_pixels)
-        self._gallery_images = (
-            pipeline.eval_dataset(gallery.paths, image_size, batch_size, max_pixels) if gallery else None
-        )
+        self.query, self.gallery = query, gallery
+        self._query_images = pipeline.eval_dataset(query.paths, self.image_size, self.batch_size, self.max_pixels)
+        self._gallery_images = (pipeline.eval_dataset(gallery.paths, self.image_size, self.batch_size,
+                                                      self.max_pixels) if gallery else None)
 
     def embed(self, model, verbose=0):
         """The model's embeddings of the queries and (or None) of the gallery (L2-normalised if the
-        model normalises, as `ProxyNCAModel` does; the metrics normalise in any case)."""
+        model normalises, as `ProxyNCAModel` does; the metrics normalise in any case).
+
+        Raises:
+            UserError: an image stopped reading and `faults` says "error".
+        """
+        while True:
+            try:
+                return self._embed(model, verbose)
+            except tf.errors.OpError as error:
+                if self.faults is None:
+                    raise
+                splits = [split for split in (self.query, self.gallery) if split]
+                bad = set(self.faults.bad_images(error, [p for split in splits for p in split.paths],
+                                                 "evaluation; the last checkpoint is intact"))
+                self._use(*(_without(split, bad) if split else None for split in (self.query, self.gallery)))
+
+    def _embed(self, model, verbose):
         queries = embed_images(model, self._query_images, len(self.query), verbose)
         if self._gallery_images is None:
             return queries, None
@@ -78,6 +101,12 @@ class RetrievalEvaluator:
             )
             metrics["nmi"] = evaluation.nmi(all_embeddings, all_labels, distance=distance)
         return metrics
+
+
+def _without(split, paths):
+    """`split` without the images of `paths`."""
+    keep = np.array([path not in paths for path in split.paths], dtype=bool)
+    return dataclasses.replace(split, paths=[p for p, k in zip(split.paths, keep) if k], labels=split.labels[keep])
 
 
 def check_ks(ks, num_queries, num_gallery=None):

@@ -23,10 +23,12 @@ from pnpp_tf.checkpointing import RunCheckpoint
 from pnpp_tf.config import TrainConfig
 from pnpp_tf.data import load_splits, pipeline, protocol
 from pnpp_tf.data.cache import ImageCache, default_short_side
+from pnpp_tf.data.faults import ImageFaults
+from pnpp_tf.data.fingerprint import DataFingerprint, fingerprint_path
 from pnpp_tf.data.image_check import check_images, drop_or_raise
 from pnpp_tf.data.split import class_halves
 from pnpp_tf.errors import UserError
-from pnpp_tf.io_utils import read_json_object, save_keras_atomic, write_json
+from pnpp_tf.io_utils import check_writable_dir, read_json_object, save_keras_atomic, write_json
 from pnpp_tf.retrieval import RetrievalEvaluator
 from pnpp_tf.trainer import SCHEDULE_FILE, NumericalFault, Schedule, Trainer, TrainingData
 
@@ -61,6 +63,10 @@ def train_model(config):
 
 
 def _train_model_locked(config, strategy):
+    # Every worker writes cache entries. A cache directory already there may be a prebuilt one on
+    # read-only storage: a missing entry that cannot be written is named when it is built.
+    if config.cache_dir and not tf.io.gfile.isdir(config.cache_dir):
+        check_writable_dir(config.cache_dir, "--cache_dir")
     schedule = _schedule(config)
     output_dir = distribute.writable_dir(config.model_dir, strategy)
     checkpoint = RunCheckpoint(os.path.join(output_dir, "checkpoints"), keep=config.keep_checkpoints,
@@ -70,10 +76,17 @@ def _train_model_locked(config, strategy):
     finished_epochs, record = checkpoint.read_state()
     total_epochs = config.warmup_epochs + schedule.epochs
     finished = _finished_results(config, finished_epochs, total_epochs)
+    splits = load_splits(config.dataset, config.data_dir)
+    # A stat per file, no image read: a change is named before any image is decoded or any
+    # weight restored (a class added would otherwise fail TensorFlow's restore of the proxies).
+    fingerprint = DataFingerprint.of_splits(splits, config.data_dir)
     if finished is None:
         _check_resumable(config, record, finished_epochs, total_epochs)
-    data = _data(config)
+        _check_data_unchanged(config, record, fingerprint)
+    data = _data(config, splits, fingerprint, record.get("skipped_during_run", ()))
     os.makedirs(config.model_dir, exist_ok=True)
+    if distribute.is_chief(strategy):
+        fingerprint.save(config.model_dir)
     _configure_determinism_and_numerics(config)
     distribute.check_batch_fits(strategy, config.batch_size, config.classes_per_batch, config.sampler)
     trainer = Trainer(config, strategy, data, schedule, checkpoint)
@@ -129,7 +142,8 @@ def _check_resumable(config, record, finished_epochs, total_epochs):
     its results would disagree.
     """
     # Checkpoints written before the record held the flags are resumed unchecked.
-    changed = config.changed_from(record["flags"], allowed={"epochs"}) if "flags" in record else []
+    # --on_bad_image may change too: whatever it leaves out of the data, the fingerprint names.
+    changed = config.changed_from(record["flags"], allowed={"epochs", "on_bad_image"}) if "flags" in record else []
     if changed:
         raise UserError(f"--model_dir={config.model_dir} holds an unfinished run made with other flags "
                         f"({', '.join(changed)}); rerun with its flags to resume it (see its results "
@@ -141,9 +155,44 @@ def _check_resumable(config, record, finished_epochs, total_epochs):
                         f"--epochs={finished_epochs - config.warmup_epochs} or more, or choose another --model_dir.")
 
 
-def _data(config):
-    """The run's `TrainingData`: the splits checked (and cached), the sampler, the evaluator."""
-    splits = load_splits(config.dataset, config.data_dir)
+def _check_data_unchanged(config, record, fingerprint):
+    """Refuses to resume on data other than the checkpointed run's, naming what changed.
+
+    Other classes cannot be resumed (the proxies are one per class); changed files can, with
+    --accept_data_change. Images the run itself skipped mid-run are known changes.
+    """
+    recorded = record.get("data")
+    if not recorded or recorded.get("digest") == fingerprint.digest:
+        return  # a fresh start, a checkpoint from before fingerprints, or the same data
+    where = f"--data_dir={config.data_dir} has changed since the run in --model_dir={config.model_dir} was checkpointed"
+    earlier = DataFingerprint.load(config.model_dir, recorded["digest"], config.data_dir)
+    if earlier is None:
+        described = f"the record of its data, {fingerprint_path(config.model_dir, recorded['digest'])}, is gone"
+        classes_changed = False
+    else:
+        changes = earlier.changes_to(fingerprint, [item["path"] for item in record.get("skipped_during_run", ())])
+        if not changes:
+            return
+        described = "; ".join(change.describe() for change in changes)
+        classes_changed = any(change.classes_changed for change in changes)
+    if classes_changed:
+        raise UserError(f"{where} ({described}); a run has one proxy per class and cannot resume on other "
+                        "classes: restore the data, or choose another --model_dir.")
+    if not config.accept_data_change:
+        raise UserError(f"{where} ({described}); restore the files, or rerun with --accept_data_change to "
+                        "resume on the data as it is now.")
+    logging.warning("Resuming on changed data (--accept_data_change): %s", described)
+
+
+def _data(config, splits, fingerprint, skipped_during_run=()):
+    """The run's `TrainingData`: the splits checked (and cached), the sampler, the evaluator.
+
+    Args:
+        config: the `TrainConfig`.
+        splits: the dataset's splits as read.
+        fingerprint: their `DataFingerprint`, the state mid-run failures are compared with.
+        skipped_during_run: the images an earlier process of this run skipped mid-run.
+    """
     caches = _caches(config)
     skipped = {}
     for name in list(splits):
@@ -168,14 +217,23 @@ def _data(config):
     if train_split.num_classes < 2:
         raise UserError(f"--data_dir={config.data_dir}: training needs at least 2 classes, the training split "
                         f"has {train_split.num_classes}.")
+    faults = ImageFaults(fingerprint, config.on_bad_image, config.max_pixels, skipped_during_run)
+    fingerprint_split = "train" if config.mode == "train" else None
+    sources = (train_split, query, gallery)
     if caches:
         train_split, query, gallery = _cached(caches, train_split, query, gallery, config.verbose == 1,
                                               config.max_pixels)
+    for name, read, source, cache in (("train", train_split, sources[0], caches and caches[0]),
+                                      (fingerprint_split or ("test" if "test" in splits else "query"), query,
+                                       sources[1], caches and caches[1]),
+                                      ("gallery", gallery, sources[2], caches and caches[1])):
+        if read is not None:
+            faults.register(name, read.paths, source.paths, cache or None)
     evaluator = RetrievalEvaluator(query, config.image_size, ks, gallery=gallery, batch_size=config.eval_batch_size,
-                                   max_pixels=config.max_pixels)
+                                   max_pixels=config.max_pixels, faults=faults)
     sampler = pipeline.make_sampler(config.sampler, train_split.labels, config.batch_size,
                                     config.classes_per_batch, config.seed)
-    return TrainingData(train_split, sampler, evaluator, evaluated_on, skipped)
+    return TrainingData(train_split, sampler, evaluator, evaluated_on, skipped, fingerprint, faults)
 
 
 def _caches(config):

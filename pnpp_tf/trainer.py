@@ -11,6 +11,8 @@ import time
 from typing import NamedTuple
 
 import keras
+import numpy as np
+import tensorflow as tf
 from absl import logging
 
 from pnpp_tf import callbacks, distribute
@@ -55,7 +57,10 @@ class TrainingData(NamedTuple):
         sampler: the batch sampler over `train_split`.
         evaluator: the `RetrievalEvaluator` of the held-out classes.
         evaluated_on: the name of the evaluator's split: "val_half", "test" or "query_gallery".
-        skipped_images: {split name: the unreadable images left out of it}.
+        skipped_images: {split name: the unreadable images left out of it at the start}.
+        fingerprint: the `DataFingerprint` of the dataset as the run found it.
+        faults: the `ImageFaults` naming (and with --on_bad_image=skip, leaving out) the images
+            that stop reading mid-run.
     """
 
     train_split: object
@@ -63,6 +68,8 @@ class TrainingData(NamedTuple):
     evaluator: object
     evaluated_on: str
     skipped_images: dict
+    fingerprint: object = None
+    faults: object = None
 
 
 class Schedule(NamedTuple):
@@ -117,6 +124,9 @@ class Trainer:
         self.timings = dict(self.record.get("timings", {"train_seconds": legacy, "wall_seconds": legacy}))
         self.before = self.record.get("before_training")
         self._phase = None
+        # What the training pipeline reads: an image that stops reading mid-run is replaced by
+        # another of its class (--on_bad_image=skip), so every batch keeps its classes.
+        self._train_paths = list(data.train_split.paths)
 
     def fit(self):
         """Measures the untrained model (unless the checkpoint did), trains the phases left and
@@ -168,7 +178,8 @@ class Trainer:
             "history": self.history,
             "lr_drop_epochs": list(self.schedule.lr_drop_epochs),
             "eval_every": self.eval_every,
-            "skipped_images": self.data.skipped_images,
+            "skipped_images": self._skipped_images(),
+            "skipped_during_run": self._skipped_during_run(),
             "timings": {
                 **self.timings,
                 "final_eval_seconds": final_eval_seconds,
@@ -225,10 +236,67 @@ class Trainer:
         logging.info("XLA for the train step: %s (--jit_compile=%s)", self.model.jit_compile, config.jit_compile)
 
     def _fit_segment(self, segment):
+        """Runs `model.fit` over `segment` with the phase's callbacks, going on from the step it
+        stopped at when an image stopped reading and --on_bad_image=skip leaves it out.
+
+        Raises:
+            UserError: an image stopped reading (named) and --on_bad_image=error; the last
+                checkpoint is intact.
+        """
+        while True:
+            # The proxies' optimiser steps once per batch trained, in every phase and whatever
+            # --steps_per_execution: it says exactly where a fit that failed had got to.
+            before = int(self.model.proxy_optimizer.iterations)
+            try:
+                return self._fit(segment)
+            except tf.errors.OpError as error:
+                if self.data.faults is None:
+                    raise
+                done = segment.first_step + int(self.model.proxy_optimizer.iterations) - before
+                epoch, step = segment.first_epoch + done // self.data.sampler.num_batches, \
+                    done % self.data.sampler.num_batches
+                during = (f"training (epoch {epoch + 1}, step {step + 1}); the last checkpoint, "
+                          f"{self.checkpoint.latest or 'none yet'}, is intact")
+                self._leave_out(self.data.faults.bad_images(error, self._train_paths, during))
+                if epoch >= segment.end_epoch:
+                    return None
+                segment = Segment(epoch, step, segment.end_epoch)
+                _check_steps_per_execution(self.config.steps_per_execution, self.data.sampler.num_batches, step)
+                self._phase.resume_at(step)
+
+    def _leave_out(self, bad_paths):
+        """Reads, in place of each of `bad_paths`, the next readable image of its class."""
+        if not bad_paths:
+            return
+        bad = {path for path in bad_paths}
+        bad.update(path for path, source in zip(self._train_paths, self.data.train_split.paths) if path != source)
+        labels, paths = self.data.train_split.labels, self.data.train_split.paths
+        for index, path in enumerate(paths):
+            if path not in bad:
+                continue
+            members = np.flatnonzero(labels == labels[index])
+            order = np.roll(members, -int(np.searchsorted(members, index)))
+            stand_in = next((paths[i] for i in order if paths[i] not in bad), None)
+            if stand_in is None:
+                name = self.data.train_split.class_names[labels[index]]
+                raise UserError(f"Every training image of class {name} has stopped reading (the last: {path}); "
+                                "restore them, and rerun to resume from the last checkpoint.")
+            self._train_paths[index] = stand_in
+
+    def _skipped_images(self):
+        skipped = {name: list(paths) for name, paths in self.data.skipped_images.items()}
+        for item in self._skipped_during_run():
+            skipped.setdefault(item["split"], []).append(item["path"])
+        return skipped
+
+    def _skipped_during_run(self):
+        return list(self.data.faults.skipped) if self.data.faults else []
+
+    def _fit(self, segment):
         """Runs one `model.fit` over `segment` with the phase's callbacks."""
         config, steps = self.config, self.data.sampler.num_batches
         dataset = distribute.distributed_train_dataset(
-            self.strategy, self.data.train_split.paths, self.data.train_split.labels, self.data.sampler,
+            self.strategy, self._train_paths, self.data.train_split.labels, self.data.sampler,
             config.image_size, segment.end_epoch - segment.first_epoch, first_epoch=segment.first_epoch,
             seed=config.seed, flip=config.flip, first_step=segment.first_step, max_pixels=config.max_pixels,
         )
@@ -256,7 +324,9 @@ class Trainer:
         for name, value in (logs or {}).items():
             self.history.setdefault(name, []).append(float(value))
         record = {"history": self.history, "before_training": self.before, "timings": self._phase.timings(),
-                  "flags": self.config.to_dict()}
+                  "flags": self.config.to_dict(), "skipped_during_run": self._skipped_during_run()}
+        if self.data.fingerprint is not None:
+            record["data"] = {"digest": self.data.fingerprint.digest, "splits": self.data.fingerprint.summary()}
         for callback in self._phase.schedule:
             if hasattr(callback, "get_state"):
                 record["schedule"] = callback.get_state()
@@ -294,6 +364,10 @@ class _PhaseCallbacks:
             keras.callbacks.TensorBoard(os.path.join(trainer.output_dir, "logs")),
             self.saver,
         ]
+
+    def resume_at(self, step):
+        """The next fit starts its first epoch at `step` (going on after images were left out)."""
+        self.guard.first_step = self.saver.first_step = step
 
     def timings(self):
         """The run's timings so far: the checkpoint's, plus this phase's."""

@@ -358,14 +358,14 @@ def test_a_cut_short_embedder_is_named(exported, tmp_path):
 
 def test_a_saved_model_that_does_not_fit_leaves_no_version(exported, small_disk):
     export_dir = small_disk / "export"
-    module = serving.EmbedderServingModule(exported["embedder"], max_pixels=MAX_PIXELS)
     fill_leaving(small_disk, 1_000_000)
     with pytest.raises(OutOfSpaceError) as raised:
-        export.write_saved_model(module, str(export_dir), 1)
+        export.export(str(exported["model_dir"]), str(export_dir), formats=["saved_model"], latency_images=2,
+                      max_pixels=MAX_PIXELS)
     message = str(raised.value)
     assert "\n" not in message and message.startswith(f"{export_dir / '1'}: no space left on the device: "
                                                       "needs about 4.7 MB")
-    assert listing(small_disk) == ["export"]  # no version, no temporary
+    assert listing(small_disk) == ["export", "export/export.lock"]  # no version, no temporary
     assert ExportDir(str(export_dir)).new_version() == 1
 
 
@@ -378,4 +378,4 @@ def test_cli_on_a_full_disk_is_one_line_and_leaves_no_partial_export(exported, s
     errors = [line for line in result.stderr.splitlines() if line.startswith("pnpp_tf.export: error:")]
     assert len(errors) == 1 and f"{export_dir / '1'}: no space left on the device" in errors[0]
     assert "Traceback" not in result.stderr
-    assert listing(export_dir) == []
+    assert listing(export_dir) == ["export.lock"]

@@ -8,8 +8,9 @@ import keras
 import pytest
 
 from full_disk import fill_leaving, listing, small_disk  # noqa: F401 - small_disk is a fixture
-from pnpp_tf.io_utils import (OutOfSpaceError, read_json_object, replacing, replacing_dir, save_keras_atomic,
-                              variables_bytes, write_atomic, write_json)
+from pnpp_tf.io_utils import (OutOfSpaceError, Staged, _temporary_name, is_temporary_name, read_json_object,
+                              replacing, replacing_dir, save_keras_atomic, variables_bytes, write_atomic,
+                              write_json)
 
 
 def test_a_file_is_written_whole_in_a_new_folder(tmp_path):
@@ -120,3 +121,47 @@ def test_a_json_object_reader_names_the_file(tmp_path, contents, problem):
     with pytest.raises(ValueError, match=f"^{path}: .*{problem}") as raised:
         read_json_object(str(path), "results.json")
     assert "\n" not in str(raised.value)
+
+
+def test_staged_parts_appear_only_when_published(tmp_path):
+    folder, report = Staged(str(tmp_path / "tflite" / "1"), directory=True), Staged(str(tmp_path / "1.json"))
+    with folder.writing() as partial:
+        os.makedirs(partial)
+        write_atomic(os.path.join(partial, "model.tflite"), b"flatbuffer")
+    with report.writing() as partial:
+        write_atomic(partial, "{}")
+    written = os.listdir(tmp_path / "tflite") + [os.path.basename(report.temporary)]
+    assert len(written) == 2 and all(is_temporary_name(name) for name in written)
+    assert not (tmp_path / "tflite" / "1").exists() and not (tmp_path / "1.json").exists()
+    for part in (folder, report):
+        part.publish()
+        part.discard()  # nothing to discard once published
+    assert (tmp_path / "tflite" / "1" / "model.tflite").read_bytes() == b"flatbuffer"
+    assert sorted(os.listdir(tmp_path)) == ["1.json", "tflite"] and os.listdir(tmp_path / "tflite") == ["1"]
+
+
+def test_a_discarded_part_leaves_nothing(tmp_path):
+    part = Staged(str(tmp_path / "3"), directory=True)
+    with part.writing() as partial:
+        os.makedirs(os.path.join(partial, "variables"))
+    part.discard()
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(OSError, match="3"):
+        part.publish()  # its temporary is gone
+
+
+def test_a_staged_part_on_a_full_disk_names_its_final_path(small_disk):
+    fill_leaving(small_disk, 20_000)
+    part = Staged(str(small_disk / "tflite" / "1"), directory=True)
+    with pytest.raises(OutOfSpaceError, match=r"tflite/1: no space left on the device: needs about 1\.0 MB"):
+        with part.writing() as partial:
+            os.makedirs(partial)
+            write_atomic(os.path.join(partial, "model.tflite"), b"x" * 1_000_000)
+    assert listing(small_disk) == ["tflite"]
+
+
+def test_temporary_names_are_recognised():
+    assert is_temporary_name(_temporary_name("export/3"))
+    assert is_temporary_name(_temporary_name("run/embedder.keras", suffix=".keras"))
+    assert is_temporary_name("1.partial-my-host.example-123-0a1b2c3d")
+    assert not is_temporary_name("1.partial-notes") and not is_temporary_name("export/3")

@@ -92,6 +92,28 @@ def test_released_on_an_exception_and_exclusive_within_one_process(tmp_path):
         pass
 
 
+def test_an_export_lock_names_the_export(tmp_path):
+    with RunLock(str(tmp_path), flag="--export_dir", file_name="export.lock", holder="export"):
+        with pytest.raises(ValueError, match=rf"^--export_dir={tmp_path} is in use by another export \(pid "
+                                             rf"{os.getpid()} on host .*; wait for it to finish or choose "
+                                             r"another --export_dir\.$"):
+            RunLock(str(tmp_path), flag="--export_dir", file_name="export.lock", holder="export").acquire()
+        with RunLock(str(tmp_path)):  # another lock file: a run's lock on the same folder is free
+            pass
+    assert sorted(os.listdir(tmp_path)) == ["export.lock", LOCK_FILE]
+
+
+def test_an_unusable_model_dir_is_one_line_before_anything_is_created(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=rf"^--model_dir={tmp_path / 'a_file'} is a file, not a directory; "
+                                         r"choose another --model_dir\.$"):
+        RunLock(str(tmp_path / "a_file")).acquire()
+    (tmp_path / "run" / LOCK_FILE).mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'run' / LOCK_FILE} is not a regular file"):
+        RunLock(str(tmp_path / "run")).acquire()
+    assert os.listdir(tmp_path / "run") == [LOCK_FILE]
+
+
 def test_only_the_chief_locks(tmp_path):
     with lock_unless(False, str(tmp_path / "run")):
         assert not (tmp_path / "run").exists()

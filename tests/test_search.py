@@ -147,6 +147,8 @@ def test_command_line_errors_raise_value_errors(setup, tmp_path):
 def test_exported_saved_model_base_dir_uses_highest_version(setup, tmp_path):
     base = tmp_path / "export"
     serving.EmbedderServingModule(setup["embedder"]).save(str(base / "2"))
+    (base / "parity").mkdir()
+    (base / "parity" / "2.json").write_text("{}")  # published: its parity report is there
     (base / "1").mkdir()  # not a SavedModel: ignored
     (base / "7").mkdir()  # an unfinished version: ignored too
     embedder = load_embedder(str(base))

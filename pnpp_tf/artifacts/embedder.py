@@ -159,7 +159,7 @@ def load_saved_model_embedder(path, flag="--saved_model", image_size=None):
 
     Args:
         path: a SavedModel directory, or an export base directory of numbered versions (its
-            highest complete version is used, as TF Serving would).
+            highest published version is used, see `pnpp_tf.artifacts.export_dir`).
         flag: how the user named it, for messages.
         image_size: the crop size for a model taking any size (see the module's docstring).
 
@@ -188,7 +188,8 @@ def load_embedder(model, flag="--model", image_size=None):
     Args:
         model: a training run's model_dir (holding embedder.keras) or a .keras file; an exported
             SavedModel version directory (holding saved_model.pb); or an export base directory
-            of numbered versions (the highest complete one is used, as TF Serving would).
+            of numbered versions (the highest published one is used, see
+            `pnpp_tf.artifacts.export_dir`).
         flag: how the user named `model`, for messages.
         image_size: the crop size for a model taking any size (see the module's docstring).
 
@@ -214,7 +215,8 @@ def load_embedder(model, flag="--model", image_size=None):
     run = ModelDir(model, flag)
     if run.has_embedder():
         return load_keras_embedder(run.embedder_path, image_size)
-    if is_saved_model(model) or ExportDir(model).saved_model_versions():
+    # Any SavedModel version, visible or not: `served_path` then names those it passes over.
+    if is_saved_model(model) or ExportDir(model).saved_model_dirs():
         return load_saved_model_embedder(model, flag, image_size)
     raise MissingArtifactError(
         f"{flag}={model} has no embedder.keras (a training run's model_dir), no saved_model.pb "

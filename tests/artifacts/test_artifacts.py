@@ -29,6 +29,9 @@ def trained(tmp_path_factory):
     (root / "run").mkdir()
     embedder.save(root / "run" / "embedder.keras")
     serving.EmbedderServingModule(embedder).save(str(root / "export" / "3"))
+    # A pnpp_tf SavedModel is published with its parity report (`pnpp_tf.artifacts.export_dir`).
+    (root / "export" / "parity").mkdir()
+    (root / "export" / "parity" / "3.json").write_text("{}")
     return root
 
 
