@@ -16,16 +16,17 @@ import dataclasses
 import types
 import typing
 
-from pnpp_tf import backbones, neighbours
+from pnpp_tf.modeling import backbones
+from pnpp_tf.retrieval import neighbours
 from pnpp_tf.artifacts.export_dir import FORMATS, TFLITE_VARIANTS
 from pnpp_tf.data import DATASETS
 from pnpp_tf.data.image_check import ON_BAD_IMAGE
 from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS
 from pnpp_tf.data.pipeline import SAMPLERS
-from pnpp_tf.distribute import STRATEGIES
+from pnpp_tf.training.distribute import STRATEGIES
 from pnpp_tf.errors import UserError
-from pnpp_tf.losses import VARIANTS
-from pnpp_tf.model import POOLINGS, cls_of_a_feature_map
+from pnpp_tf.modeling.losses import VARIANTS
+from pnpp_tf.modeling.model import POOLINGS, cls_of_a_feature_map
 
 
 def option(default, help, *, choices=None, lower=None, upper=None, positive=False, parse=None, words=None):
@@ -344,7 +345,7 @@ class SearchConfig(Config):
                           choices=lambda: _BACKEND_CHOICES)
 
 
-# One vocabulary for every search (`pnpp_tf.neighbours`), and its earlier names.
+# One vocabulary for every search (`pnpp_tf.retrieval.neighbours`), and its earlier names.
 _BACKEND_CHOICES = (*neighbours.BACKENDS, *neighbours.ALIASES)
 
 _KIND_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string", tuple: "a list"}

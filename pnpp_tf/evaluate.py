@@ -22,13 +22,15 @@ import time
 import numpy as np
 from absl import logging
 
-from pnpp_tf import artifacts, evaluation, flags
+from pnpp_tf import artifacts, flags
+from pnpp_tf.retrieval.metrics import nmi, retrieval_metrics
 from pnpp_tf.config import EvaluateConfig
 from pnpp_tf.data import load_splits, protocol
 from pnpp_tf.data.image_check import drop_or_raise
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import check_writable_dir, write_atomic
-from pnpp_tf.retrieval import check_ks, embed_decodable
+from pnpp_tf.retrieval.embed import embed_decodable
+from pnpp_tf.retrieval.evaluator import check_ks
 
 def evaluate(config):
     """Embeds a dataset's evaluation split with a model and measures retrieval.
@@ -69,7 +71,7 @@ def evaluate(config):
     query, gallery, skipped, query_embeddings, gallery_embeddings = _checked_splits(config, embedder, ks)
     embed_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    metrics = evaluation.retrieval_metrics(
+    metrics = retrieval_metrics(
         query_embeddings, query.labels, gallery_embeddings,
         gallery.labels if gallery else None, ks=ks, block_size=config.block_size or None,
         backend=config.backend, distance=distance)
@@ -79,7 +81,7 @@ def evaluate(config):
         start = time.perf_counter()
         both = [query_embeddings] + ([gallery_embeddings] if gallery else [])
         labels = [query.labels] + ([gallery.labels] if gallery else [])
-        metrics["nmi"] = evaluation.nmi(np.concatenate(both), np.concatenate(labels), distance=distance)
+        metrics["nmi"] = nmi(np.concatenate(both), np.concatenate(labels), distance=distance)
         nmi_seconds = time.perf_counter() - start
 
     num_images = len(query) + (len(gallery) if gallery else 0)
@@ -114,7 +116,7 @@ def evaluate(config):
 def _checked_splits(config, embedder, ks):
     """Embeds the evaluation splits, decoding each image once, and applies --on_bad_image.
 
-    The images that fail in the embedding pass (`retrieval.embed_decodable`) go through
+    The images that fail in the embedding pass (`embed_decodable`) go through
     `image_check.drop_or_raise` as a check before embedding would have found them: the same
     error, warnings and skips, without decoding every image twice.
 

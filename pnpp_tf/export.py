@@ -7,7 +7,7 @@ Reads <model_dir>/embedder.keras and results.json (dataset, data_dir, image_size
     <export_dir>/tflite/<version>/embedder_{float32,float16,dynamic_int8,full_int8}.tflite
     <export_dir>/parity/<version>.json and .md   per variant, against the Keras embedder: max abs
                                                  difference, cosine, Recall@1, size, CPU latency
-                                                 (see pnpp_tf.parity)
+                                                 (see pnpp_tf.serving.parity)
 <version> is the next integer after those present, unless --version says otherwise. The layout
 of both directories is `pnpp_tf.artifacts`'.
 
@@ -27,7 +27,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf import flags, parity, serving
+from pnpp_tf import flags
+from pnpp_tf.serving import parity
+from pnpp_tf.serving import signatures
 from pnpp_tf.artifacts import ExportDir, ModelDir, load_model_dir_embedder
 from pnpp_tf.artifacts.export_dir import FORMATS, LOCK_FILE, TFLITE_VARIANTS
 from pnpp_tf.config import ExportConfig
@@ -39,7 +41,7 @@ from pnpp_tf.run_lock import RunLock
 
 
 def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, data_dir=None,
-           tflite_variants=TFLITE_VARIANTS, max_pixels=serving.DEFAULT_MAX_PIXELS,
+           tflite_variants=TFLITE_VARIANTS, max_pixels=signatures.DEFAULT_MAX_PIXELS,
            representative_images=100, max_eval_images=0, latency_images=50, batch_size=64,
            num_threads=None, publish_on_parity_failure=False):
     """Exports the embedder of `model_dir` and writes the parity report beside the export.
@@ -96,7 +98,7 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
     with RunLock(export_dir, flag="--export_dir", file_name=LOCK_FILE, holder="export"):
         removed = target.remove_leftovers()
         version = target.new_version(version, also_taken=removed)
-        module = serving.EmbedderServingModule(embedder.keras_model, max_pixels=max_pixels)
+        module = signatures.EmbedderServingModule(embedder.keras_model, max_pixels=max_pixels)
         variants = [parity.KerasVariant(embedder.inference, run.embedder_path)]
         with _StagedVersion(target, version) as staged:
             if "saved_model" in formats:
@@ -212,7 +214,7 @@ class TFLiteExporter:
     """Converts an embedder (images in [0, 255] -> L2-normalised embedding) to TFLite models.
 
     Args:
-        module: a `pnpp_tf.serving.EmbedderServingModule`.
+        module: a `pnpp_tf.serving.signatures.EmbedderServingModule`.
         representative_images: float32 [N, S, S, 3] evaluation crops calibrating "full_int8".
     """
 

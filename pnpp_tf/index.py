@@ -18,9 +18,9 @@ from pnpp_tf.config import IndexConfig
 from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import check_writable_file
-from pnpp_tf.indexing.embeddings import find_images
+from pnpp_tf.retrieval.embed import find_images
 from pnpp_tf.artifacts import load_embedder
-from pnpp_tf.indexing.search_index import build_index
+from pnpp_tf.retrieval.search_index import build_index
 
 _SHOWN_SKIPPED = 10
 _KINDS = {"keras": "Keras model", "saved_model": "SavedModel"}

@@ -15,10 +15,9 @@ from absl import logging
 from pnpp_tf import flags, plots
 from pnpp_tf.config import SearchConfig
 from pnpp_tf.errors import UserError
-from pnpp_tf.indexing.embeddings import embed_paths
-from pnpp_tf.indexing.neighbours import DISTANCE
+from pnpp_tf.retrieval.embed import embed_paths
 from pnpp_tf.artifacts import load_embedder
-from pnpp_tf.indexing.search_index import SearchIndex
+from pnpp_tf.retrieval.search_index import DISTANCE, SearchIndex
 
 
 

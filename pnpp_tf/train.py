@@ -17,9 +17,10 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf import distribute, flags, plots, run_lock
+from pnpp_tf import flags, plots, run_lock
+from pnpp_tf.training import distribute
 from pnpp_tf.artifacts import ModelDir
-from pnpp_tf.checkpointing import RunCheckpoint
+from pnpp_tf.training.checkpoints import RunCheckpoint
 from pnpp_tf.config import TrainConfig
 from pnpp_tf.data import load_splits, pipeline, protocol
 from pnpp_tf.data.cache import ImageCache, default_short_side
@@ -29,8 +30,8 @@ from pnpp_tf.data.image_check import check_images, drop_or_raise
 from pnpp_tf.data.split import class_halves
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import check_writable_dir, read_json_object, save_keras_atomic, write_json
-from pnpp_tf.retrieval import RetrievalEvaluator
-from pnpp_tf.trainer import SCHEDULE_FILE, NumericalFault, Schedule, Trainer, TrainingData
+from pnpp_tf.retrieval.evaluator import RetrievalEvaluator
+from pnpp_tf.training.trainer import SCHEDULE_FILE, NumericalFault, Schedule, Trainer, TrainingData
 
 
 def train(config):

@@ -8,7 +8,7 @@ Run by test_changing_data.py, so that the change falls at a known point of a rea
 import os
 import shutil
 
-from pnpp_tf import callbacks
+from pnpp_tf.training import callbacks
 
 
 def _change_data():

@@ -20,11 +20,11 @@ def mirrored_step(out):
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras  # pylint: disable=import-outside-toplevel
 
-    from pnpp_tf import distribute  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.training import distribute  # pylint: disable=import-outside-toplevel
     from pnpp_tf.data import pipeline  # pylint: disable=import-outside-toplevel
-    from pnpp_tf.model import ProxyNCAModel, build_embedder, synchronize_batch_norm  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder, synchronize_batch_norm  # pylint: disable=import-outside-toplevel
     from pnpp_tf.data import load_splits  # pylint: disable=import-outside-toplevel
-    from pnpp_tf.optimizers import TorchAdam  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.modeling.optimizers import TorchAdam  # pylint: disable=import-outside-toplevel
     sys.path.insert(0, sys.argv[3])
     from conftest import make_folder_dataset  # pylint: disable=import-outside-toplevel
 

@@ -20,7 +20,8 @@ import time
 def main():
     stop = sys.argv.pop(1)
     export_dir = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--export_dir="))
-    from pnpp_tf import io_utils, parity  # pylint: disable=import-outside-toplevel
+    from pnpp_tf import io_utils  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.serving import parity  # pylint: disable=import-outside-toplevel
 
     if stop == "fail_parity":
         parity.MIN_MEAN_COSINE["saved_model"] = 1.5

@@ -1,4 +1,4 @@
-"""The backbone registry and the layers of pnpp_tf.backbones / model that need no KerasHub: the
+"""The backbone registry and the layers of pnpp_tf.modeling.backbones / model that need no KerasHub: the
 keras_hub entry without keras-hub installed, preset normalisation and token pooling."""
 
 import sys
@@ -8,23 +8,23 @@ import numpy as np
 import pytest
 
 from cli_helpers import REPO, run_python
-from pnpp_tf import backbones
+from pnpp_tf.modeling import backbones, trunks
 from pnpp_tf.config import TrainConfig
 from pnpp_tf.errors import UserError
-from pnpp_tf.model import TokenPooling, build_embedder
+from pnpp_tf.modeling.model import TokenPooling, build_embedder
 
 
 def test_keras_hub_is_a_registry_entry_whose_default_weights_are_the_presets():
     spec = backbones.get_backbone("keras_hub")
     assert "keras_hub" in backbones.available_backbones() and spec.takes_preset
-    assert backbones.resolve_weights(spec, "imagenet") == backbones.PRESET_WEIGHTS
-    assert backbones.resolve_weights(spec, "preset") == backbones.PRESET_WEIGHTS
+    assert backbones.resolve_weights(spec, "imagenet") == trunks.PRESET_WEIGHTS
+    assert backbones.resolve_weights(spec, "preset") == trunks.PRESET_WEIGHTS
     assert backbones.resolve_weights(spec, "none") is None
     assert not backbones.get_backbone("small_cnn").takes_preset
 
 
 def test_importing_the_package_does_not_import_keras_hub():
-    result = run_python("-c", "import sys, pnpp_tf.model, pnpp_tf.config, pnpp_tf.train; "
+    result = run_python("-c", "import sys, pnpp_tf.modeling.model, pnpp_tf.config, pnpp_tf.train; "
                         "print('keras_hub' in sys.modules)")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
@@ -51,13 +51,13 @@ def test_preset_flags_are_checked_together():
 
 
 def test_scale_offset_is_a_converters_normalisation_and_round_trips():
-    layer = backbones.ScaleOffset([1 / 58.395, 1 / 57.12, 1 / 57.375], [-2.1179, -2.0357, -1.8044])
+    layer = trunks.ScaleOffset([1 / 58.395, 1 / 57.12, 1 / 57.375], [-2.1179, -2.0357, -1.8044])
     images = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
     expected = images * np.array(layer.scale, "float32") + np.array(layer.offset, "float32")
     np.testing.assert_allclose(layer(images).numpy(), expected, rtol=1e-6)
-    clone = backbones.ScaleOffset.from_config(layer.get_config())
+    clone = trunks.ScaleOffset.from_config(layer.get_config())
     assert (clone.scale, clone.offset) == (layer.scale, layer.offset)
-    assert backbones.ScaleOffset(1 / 127.5, -1.0)(np.array([[0.0, 255.0]])).numpy().tolist() == [[-1.0, 1.0]]
+    assert trunks.ScaleOffset(1 / 127.5, -1.0)(np.array([[0.0, 255.0]])).numpy().tolist() == [[-1.0, 1.0]]
 
 
 def tokens_with_huge_prefix(prefix_tokens=5, patches=4, channels=3):
@@ -92,7 +92,7 @@ def test_batch_norm_layers_are_found_in_nested_models():
     inner = build_embedder("small_cnn", 32, 8).get_layer("backbone")
     images = keras.Input((32, 32, 3))
     outer = keras.Model(images, inner(images))
-    assert len(backbones.batch_norm_layers(outer)) == 8 == len(backbones.batch_norm_layers(inner))
+    assert len(trunks.batch_norm_layers(outer)) == 8 == len(trunks.batch_norm_layers(inner))
 
 
 @pytest.mark.parametrize("name, preset, pooling", [

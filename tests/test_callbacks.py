@@ -5,8 +5,8 @@ import types
 
 import pytest
 
-from pnpp_tf import callbacks
-from pnpp_tf.optimizers import TorchAdam
+from pnpp_tf.training import callbacks
+from pnpp_tf.modeling.optimizers import TorchAdam
 
 
 def two_optimiser_model(lr=1.0, proxy_lr=100.0):

@@ -12,9 +12,9 @@ import pytest
 
 from cli_helpers import REPO, TINY_RUN, run_python
 from conftest import make_folder_dataset
-from pnpp_tf import distribute
-from pnpp_tf.model import ProxyNCAModel, build_embedder
-from pnpp_tf.optimizers import TorchAdam
+from pnpp_tf.training import distribute
+from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder
+from pnpp_tf.modeling.optimizers import TorchAdam
 
 WORKER = str(REPO / "tests" / "distributed_worker.py")
 

@@ -13,10 +13,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_folder_dataset
-from pnpp_tf import evaluate, evaluation
+from pnpp_tf import evaluate
+from pnpp_tf.retrieval.metrics import nmi, retrieval_metrics
 from pnpp_tf.config import EvaluateConfig
 from pnpp_tf.data import load_splits, pipeline
-from pnpp_tf.model import build_embedder
+from pnpp_tf.modeling.model import build_embedder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def test_keras_model_end_to_end(tmp_path):
     # The image size came from the model (the --image_size default is 256).
     assert saved["image_size"] == 32 and saved["model_format"] == "keras"
     test = load_splits("folder", data_dir)["test"]
-    want = evaluation.retrieval_metrics(embed(embedder, test, 32), test.labels, ks=(1, 4))
+    want = retrieval_metrics(embed(embedder, test, 32), test.labels, ks=(1, 4))
     for name, value in want.items():
         assert saved["metrics"][name] == pytest.approx(value, abs=1e-6), name
     assert 0.0 <= saved["metrics"]["nmi"] <= 1.0  # the folder protocol reports NMI
@@ -100,7 +101,7 @@ def test_saved_model_query_gallery(tmp_path, backend):
     splits = load_splits("folder", data_dir)
     query = embed(lambda x: module.serve(x)["embedding"], splits["query"], 40)
     gallery = embed(lambda x: module.serve(x)["embedding"], splits["gallery"], 40)
-    want = evaluation.retrieval_metrics(query, splits["query"].labels, gallery,
+    want = retrieval_metrics(query, splits["query"].labels, gallery,
                                         splits["gallery"].labels, ks=(1, 2, 4, 8))
     for name, value in want.items():
         assert results["metrics"][name] == pytest.approx(value, abs=1e-6), name
@@ -165,8 +166,8 @@ def test_euclidean_evaluates_the_raw_embedding_and_says_so(tmp_path):
                                        eval_distance="euclidean"))
     test = load_splits("folder", data_dir)["test"]
     raw = embed(lambda images: embedder(images, training=False), test, 32)
-    want = evaluation.retrieval_metrics(raw, test.labels, ks=(1, 2), distance="euclidean")
-    want["nmi"] = evaluation.nmi(raw, test.labels, distance="euclidean")
+    want = retrieval_metrics(raw, test.labels, ks=(1, 2), distance="euclidean")
+    want["nmi"] = nmi(raw, test.labels, distance="euclidean")
     for name, value in want.items():
         assert results["metrics"][name] == pytest.approx(value, abs=1e-6), name
     on_disk = json.loads((model_dir / "eval_folder.json").read_text())

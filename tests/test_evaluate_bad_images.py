@@ -11,12 +11,13 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_folder_dataset
-from pnpp_tf import evaluate, retrieval
+from pnpp_tf import evaluate
+from pnpp_tf.retrieval import embed
 from pnpp_tf.config import EvaluateConfig
 from pnpp_tf.data import image_check, load_splits
 from pnpp_tf.data.image_check import drop_or_raise
 from pnpp_tf.errors import UserError
-from pnpp_tf.model import build_embedder
+from pnpp_tf.modeling.model import build_embedder
 
 IMAGE_SIZE = 32
 
@@ -121,10 +122,10 @@ def test_stop_at_bad_embeds_only_up_to_the_first_bad_image(tmp_path, model_dir):
     bad = break_images(data_dir, [("test_class_00", "img_1.jpg"), ("test_class_02", "img_4.png")])
     paths = load_splits("folder", data_dir)["test"].paths
     model = build_embedder("small_cnn", image_size=IMAGE_SIZE, embedding_dim=8, weights="none")
-    everything, found = retrieval.embed_decodable(model, paths, IMAGE_SIZE, batch_size=2)
+    everything, found = embed.embed_decodable(model, paths, IMAGE_SIZE, batch_size=2)
     assert everything.shape == (16, 8) and [path for path, _ in found.bad] == bad
     assert found.checked == 18 and found.too_large == []
-    stopped, found = retrieval.embed_decodable(model, paths, IMAGE_SIZE, batch_size=2, stop_at_bad=True)
+    stopped, found = embed.embed_decodable(model, paths, IMAGE_SIZE, batch_size=2, stop_at_bad=True)
     assert [path for path, _ in found.bad] == bad  # the second found by the check, not the model
     assert len(stopped) < 16  # the model did not run on the images after the first bad one
     np.testing.assert_array_equal(stopped, everything[:len(stopped)])
@@ -138,6 +139,6 @@ def test_a_file_that_fails_only_while_embedding_is_still_counted_bad(tmp_path, m
     monkeypatch.setattr(image_check, "check_images",
                         lambda paths, **_: image_check.ImageCheck(len(paths), [], 0.0))
     model = build_embedder("small_cnn", image_size=IMAGE_SIZE, embedding_dim=8, weights="none")
-    embeddings, found = retrieval.embed_decodable(model, paths, IMAGE_SIZE, batch_size=3)
+    embeddings, found = embed.embed_decodable(model, paths, IMAGE_SIZE, batch_size=3)
     assert len(embeddings) == 7
-    assert found.bad == [(bad[0], retrieval.CHANGED_DURING_RUN)]
+    assert found.bad == [(bad[0], embed.CHANGED_DURING_RUN)]

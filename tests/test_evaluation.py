@@ -1,15 +1,14 @@
-"""Tests for pnpp_tf.evaluation against a brute-force numpy reference."""
+"""Tests for pnpp_tf.retrieval.metrics against a brute-force numpy reference."""
 
 import sys
 
 import numpy as np
 import pytest
 
-from pnpp_tf import evaluation, neighbours
+from pnpp_tf.retrieval.metrics import nmi, retrieval_metrics
+from pnpp_tf.retrieval import neighbours
 from pnpp_tf.errors import UserError
 
-retrieval_metrics = evaluation.retrieval_metrics
-nmi = evaluation.nmi
 
 KS = (1, 2, 4, 8)
 

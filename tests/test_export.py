@@ -1,4 +1,4 @@
-"""pnpp_tf.export and pnpp_tf.serving: a small trained embedder exported for TF Serving and TFLite.
+"""pnpp_tf.export and pnpp_tf.serving.signatures: a small trained embedder exported for TF Serving and TFLite.
 
 One export (module fixture) of a small_cnn embedder trained for a few steps; every test checks a
 piece of it against the Keras embedder. Tests needing the `tflite` or `serving` extras skip
@@ -22,12 +22,13 @@ from PIL import Image
 
 from conftest import make_folder_dataset
 from full_disk import fill_leaving, listing, small_disk  # noqa: F401 - small_disk is a fixture
-from pnpp_tf import export, serving
+from pnpp_tf import export
+from pnpp_tf.serving import signatures
 from pnpp_tf.artifacts import ExportDir
 from pnpp_tf.data import load_splits, pipeline
 from pnpp_tf.io_utils import OutOfSpaceError
-from pnpp_tf.model import ProxyNCAModel, build_embedder
-from pnpp_tf.optimizers import TorchAdam
+from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder
+from pnpp_tf.modeling.optimizers import TorchAdam
 
 # Every test here but two reads one export of all the formats (about 10 s to make).
 pytestmark = pytest.mark.slow
@@ -72,7 +73,7 @@ def exported(tmp_path_factory):
     return {
         "root": root, "model_dir": model_dir, "export_dir": export_dir, "report": report,
         "embedder": embedder, "test_paths": test.paths, "test_images": test_images,
-        "reference": serving.normalized_embeddings(embedder, test_images).numpy(),
+        "reference": signatures.normalized_embeddings(embedder, test_images).numpy(),
         "loaded": tf.saved_model.load(str(export_dir / "1")),
     }
 
@@ -205,7 +206,7 @@ def test_grpc_predict_requests_for_both_signatures(exported):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        # The README's client.
+        # The client of docs/exporting.md.
         stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         for signature, key, value in (
             ("serving_default", "images", exported["test_images"][:3]),
@@ -277,11 +278,11 @@ def test_versions(tmp_path):
 def test_serving_module_refuses_what_it_cannot_serve():
     embedder = build_embedder("small_cnn", IMAGE_SIZE, EMBEDDING_DIM)
     with pytest.raises(ValueError, match="max_pixels=100 is smaller than one 32x32 input image"):
-        serving.EmbedderServingModule(embedder, max_pixels=100)
+        signatures.EmbedderServingModule(embedder, max_pixels=100)
     inputs = keras.Input((32, 48, 3))
     wide = keras.Model(inputs, keras.layers.GlobalMaxPooling2D()(inputs))
     with pytest.raises(ValueError, match=r"square RGB images.*\(None, 32, 48, 3\)"):
-        serving.EmbedderServingModule(wide)
+        signatures.EmbedderServingModule(wide)
 
 
 def run_export(*args):

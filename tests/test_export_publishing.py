@@ -21,10 +21,12 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from cli_helpers import REPO, run_python
 from conftest import make_folder_dataset
-from pnpp_tf import artifacts, export, flags, index, io_utils, parity, serving
+from pnpp_tf import artifacts, export, flags, index, io_utils
+from pnpp_tf.serving import parity
+from pnpp_tf.serving import signatures
 from pnpp_tf.artifacts import ExportDir, MissingArtifactError
 from pnpp_tf.config import ExportConfig
-from pnpp_tf.model import build_embedder
+from pnpp_tf.modeling.model import build_embedder
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(TESTS, "export_child.py")
@@ -128,7 +130,7 @@ def write(path, text="x"):
 
 
 def test_readers_pass_over_unpublished_versions_and_leftovers_are_removed(tmp_path):
-    ours = [serving.IMAGES_SIGNATURE, serving.BYTES_SIGNATURE]
+    ours = [signatures.IMAGES_SIGNATURE, signatures.BYTES_SIGNATURE]
     report = json.dumps({"variants": [{"name": "keras"}, {"name": "saved_model"}]})
     saved_model_proto(tmp_path / "1", ours)                     # published
     write(tmp_path / "parity" / "1.json", report)
@@ -144,7 +146,7 @@ def test_readers_pass_over_unpublished_versions_and_leftovers_are_removed(tmp_pa
     write(tmp_path / "parity" / "5.md")
     write(tmp_path / "parity" / "6.rejected.json", report)      # failed parity: only its report
     write(tmp_path / "parity" / "6.rejected.md")
-    saved_model_proto(tmp_path / "7", [serving.IMAGES_SIGNATURE])  # another tool's: no report to wait for
+    saved_model_proto(tmp_path / "7", [signatures.IMAGES_SIGNATURE])  # another tool's: no report to wait for
     (tmp_path / "8").mkdir()                                     # no SavedModel
     write(tmp_path / "tflite" / "9.partial-host-12-89abcdef" / "embedder_float32.tflite")
     write(tmp_path / "parity" / "9.json.partial-host-12-aaaaaaaa")
@@ -166,7 +168,7 @@ def test_readers_pass_over_unpublished_versions_and_leftovers_are_removed(tmp_pa
 
 
 def test_a_base_directory_with_only_unpublished_versions_is_one_line(tmp_path):
-    saved_model_proto(tmp_path / "2", [serving.IMAGES_SIGNATURE, serving.BYTES_SIGNATURE])
+    saved_model_proto(tmp_path / "2", [signatures.IMAGES_SIGNATURE, signatures.BYTES_SIGNATURE])
     with LogLines() as lines, pytest.raises(MissingArtifactError) as raised:
         artifacts.load_saved_model_embedder(str(tmp_path), "--saved_model")
     assert str(raised.value) == (
@@ -290,7 +292,7 @@ def test_an_incomplete_version_from_an_older_export_is_passed_over_then_removed(
     # was published first: 2/ beside a half-filled tflite/2/ and no parity/2.json.
     export_dir = tmp_path / "export"
     export_here(run_dir, export_dir)
-    module = serving.EmbedderServingModule(artifacts.load_keras_model(str(run_dir / "embedder.keras")))
+    module = signatures.EmbedderServingModule(artifacts.load_keras_model(str(run_dir / "embedder.keras")))
     module.save(str(export_dir / "2"))
     write(export_dir / "tflite" / "2" / "embedder_float32.tflite", "half")
     images = make_folder_dataset(tmp_path / "images")

@@ -15,12 +15,12 @@ from conftest import make_folder_dataset
 from full_disk import fill_leaving, listing, small_disk  # noqa: F401 - small_disk is a fixture
 from pnpp_tf import plots
 from pnpp_tf.artifacts import load_keras_model
-from pnpp_tf.callbacks import SaveCheckpoints
-from pnpp_tf.checkpointing import RunCheckpoint
-from pnpp_tf.indexing.search_index import SearchIndex
+from pnpp_tf.training.callbacks import SaveCheckpoints
+from pnpp_tf.training.checkpoints import RunCheckpoint
+from pnpp_tf.retrieval.search_index import SearchIndex
 from pnpp_tf.io_utils import OutOfSpaceError, save_keras_atomic, write_json
-from pnpp_tf.model import ProxyNCAModel, build_embedder
-from pnpp_tf.optimizers import TorchAdam
+from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder
+from pnpp_tf.modeling.optimizers import TorchAdam
 
 IMAGES = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
 LABELS = np.arange(8) % 3

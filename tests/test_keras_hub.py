@@ -19,12 +19,12 @@ import tensorflow as tf  # noqa: E402
 
 import hub_presets  # noqa: E402
 from cli_helpers import kill_after_first_checkpoint, run_module  # noqa: E402
-from pnpp_tf.backbones import TokenLayout, batch_norm_layers  # noqa: E402
+from pnpp_tf.modeling.trunks import TokenLayout, batch_norm_layers  # noqa: E402
 from pnpp_tf.config import TrainConfig  # noqa: E402
 from pnpp_tf.errors import UserError  # noqa: E402
-from pnpp_tf.hub_backbones import preset_token_layout  # noqa: E402
-from pnpp_tf.model import ProxyNCAModel, build_embedder  # noqa: E402
-from pnpp_tf.optimizers import TorchAdam  # noqa: E402
+from pnpp_tf.modeling.hub_backbones import preset_token_layout  # noqa: E402
+from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder  # noqa: E402
+from pnpp_tf.modeling.optimizers import TorchAdam  # noqa: E402
 
 SIZE = hub_presets.IMAGE_SIZE
 
@@ -45,7 +45,7 @@ def images(count=4, size=SIZE):
     return np.random.default_rng(0).uniform(0, 255, (count, size, size, 3)).astype("float32")
 
 
-# --- KerasHub 0.32's token layout, which pnpp_tf.hub_backbones relies on ---------------------
+# --- KerasHub 0.32's token layout, which pnpp_tf.modeling.hub_backbones relies on ---------------------
 
 
 def test_dinov2_puts_cls_first_then_the_register_tokens_then_the_patches(presets):
@@ -237,7 +237,7 @@ def exported_embeddings(export_dir, test_images, png_files):
 @pytest.mark.slow
 @pytest.mark.parametrize("family, pooling", [("dinov2", "max"), ("vit", "cls"), ("resnet", "max")])
 def test_train_from_a_preset_directory_resume_after_a_kill_and_export(tmp_path, glyphs, family, pooling):
-    from pnpp_tf import serving  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.serving import signatures  # pylint: disable=import-outside-toplevel
     from pnpp_tf.data import load_splits, pipeline  # pylint: disable=import-outside-toplevel
 
     preset, _ = hub_presets.save_preset(tmp_path / "preset", family)
@@ -260,7 +260,7 @@ def test_train_from_a_preset_directory_resume_after_a_kill_and_export(tmp_path, 
     test_paths = load_splits("glyphs", glyphs)["test"].paths[:48]
     test_images = np.concatenate(list(pipeline.eval_dataset(test_paths, SIZE).as_numpy_iterator()))
     embedder = keras.saving.load_model(str(model_dir / "embedder.keras"), compile=False)
-    reference = serving.normalized_embeddings(embedder, test_images).numpy()
+    reference = signatures.normalized_embeddings(embedder, test_images).numpy()
     for name, embeddings in exported_embeddings(export_dir, test_images, test_paths).items():
         mean_cosine = float(np.mean(np.sum(embeddings * reference, axis=1)))
         assert mean_cosine >= MIN_MEAN_COSINE, (name, mean_cosine)

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import rows_to_normalise
-from pnpp_tf.losses import ProxyNCALoss
+from pnpp_tf.modeling.losses import ProxyNCALoss
 
 
 def naive_loss(embeddings, proxies, labels, temperature, variant):
@@ -121,8 +121,8 @@ def test_config_round_trip():
 
 
 def test_l2_normalize_is_the_naive_normaliser_and_the_engines():
-    from pnpp_tf import neighbours  # pylint: disable=import-outside-toplevel
-    from pnpp_tf.losses import l2_normalize  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.retrieval import neighbours  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.modeling.losses import l2_normalize  # pylint: disable=import-outside-toplevel
 
     x, want = rows_to_normalise(seed=3)
     got = l2_normalize(tf.constant(x, tf.float32)).numpy()

@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 from pnpp_tf.errors import UserError
-from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile
-from pnpp_tf.optimizers import TorchAdam
+from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder, resolve_jit_compile
+from pnpp_tf.modeling.optimizers import TorchAdam
 
 NUM_CLASSES = 4
 
@@ -246,7 +246,7 @@ def test_clip_value_clips_backbone_and_embedding_gradients_but_not_the_proxies()
 
 
 def test_clipping_under_loss_scaling_lets_an_overflow_through_to_the_finite_check():
-    from pnpp_tf.model import _clip_global_gradients  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.modeling.model import _clip_global_gradients  # pylint: disable=import-outside-toplevel
 
     gradient = tf.constant([np.inf, -np.inf, np.nan, 50.0, -3.0], tf.float16)
     kept = _clip_global_gradients([gradient], 10.0, replicas=1, keep_non_finite=True)[0].numpy()

@@ -1,4 +1,4 @@
-"""pnpp_tf.neighbours, the one k-NN engine, against a naive loop with an explicit tie rule; and
+"""pnpp_tf.retrieval.neighbours, the one k-NN engine, against a naive loop with an explicit tie rule; and
 search's neighbour lists against Recall@K and MAP@R on the same embeddings."""
 
 import sys
@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from conftest import rows_to_normalise
-from pnpp_tf import evaluation, neighbours
+from pnpp_tf.retrieval.metrics import BACKENDS as METRICS_BACKENDS
+from pnpp_tf.retrieval.metrics import retrieval_metrics
+from pnpp_tf.retrieval import neighbours
 from pnpp_tf.errors import UserError
-from pnpp_tf.indexing import neighbours as search_neighbours
-from pnpp_tf.indexing.search_index import SearchIndex
+from pnpp_tf.retrieval import search_index
+from pnpp_tf.retrieval.search_index import SearchIndex
 
 HAVE_FAISS = neighbours.import_faiss() is not None
 BACKENDS = ["exact", pytest.param("faiss", marks=pytest.mark.skipif(
@@ -165,7 +167,7 @@ def test_search_lists_are_what_recall_at_k_counts(tmp_path, backend, with_galler
     _, lists, used = index.search(queries, k=max(max(ks), int(r.max())), exclude=exclude,
                                   backend=backend)
     assert used == backend
-    metrics = evaluation.retrieval_metrics(
+    metrics = retrieval_metrics(
         queries, query_labels, *((gallery, gallery_labels) if with_gallery else ()), ks=ks,
         backend=backend, block_size=16)
     recall, map_at_r = recall_and_map_from_lists(lists, query_labels, gallery_labels, ks, r)
@@ -193,8 +195,8 @@ def test_backends_give_the_same_lists_on_ties():
 
 
 def test_one_backend_vocabulary(monkeypatch):
-    assert neighbours.BACKENDS == search_neighbours.BACKENDS == ("auto", "exact", "faiss")
-    assert set(evaluation.BACKENDS) == {"auto", "exact", "faiss", "tf"}
+    assert neighbours.BACKENDS == ("auto", "exact", "faiss")
+    assert set(METRICS_BACKENDS) == {"auto", "exact", "faiss", "tf"}
     assert neighbours.choose_backend("tf", 10) == "exact"
     assert neighbours.choose_backend("exact", 10**9) == "exact"
     assert neighbours.choose_backend("auto", 100, faiss_min_gallery=1000) == "exact"
@@ -209,7 +211,7 @@ def test_one_backend_vocabulary(monkeypatch):
         neighbours.choose_backend("faiss", 10)
     assert isinstance(raised.value.__cause__, ImportError)
     with pytest.raises(UserError, match=r"pnpp_tf\[faiss\]"):
-        search_neighbours.nearest(np.eye(3), np.eye(3), k=1, backend="faiss")
+        search_index.cosine_neighbours(np.eye(3), np.eye(3), k=1, backend="faiss")
 
 
 def test_bad_k_and_block_size_are_user_errors():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pnpp_tf.optimizers import TorchAdam
+from pnpp_tf.modeling.optimizers import TorchAdam
 
 
 def torch_adam_reference(w, gradients, lr, eps, beta_1=0.9, beta_2=0.999):
@@ -59,7 +59,7 @@ def test_amsgrad_is_rejected():
 def test_keras_still_offers_the_hook_torch_adam_finds_its_slots_with():
     assert hasattr(keras.optimizers.Optimizer, "_get_variable_index"), (
         f"Keras {keras.__version__} dropped Optimizer._get_variable_index, which TorchAdam.update_step "
-        "uses (as Keras' Optimizer docstring shows) to find a variable's slots: update pnpp_tf/optimizers.py "
+        "uses (as Keras' Optimizer docstring shows) to find a variable's slots: update pnpp_tf/modeling/optimizers.py "
         "and the keras pin in setup.py")
 
 

@@ -15,7 +15,7 @@ from cli_helpers import TINY_RUN, run_module, run_python
 from conftest import make_folder_dataset
 from pixel_bombs import run_measured, write_png
 from pnpp_tf.data.image_header import DECODED_BYTES_PER_PIXEL, DEFAULT_MAX_PIXELS
-from pnpp_tf.model import build_embedder
+from pnpp_tf.modeling.model import build_embedder
 
 SIDE = 20000
 OVER = f"{SIDE}x{SIDE} = {SIDE * SIDE} pixels, more than max_pixels={DEFAULT_MAX_PIXELS}"

@@ -15,11 +15,11 @@ import tensorflow as tf
 from cli_helpers import REPO, TINY_RUN, kill_after_first_checkpoint, run_module, run_python
 from conftest import make_folder_dataset
 from pnpp_tf import flags as pnpp_flags
-from pnpp_tf.callbacks import NonFiniteGuard
-from pnpp_tf.checkpointing import RunCheckpoint
+from pnpp_tf.training.callbacks import NonFiniteGuard
+from pnpp_tf.training.checkpoints import RunCheckpoint
 from pnpp_tf.config import TrainConfig
-from pnpp_tf.model import ProxyNCAModel, build_embedder
-from pnpp_tf.optimizers import TorchAdam
+from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder
+from pnpp_tf.modeling.optimizers import TorchAdam
 
 RUN = (*TINY_RUN, "--dataset=folder", "--eval_ks=1", "--eval_every=0", "--deterministic",
        "--warmup_epochs=1", "--epochs=5")

@@ -9,8 +9,9 @@ import pytest
 from conftest import make_folder_dataset
 from pnpp_tf.data.folder import read_folder_dataset
 from pnpp_tf.data.pipeline import eval_dataset
-from pnpp_tf.model import build_embedder
-from pnpp_tf.retrieval import RetrievalEvaluator, embed_images
+from pnpp_tf.modeling.model import build_embedder
+from pnpp_tf.retrieval.embed import embed_images
+from pnpp_tf.retrieval.evaluator import RetrievalEvaluator
 
 IMAGE_SIZE = 32
 
@@ -121,7 +122,7 @@ class Normalising:
 
 
 def test_euclidean_measures_the_raw_embedding(splits):
-    from pnpp_tf import evaluation  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.retrieval.metrics import nmi, retrieval_metrics  # pylint: disable=import-outside-toplevel
 
     embedder = small_embedder(3)
     evaluator = RetrievalEvaluator(splits["query"], IMAGE_SIZE, ks=(1, 2), gallery=splits["gallery"],
@@ -129,16 +130,16 @@ def test_euclidean_measures_the_raw_embedding(splits):
     raw = [direct_embeddings(embedder, splits[name]) for name in ("query", "gallery")]
     # Rows of very different norms: on them the two distances rank differently.
     assert np.ptp(np.linalg.norm(raw[0], axis=1)) > 0
-    want = evaluation.retrieval_metrics(raw[0], splits["query"].labels, raw[1], splits["gallery"].labels,
+    want = retrieval_metrics(raw[0], splits["query"].labels, raw[1], splits["gallery"].labels,
                                         ks=(1, 2), distance="euclidean")
-    want["nmi"] = evaluation.nmi(np.concatenate(raw), np.concatenate(
+    want["nmi"] = nmi(np.concatenate(raw), np.concatenate(
         [splits["query"].labels, splits["gallery"].labels]), distance="euclidean")
     got = evaluator.measure(Normalising(embedder), with_nmi=True)
     assert got.keys() == want.keys()
     for name, value in want.items():
         assert got[name] == pytest.approx(value, abs=1e-6), name
     cosine = evaluator.measure(Normalising(embedder), distance="cosine")
-    want_cosine = evaluation.retrieval_metrics(raw[0], splits["query"].labels, raw[1],
+    want_cosine = retrieval_metrics(raw[0], splits["query"].labels, raw[1],
                                                splits["gallery"].labels, ks=(1, 2))
     for name, value in want_cosine.items():
         assert cosine[name] == pytest.approx(value, abs=1e-6), name

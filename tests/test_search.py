@@ -1,4 +1,4 @@
-"""pnpp_tf.indexing (embeddings, neighbours, search_index), pnpp_tf.artifacts.load_embedder, pnpp_tf.index and
+"""pnpp_tf.retrieval (embed, search_index), pnpp_tf.artifacts.load_embedder, pnpp_tf.index and
 pnpp_tf.search: index a generated folder, query it."""
 
 import os
@@ -11,11 +11,12 @@ from PIL import Image
 
 from cli_helpers import run_module
 from conftest import make_folder_dataset
-from pnpp_tf import plots, serving
-from pnpp_tf.indexing import neighbours, search_index
-from pnpp_tf.indexing.embeddings import embed_paths, find_images
+from pnpp_tf import plots
+from pnpp_tf.serving import signatures
+from pnpp_tf.retrieval import neighbours, search_index
+from pnpp_tf.retrieval.embed import embed_paths, find_images
 from pnpp_tf.artifacts import load_embedder
-from pnpp_tf.model import build_embedder
+from pnpp_tf.modeling.model import build_embedder
 
 IMAGE_SIZE = 32
 EMBEDDING_DIM = 16
@@ -146,7 +147,7 @@ def test_command_line_errors_raise_value_errors(setup, tmp_path):
 
 def test_exported_saved_model_base_dir_uses_highest_version(setup, tmp_path):
     base = tmp_path / "export"
-    serving.EmbedderServingModule(setup["embedder"]).save(str(base / "2"))
+    signatures.EmbedderServingModule(setup["embedder"]).save(str(base / "2"))
     (base / "parity").mkdir()
     (base / "parity" / "2.json").write_text("{}")  # published: its parity report is there
     (base / "1").mkdir()  # not a SavedModel: ignored
@@ -179,29 +180,29 @@ def test_load_errors(setup, tmp_path):
 
 def test_nearest_orders_ties_by_index_and_excludes():
     gallery = np.array([[1, 0], [0, 1], [1, 0], [1, 1], [2, 0]], np.float32)
-    similarities, indices, backend = neighbours.nearest([[1, 0]], gallery, k=4, backend="exact")
+    similarities, indices, backend = search_index.cosine_neighbours([[1, 0]], gallery, k=4, backend="exact")
     assert backend == "exact"
     np.testing.assert_array_equal(indices, [[0, 2, 4, 3]])
     np.testing.assert_allclose(similarities, [[1, 1, 1, np.sqrt(0.5)]], atol=1e-6)
     # Queries that are gallery items, each excluded from its own list.
-    _, indices, _ = neighbours.nearest(gallery[:3], gallery, k=2, exclude=[0, 1, 2])
+    _, indices, _ = search_index.cosine_neighbours(gallery[:3], gallery, k=2, exclude=[0, 1, 2])
     np.testing.assert_array_equal(indices, [[2, 4], [3, 0], [0, 4]])
     with pytest.raises(ValueError, match="k=5"):
-        neighbours.nearest(gallery[:1], gallery, k=5, exclude=[0])
+        search_index.cosine_neighbours(gallery[:1], gallery, k=5, exclude=[0])
     with pytest.raises(ValueError, match="3-d"):
-        neighbours.nearest(np.ones((1, 3)), gallery, k=1)
+        search_index.cosine_neighbours(np.ones((1, 3)), gallery, k=1)
 
 
 def test_faiss_is_chosen_above_the_threshold(monkeypatch):
     rng = np.random.default_rng(0)
     gallery = rng.normal(size=(200, 8)).astype(np.float32)
     queries = gallery[:5] + 0.01 * rng.normal(size=(5, 8)).astype(np.float32)
-    exact = neighbours.nearest(queries, gallery, k=7, exclude=[0, -1, 2, -1, 4], backend="exact")
-    monkeypatch.setattr(neighbours, "FAISS_MIN_IMAGES", 100)
+    exact = search_index.cosine_neighbours(queries, gallery, k=7, exclude=[0, -1, 2, -1, 4], backend="exact")
+    monkeypatch.setattr(search_index, "FAISS_MIN_IMAGES", 100)
     has_faiss = neighbours.import_faiss() is not None
-    auto = neighbours.nearest(queries, gallery, k=7, exclude=[0, -1, 2, -1, 4])
+    auto = search_index.cosine_neighbours(queries, gallery, k=7, exclude=[0, -1, 2, -1, 4])
     assert auto[2] == ("faiss" if has_faiss else "exact")
     np.testing.assert_array_equal(auto[1], exact[1])
     np.testing.assert_allclose(auto[0], exact[0], atol=1e-5)
-    monkeypatch.setattr(neighbours, "FAISS_MIN_IMAGES", 1000)
-    assert neighbours.nearest(queries, gallery, k=1)[2] == "exact"
+    monkeypatch.setattr(search_index, "FAISS_MIN_IMAGES", 1000)
+    assert search_index.cosine_neighbours(queries, gallery, k=1)[2] == "exact"

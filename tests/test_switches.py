@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 
 from pnpp_tf.data import pipeline
-from pnpp_tf.losses import ProxyNCALoss
-from pnpp_tf.model import ProxyNCAModel, build_embedder
-from pnpp_tf.optimizers import TorchAdam
+from pnpp_tf.modeling.losses import ProxyNCALoss
+from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder
+from pnpp_tf.modeling.optimizers import TorchAdam
 
 
 def features_and_pooled(embedder, images):

@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 from cli_helpers import run_python
-from pnpp_tf.backbones import get_backbone
-from pnpp_tf.torchvision_resnet import (TorchBatchNormalization, expected_state_dict_shapes,
+from pnpp_tf.modeling.backbones import get_backbone
+from pnpp_tf.modeling.torchvision_resnet import (TorchBatchNormalization, expected_state_dict_shapes,
                                         load_torchvision_state_dict)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -177,8 +177,8 @@ def test_running_variance_is_unbiased_and_momentum_is_pytorchs():
 
 def test_running_statistics_after_one_training_step_of_the_trunk():
     """One ProxyNCAModel step: bn1's running statistics are PyTorch's update from conv1's output."""
-    from pnpp_tf.model import ProxyNCAModel, build_embedder
-    from pnpp_tf.optimizers import TorchAdam
+    from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder
+    from pnpp_tf.modeling.optimizers import TorchAdam
 
     keras.utils.set_random_seed(0)
     embedder = build_embedder("resnet50_torchvision", 32, 8, weights="none")
@@ -243,7 +243,7 @@ SYNC_SCRIPT = textwrap.dedent("""
     import tensorflow as tf
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-    from pnpp_tf.torchvision_resnet import TorchBatchNormalization
+    from pnpp_tf.modeling.torchvision_resnet import TorchBatchNormalization
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     x = np.random.default_rng(0).normal(1.0, 2.0, size=(6, 3, 3, 5)).astype(np.float32)
     # The two replicas' halves differ in mean, so per-replica statistics would not pass.

@@ -1,7 +1,7 @@
 """The Trainer's plan of fits (a resumed epoch is finished on its own, then whole epochs follow)
 and how often it measures."""
 
-from pnpp_tf.trainer import EVAL_TIME_SHARE, FORWARD_PASSES_PER_TRAIN_IMAGE, Segment, eval_interval, segments
+from pnpp_tf.training.trainer import EVAL_TIME_SHARE, FORWARD_PASSES_PER_TRAIN_IMAGE, Segment, eval_interval, segments
 
 
 def test_a_fresh_phase_is_one_fit():

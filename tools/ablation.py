@@ -115,7 +115,7 @@ def _has_cls_token(train_args):
     preset = _flag_value(train_args, "backbone_preset")
     if _flag_value(train_args, "backbone") != "keras_hub" or not preset:
         return False
-    from pnpp_tf.hub_backbones import preset_token_layout  # pylint: disable=import-outside-toplevel - TF, keras-hub
+    from pnpp_tf.modeling.hub_backbones import preset_token_layout  # pylint: disable=import-outside-toplevel - TF, keras-hub
 
     layout = preset_token_layout(preset)
     return layout is not None and layout.has_cls

@@ -8,9 +8,9 @@ initialised embedder as a run's embedder.keras would be, loads it as the program
 measures images/s of:
   - bare: `embedder(images, training=False)` in a `tf.function`, on the evaluation crops of the
     same files already decoded in memory, `--batch_size` at a time: the model alone;
-  - evaluate: `pnpp_tf.retrieval.embed_decodable`, what `pnpp_tf.evaluate` and training's Recall@K
+  - evaluate: `pnpp_tf.retrieval.embed.embed_decodable`, what `pnpp_tf.evaluate` and training's Recall@K
     run (reading, decoding and cropping in tf.data included);
-  - index: `pnpp_tf.indexing.embed_paths`, what `pnpp_tf.index` runs (the same, plus the
+  - index: `pnpp_tf.retrieval.embed.embed_paths`, what `pnpp_tf.index` runs (the same, plus the
     per-file bookkeeping of skipped images);
   - parity: the export parity report's Keras variant on the decoded batches.
 Each is run `--repeats` times, alternating, after one untimed pass each (tracing); the best
@@ -82,11 +82,12 @@ def measure(args, paths, folder):
     import keras  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    from pnpp_tf import parity, retrieval  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.retrieval import embed  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.serving import parity  # pylint: disable=import-outside-toplevel
     from pnpp_tf.artifacts import load_keras_embedder  # pylint: disable=import-outside-toplevel
     from pnpp_tf.data import pipeline  # pylint: disable=import-outside-toplevel
-    from pnpp_tf.indexing.embeddings import embed_paths  # pylint: disable=import-outside-toplevel
-    from pnpp_tf.model import build_embedder  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.retrieval.embed import embed_paths  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.modeling.model import build_embedder  # pylint: disable=import-outside-toplevel
 
     keras.utils.set_random_seed(0)
     model_path = os.path.join(folder, "embedder.keras")
@@ -98,7 +99,7 @@ def measure(args, paths, folder):
     keras_variant = parity.KerasVariant(embedder.inference, model_path)
     runs = {
         "bare": lambda: [forward(b).numpy() for b in batches],
-        "evaluate": lambda: retrieval.embed_decodable(embedder.inference, paths, args.image_size, args.batch_size),
+        "evaluate": lambda: embed.embed_decodable(embedder.inference, paths, args.image_size, args.batch_size),
         "index": lambda: embed_paths(embedder, paths, args.batch_size, verbose=0),
         "parity": lambda: [keras_variant.embed(b.numpy(), None) for b in batches],
     }

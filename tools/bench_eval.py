@@ -6,7 +6,7 @@
 
 Each (configuration, backend) runs in a fresh subprocess, which makes synthetic embeddings with
 class structure (a random centre per class plus noise, so the metrics are neither 0 nor 1),
-evaluates them with `pnpp_tf.evaluation.retrieval_metrics` and reports:
+evaluates them with `pnpp_tf.retrieval.metrics.retrieval_metrics` and reports:
   - seconds: wall time of the evaluation, XLA compilation included;
   - peak RSS: the process' peak resident memory minus its resident memory once the embeddings
     exist, i.e. everything the evaluation added;
@@ -165,7 +165,7 @@ def _measure(config, backend):
     import numpy as np  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    from pnpp_tf import evaluation  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.retrieval.metrics import retrieval_metrics  # pylint: disable=import-outside-toplevel
 
     if backend == "faiss":
         try:
@@ -176,7 +176,7 @@ def _measure(config, backend):
     embedding_bytes = queries.nbytes + (gallery.nbytes if gallery is not None else 0)
     baseline = _current_rss_bytes()
     with Stopwatch() as clock:
-        metrics = evaluation.retrieval_metrics(queries, query_labels, gallery, gallery_labels,
+        metrics = retrieval_metrics(queries, query_labels, gallery, gallery_labels,
                                                ks=config.ks, backend=backend)
     peak = _peak_rss_bytes()
     num_gallery = config.gallery or config.queries

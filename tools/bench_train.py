@@ -125,8 +125,8 @@ def measure(args, jit_compile):
     import numpy as np
     import tensorflow as tf
 
-    from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile
-    from pnpp_tf.optimizers import TorchAdam
+    from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder, resolve_jit_compile
+    from pnpp_tf.modeling.optimizers import TorchAdam
 
     load_before = os.getloadavg()[0]
     if args.mixed_precision != "none":

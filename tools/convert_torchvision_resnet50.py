@@ -90,7 +90,7 @@ def convert(input_path, output_path, strip_prefix=""):
     """
     if not output_path.endswith(".weights.h5"):
         raise SystemExit(f"--output must end with .weights.h5 (Keras' format), got {output_path!r}.")
-    from pnpp_tf.torchvision_resnet import build_resnet50_torchvision, load_torchvision_state_dict
+    from pnpp_tf.modeling.torchvision_resnet import build_resnet50_torchvision, load_torchvision_state_dict
 
     state_dict = read_state_dict(input_path, strip_prefix)
     trunk = build_resnet50_torchvision(_BUILD_SHAPE)

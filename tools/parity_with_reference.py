@@ -70,8 +70,8 @@ def build_pair(args):
     """
     import keras
     import torch_reference
-    from pnpp_tf.model import ProxyNCAModel, build_embedder
-    from pnpp_tf.torchvision_resnet import expected_state_dict_shapes, load_torchvision_state_dict
+    from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder
+    from pnpp_tf.modeling.torchvision_resnet import expected_state_dict_shapes, load_torchvision_state_dict
 
     state_dict = None
     if args.weights:
@@ -135,7 +135,7 @@ def our_gradients(model, variables, images, labels):
 
 
 def compile_phase(model, args, warmup):
-    from pnpp_tf.optimizers import TorchAdam
+    from pnpp_tf.modeling.optimizers import TorchAdam
 
     model.compile(optimizer=TorchAdam(args.lr), proxy_optimizer=TorchAdam(args.proxy_lr), freeze_backbone=warmup,
                   clip_value=args.clip_value, jit_compile=False)

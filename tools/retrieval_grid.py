@@ -29,8 +29,8 @@ from pnpp_tf import plots  # noqa: E402
 from pnpp_tf.artifacts import ModelDir, load_embedder  # noqa: E402
 from pnpp_tf.data import load_splits  # noqa: E402
 from pnpp_tf.errors import UserError  # noqa: E402
-from pnpp_tf.indexing.embeddings import embed_paths  # noqa: E402
-from pnpp_tf.indexing.neighbours import cosine_distance, nearest  # noqa: E402
+from pnpp_tf.retrieval.embed import embed_paths  # noqa: E402
+from pnpp_tf.retrieval.search_index import cosine_distance, cosine_neighbours  # noqa: E402
 from pnpp_tf.io_utils import OutOfSpaceError  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def make_pictures(model, output, scatter=None, dataset=None, data_dir=None, spli
     classes = rng.permutation(eligible)[:queries]
     chosen = np.array([rng.choice(np.flatnonzero(query_labels == label)) for label in classes])
     exclude = chosen if same_split else None
-    similarities, neighbours, _ = nearest(query_emb[chosen], gallery_emb, k, exclude,
+    similarities, neighbours, _ = cosine_neighbours(query_emb[chosen], gallery_emb, k, exclude,
                                           backend="exact")
     distances = cosine_distance(similarities)
     neighbour_labels = gallery_labels[neighbours]

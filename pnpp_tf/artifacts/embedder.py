@@ -4,7 +4,7 @@
     embeddings = embedder(images)             # float32 [N, S, S, 3] in [0, 255] -> numpy [N, D]
 
 Every loader returns an `Embedder` whose embeddings are L2-normalised, so cosine similarity is
-their dot product. This loads a model that was trained; `pnpp_tf.model.build_embedder` builds
+their dot product. This loads a model that was trained; `pnpp_tf.modeling.model.build_embedder` builds
 one to train.
 
 The input size follows one rule (`image_size_of`): a model taking [N, S, S, 3] images crops to S;
@@ -17,7 +17,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from pnpp_tf import serving
+from pnpp_tf.serving import signatures
 from pnpp_tf.artifacts.errors import (CorruptArtifactError, MissingArtifactError, SignatureError,
                                       UnloadableArtifactError)
 from pnpp_tf.artifacts.export_dir import ExportDir, is_saved_model
@@ -78,10 +78,10 @@ class Embedder:
 
 
 class KerasInference:
-    """`serving.normalized_embeddings` of a Keras embedder, traced once per image shape."""
+    """`signatures.normalized_embeddings` of a Keras embedder, traced once per image shape."""
 
     def __init__(self, model):
-        self._function = tf.function(lambda images: serving.normalized_embeddings(model, images),
+        self._function = tf.function(lambda images: signatures.normalized_embeddings(model, images),
                                      reduce_retracing=True)
 
     def __call__(self, images, training=False):
@@ -90,14 +90,14 @@ class KerasInference:
 
 
 class _SignatureInference:
-    """A SavedModel's images signature (`serving.IMAGES_SIGNATURE`), checked once, at load.
+    """A SavedModel's images signature (`signatures.IMAGES_SIGNATURE`), checked once, at load.
 
     Raises:
         SignatureError: no such signature, not one image-batch input, or no embedding output.
     """
 
     def __init__(self, loaded, path):
-        name, output = serving.IMAGES_SIGNATURE, serving.OUTPUT
+        name, output = signatures.IMAGES_SIGNATURE, signatures.OUTPUT
         if name not in loaded.signatures:
             raise SignatureError(f"SavedModel {path} has no {name!r} signature (it has "
                                  f"{sorted(loaded.signatures) or 'none'}); export it with "
@@ -121,7 +121,7 @@ class _SignatureInference:
 
     def __call__(self, images, training=False):
         del training  # always inference
-        return self._function(**{self._input: tf.cast(images, tf.float32)})[serving.OUTPUT]
+        return self._function(**{self._input: tf.cast(images, tf.float32)})[signatures.OUTPUT]
 
 
 def load_keras_embedder(path, image_size=None):

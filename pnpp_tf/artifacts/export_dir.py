@@ -225,7 +225,7 @@ def _written_by_pnpp_tf(path):
     from google.protobuf.message import DecodeError
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from pnpp_tf.serving import BYTES_SIGNATURE
+    from pnpp_tf.serving.signatures import BYTES_SIGNATURE
 
     proto = saved_model_pb2.SavedModel()
     try:

@@ -178,7 +178,7 @@ def load_keras_model(path):
     """
     # Here, not at the top: readers of results.json (tools/plot_training) need no Keras.
     import keras  # pylint: disable=import-outside-toplevel
-    import pnpp_tf.model  # noqa: F401 pylint: disable=import-outside-toplevel - registers its layers
+    import pnpp_tf.modeling.model  # noqa: F401 pylint: disable=import-outside-toplevel - registers its layers
 
     if not os.path.isfile(path):
         raise MissingArtifactError(f"{path} does not exist.")

@@ -1,9 +1,11 @@
 """Backbone registry: every backbone is a trunk builder plus the input normalisation it expects.
 
 A trunk maps float RGB images to a feature map [batch, h, w, channels], or, for a transformer, to
-tokens [batch, tokens, channels]; pooling and the embedding head are added by `pnpp_tf.model`.
-Adding a backbone is one `register_backbone` call. The "keras_hub" entry builds any KerasHub
-preset (`pnpp_tf.hub_backbones`): its normalisation and token layout come from the preset.
+tokens [batch, tokens, channels]; pooling and the embedding head are added by
+`pnpp_tf.modeling.model`. Adding a backbone is one `register_backbone` call. The "keras_hub" entry
+builds any KerasHub preset (`pnpp_tf.modeling.hub_backbones`): its normalisation and token layout
+come from the preset. What the builders share (`Trunk`, the normalisation layers) is in
+`pnpp_tf.modeling.trunks`.
 """
 
 import dataclasses
@@ -15,15 +17,8 @@ import keras
 from keras import layers
 
 from pnpp_tf.errors import UserError
-
-# RECIPE: BatchNorm trains with PyTorch's momentum 0.1, which is Keras' momentum 0.9.
-BATCH_NORM_MOMENTUM = 0.9
-
-_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
-_IMAGENET_RGB_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-_IMAGENET_RGB_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-# What `resolve_weights` returns for --weights=imagenet (the default) or preset on a preset backbone.
-PRESET_WEIGHTS = "preset"
+from pnpp_tf.modeling.torchvision_resnet import build_resnet50_torchvision
+from pnpp_tf.modeling.trunks import BATCH_NORM_MOMENTUM, PRESET_WEIGHTS, ImageNormalization, Trunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,34 +74,6 @@ class Backbone:
         return Trunk(model, ImageNormalization(self.normalization, name="normalization"))
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenLayout:
-    """Where a transformer puts its tokens along axis 1: [CLS, registers..., patches...].
-
-    Attributes:
-        prefix_tokens: tokens before the patch tokens (CLS and register tokens).
-        has_cls: whether token 0 is a CLS token.
-    """
-
-    prefix_tokens: int
-    has_cls: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class Trunk:
-    """A built trunk and what the embedder needs to know about it.
-
-    Attributes:
-        model: the `keras.Model` named "backbone" (the layer the warm-up freezes).
-        normalization: the layer mapping RGB in [0, 255] to the trunk's input range.
-        tokens: a `TokenLayout` if the trunk returns tokens, None for a feature map.
-    """
-
-    model: keras.Model
-    normalization: layers.Layer
-    tokens: typing.Optional[TokenLayout] = None
-
-
 _REGISTRY = {}
 
 
@@ -154,87 +121,6 @@ def resolve_weights(backbone, weights):
     )
 
 
-@keras.saving.register_keras_serializable(package="pnpp_tf")
-class ImageNormalization(layers.Layer):
-    """Maps RGB images in [0, 255] to the input range a backbone's weights expect.
-
-    Args:
-        mode: "caffe" (RGB->BGR, minus the ImageNet BGR mean: Keras' ResNet50 weights),
-            "torch" (ImageNet mean/std on [0, 1] RGB: torchvision weights) or
-            "symmetric" ([-1, 1], for backbones trained from scratch).
-    """
-
-    MODES = ("caffe", "torch", "symmetric")
-
-    def __init__(self, mode, **kwargs):
-        super().__init__(**kwargs)
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}.")
-        self.mode = mode
-
-    def call(self, images):
-        images = keras.ops.cast(images, self.compute_dtype)
-        if self.mode == "caffe":
-            return images[..., ::-1] - keras.ops.array(_CAFFE_BGR_MEAN, self.compute_dtype)
-        if self.mode == "torch":
-            mean = keras.ops.array(_IMAGENET_RGB_MEAN, self.compute_dtype)
-            std = keras.ops.array(_IMAGENET_RGB_STD, self.compute_dtype)
-            return (images - mean) / std
-        return images / 127.5 - 1.0
-
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
-
-
-@keras.saving.register_keras_serializable(package="pnpp_tf")
-class ScaleOffset(layers.Layer):
-    """`images * scale + offset`: a KerasHub image converter's normalisation, without its resizing.
-
-    Args:
-        scale: a number, or one per channel (a preset's 1 / (255 * std), say).
-        offset: a number, or one per channel (-mean / std); None for 0.
-    """
-
-    def __init__(self, scale=1.0, offset=None, **kwargs):
-        super().__init__(**kwargs)
-        self.scale = _floats(scale)
-        self.offset = _floats(0.0 if offset is None else offset)
-
-    def call(self, images):
-        images = keras.ops.cast(images, self.compute_dtype)
-        scale = keras.ops.array(self.scale, self.compute_dtype)
-        return images * scale + keras.ops.array(self.offset, self.compute_dtype)
-
-    def get_config(self):
-        return {**super().get_config(), "scale": self.scale, "offset": self.offset}
-
-
-def _floats(value):
-    """A number or a sequence of numbers as a float or a list of floats (JSON-able)."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    return [float(v) for v in value]
-
-
-def batch_norm_layers(model):
-    """Every `BatchNormalization` in `model`, nested models and layers included, each once."""
-    found, seen, stack = [], set(), [model]
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        if isinstance(layer, layers.BatchNormalization):
-            found.append(layer)
-        # A model lists its layers; a layer holding sublayers (a KerasHub block) tracks them as attributes.
-        children = list(getattr(layer, "layers", None) or ())
-        for value in vars(layer).values():
-            children.extend(v for v in (value if isinstance(value, (list, tuple)) else (value,))
-                            if isinstance(v, layers.Layer))
-        stack.extend(reversed(children))
-    return found
-
-
 def _build_resnet50(input_shape, weights):
     trunk = keras.applications.ResNet50(include_top=False, weights=weights, input_shape=input_shape)
     for layer in trunk.layers:
@@ -275,19 +161,12 @@ register_backbone(
 )
 
 
-def _build_resnet50_torchvision(input_shape, weights):
-    # Imported on use: pnpp_tf.torchvision_resnet imports BATCH_NORM_MOMENTUM from this module.
-    from pnpp_tf.torchvision_resnet import build_resnet50_torchvision
-
-    return build_resnet50_torchvision(input_shape, weights)
-
-
 # torchvision's ResNet-50 (v1.5), the authors' backbone. No named weights: Keras cannot download
 # torchvision's; convert a state dict with tools/convert_torchvision_resnet50.py.
 register_backbone(
     Backbone(
         name="resnet50_torchvision",
-        build_trunk=_build_resnet50_torchvision,
+        build_trunk=build_resnet50_torchvision,
         normalization="torch",
         feature_dim=2048,
         pretrained_weights=(),
@@ -297,7 +176,7 @@ register_backbone(
 
 def _build_keras_hub(input_shape, weights, preset):
     # Imported on use: keras-hub is an optional extra, and importing it takes seconds.
-    from pnpp_tf.hub_backbones import build_hub_trunk
+    from pnpp_tf.modeling.hub_backbones import build_hub_trunk  # pylint: disable=import-outside-toplevel
 
     return build_hub_trunk(input_shape, weights, preset)
 

@@ -21,8 +21,8 @@ import math
 
 import keras
 
-from pnpp_tf.backbones import (BATCH_NORM_MOMENTUM, PRESET_WEIGHTS, ScaleOffset, TokenLayout, Trunk,
-                               batch_norm_layers)
+from pnpp_tf.modeling.trunks import (BATCH_NORM_MOMENTUM, PRESET_WEIGHTS, ScaleOffset, TokenLayout, Trunk,
+                                     batch_norm_layers)
 from pnpp_tf.errors import UserError
 
 INSTALL_HINT = 'pip install -e ".[hub]"'
@@ -61,7 +61,7 @@ def build_hub_trunk(input_shape, weights, preset):
         preset: `--backbone_preset`.
 
     Returns:
-        A `pnpp_tf.backbones.Trunk`.
+        A `pnpp_tf.modeling.trunks.Trunk`.
 
     Raises:
         UserError: keras-hub missing, a preset that does not load or has no image

@@ -127,7 +127,7 @@ def proxy_nca_loss(logits, labels, variant="proxynca_pp"):
 def l2_normalize(x, axis=-1):
     """x / max(||x||₂, 1e-12) along `axis`, in the graph, with a finite gradient at zero.
 
-    The same function as `pnpp_tf.neighbours.unit_rows`, for another job: this one is part of
+    The same function as `pnpp_tf.retrieval.neighbours.unit_rows`, for another job: this one is part of
     the model (the loss, `ProxyNCAModel` and every export run it on the device, and training
     differentiates it), while `unit_rows` prepares numpy embeddings for the k-NN engine so that
     both of its backends search bit-identical unit rows.

@@ -17,11 +17,11 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from pnpp_tf import backbones
-# Registers TorchBatchNormalization, which the embedder.keras files of resnet50_torchvision hold.
-from pnpp_tf import torchvision_resnet  # noqa: F401 pylint: disable=unused-import
 from pnpp_tf.errors import UserError
-from pnpp_tf.losses import ProxyNCALoss, l2_normalize
+# Also registers TorchBatchNormalization (the registry imports the torchvision trunk), which the
+# embedder.keras files of resnet50_torchvision hold.
+from pnpp_tf.modeling import backbones, trunks
+from pnpp_tf.modeling.losses import ProxyNCALoss, l2_normalize
 
 POOLINGS = ("max", "avg", "cls")
 BACKBONE_LAYER_NAME = "backbone"
@@ -39,7 +39,7 @@ def build_embedder(
     """Builds the embedder: a functional `keras.Model` from RGB images to raw embeddings.
 
     Args:
-        backbone: registered backbone name, see `pnpp_tf.backbones.available_backbones()`.
+        backbone: registered backbone name, see `pnpp_tf.modeling.backbones.available_backbones()`.
         image_size: side of the square input images, in pixels.
         embedding_dim: size of the embedding.
         pooling: "max" (global max pooling, ProxyNCA++) or "avg" (the ablation); of a
@@ -85,7 +85,7 @@ def build_embedder(
 
 def _build_trunk(spec, input_shape, weights, preset):
     """`spec.build`, with a weights file that does not load named in a one-line ValueError."""
-    if weights is None or weights in spec.pretrained_weights or weights == backbones.PRESET_WEIGHTS:
+    if weights is None or weights in spec.pretrained_weights or weights == trunks.PRESET_WEIGHTS:
         return spec.build(input_shape, weights, preset)
     try:
         return spec.build(input_shape, weights, preset)
@@ -306,7 +306,7 @@ def synchronize_batch_norm(embedder):
     Under a multi-replica strategy each replica sees a slice of the class-balanced batch; with
     synchronised statistics BatchNorm normalises over the whole batch, as on one device.
     """
-    norms = backbones.batch_norm_layers(embedder.get_layer(BACKBONE_LAYER_NAME))  # KerasHub's are nested
+    norms = trunks.batch_norm_layers(embedder.get_layer(BACKBONE_LAYER_NAME))  # KerasHub's are nested
     for layer in norms:
         layer.synchronized = True
     return len(norms)

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from pnpp_tf.backbones import BATCH_NORM_MOMENTUM
+from pnpp_tf.modeling.trunks import BATCH_NORM_MOMENTUM
 from pnpp_tf.errors import UserError
 
 # PyTorch's BatchNorm2d default; Keras' default is 1e-3.

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pnpp_tf import neighbours
+from pnpp_tf.retrieval import neighbours
 from pnpp_tf.errors import UserError
 from pnpp_tf.plots.figures import class_label, new_figure, save_png
 

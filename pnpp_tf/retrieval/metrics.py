@@ -5,7 +5,7 @@ so a query with no positive in the gallery is a miss. MAP@R and R-Precision foll
 al., "A Metric Learning Reality Check" (ECCV 2020); queries without positives are excluded from
 those two.
 
-As in pytorch-metric-learning, one k-nearest-neighbour search (`pnpp_tf.neighbours`, the engine
+As in pytorch-metric-learning, one k-nearest-neighbour search (`pnpp_tf.retrieval.neighbours`, the engine
 `python -m pnpp_tf.search` uses too, with its one tie rule) is behind every metric. Neither
 metric needs a sorted list of K neighbours, though: Recall@K needs only the rank of each query's
 best positive (how many candidates are ahead of it in the engine's order), MAP@R only the top R,
@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
-from pnpp_tf import neighbours
+from pnpp_tf.retrieval import neighbours
 from pnpp_tf.errors import UserError
 
 # The choices of evaluate's --backend: the engine's, and "tf", their former name of "exact".
@@ -31,7 +31,7 @@ def retrieval_metrics(query_embeddings, query_labels, gallery_embeddings=None,
 
     Neighbours are ranked by descending cosine similarity (or ascending Euclidean distance of
     the raw embeddings), ties broken by ascending gallery index, for all metrics
-    (`pnpp_tf.neighbours`): a query's Recall@K is a hit exactly when
+    (`pnpp_tf.retrieval.neighbours`): a query's Recall@K is a hit exactly when
     `neighbours.nearest` lists one of its positives among its K nearest. Without a gallery each
     query is searched among all other queries; only its own row is excluded, so exact
     duplicates at other indices still count as neighbours. Queries are processed in blocks of

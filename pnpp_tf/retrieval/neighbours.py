@@ -1,6 +1,6 @@
 """The one exact k-nearest-neighbour engine, behind both the retrieval metrics and search.
 
-    from pnpp_tf import neighbours
+    from pnpp_tf.retrieval import neighbours
     similarities, indices = neighbours.nearest(embeddings[:5], embeddings, k=10,
                                                exclude=np.arange(5))  # 5 of them as queries
 
@@ -9,7 +9,7 @@ broken by ascending gallery index. The score is the distance's (`DISTANCES`): "c
 float32 dot product of the unit rows that `unit_rows` makes of the embeddings; "euclidean", on
 the raw rows, -||q - g||^2 ranked as 2 q.g - ||g||^2 (the query's own ||q||^2 changes no rank),
 the gallery's norm term subtracted in the same pass over the block. So the lists `python -m pnpp_tf.search` prints are the ones Recall@K
-and MAP@R count (`pnpp_tf.evaluation`, which asks for the position of each query's first match
+and MAP@R count (`pnpp_tf.retrieval.metrics`, which asks for the position of each query's first match
 instead of a list K long: the number of candidates ahead of it in that same order).
 
 Backends (`BACKENDS`): "exact" computes each block of scores with one matrix multiply and
@@ -43,7 +43,7 @@ _CHUNK_ROWS = 1 << 14
 # unsettled queries go deeper.
 _FAISS_FIRST_K = 32
 _FAISS_DEEPER = 8
-# RECIPE: x / max(||x||, 1e-12), as `pnpp_tf.losses.l2_normalize` does in the graph.
+# RECIPE: x / max(||x||, 1e-12), as `pnpp_tf.modeling.losses.l2_normalize` does in the graph.
 _MIN_NORM = 1e-12
 
 
@@ -187,7 +187,7 @@ def blocks(queries, gallery, k, exclude=None, backend="exact", block_size=None, 
             `table(start, stop)` (int32 `(stop - start, P)` gallery indices of the matches of
             queries `start:stop`, excluded ones and padding -1) and `contains(indices, rows)`
             (bool: whether each gallery index of `indices` matches its query in `rows`), such
-            as `pnpp_tf.evaluation`'s same-label positives.
+            as `pnpp_tf.retrieval.metrics`'s same-label positives.
         rank_limit: ranks from this one on may be reported as any value at least as large,
             which spares faiss deep searches; None: all ranks are exact.
 

@@ -1,8 +1,8 @@
 """A search index: the embeddings of a collection of images, built, saved, loaded and searched.
 
     from pnpp_tf.artifacts import load_embedder
-    from pnpp_tf.indexing.embeddings import embed_paths, find_images
-    from pnpp_tf.indexing.search_index import SearchIndex, build_index
+    from pnpp_tf.retrieval.embed import embed_paths, find_images
+    from pnpp_tf.retrieval.search_index import SearchIndex, build_index
 
     embedder = load_embedder("runs/demo")     # a model_dir, or an exported SavedModel
     index = build_index(embedder, find_images("photos/"), "photos/")   # skips unreadable files
@@ -12,7 +12,7 @@
     distances, neighbours, backend = index.search(query, k=10)
 
 Embeddings are L2-normalised, so cosine similarity is their dot product; distances are reported
-as cosine distances (`pnpp_tf.indexing.neighbours.DISTANCE`), 1 - cos: 0 for the same direction,
+as cosine distances (`DISTANCE`), 1 - cos: 0 for the same direction,
 2 for opposite ones. An index is one .npz archive (embeddings, paths and JSON metadata) on a local
 disk, written whole or not at all (`pnpp_tf.io_utils.replacing`).
 """
@@ -26,12 +26,15 @@ import zipfile
 import numpy as np
 
 from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS
-from pnpp_tf.indexing.embeddings import embed_paths
-from pnpp_tf.indexing.neighbours import cosine_distance, nearest
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import replacing
+from pnpp_tf.retrieval import neighbours
+from pnpp_tf.retrieval.embed import embed_paths
 
 INDEX_FORMAT_VERSION = 1
+# Above this many indexed images "auto" searches with faiss IndexFlatIP, when it is installed.
+FAISS_MIN_IMAGES = neighbours.FAISS_MIN_GALLERY
+DISTANCE = "cosine distance (1 - cosine similarity; 0 = same direction, 2 = opposite)"
 
 
 @dataclasses.dataclass
@@ -112,7 +115,7 @@ class SearchIndex:
         Returns:
             (cosine distances [Q, k], indices [Q, k], the backend used).
         """
-        similarities, indices, used = nearest(queries, self.embeddings, k, exclude, backend)
+        similarities, indices, used = cosine_neighbours(queries, self.embeddings, k, exclude, backend)
         return cosine_distance(similarities), indices, used
 
 
@@ -145,3 +148,42 @@ def build_index(embedder, paths, images_root=None, batch_size=64, verbose=1, max
         "distance": "cosine",
     }
     return SearchIndex(embeddings, kept, metadata)
+
+
+def cosine_distance(similarities):
+    """The `DISTANCE` of cosine similarities: 1 - similarity, never below 0."""
+    return np.maximum(1.0 - similarities, 0.0)
+
+
+def cosine_neighbours(queries, gallery, k=10, exclude=None, backend="auto"):
+    """The `k` most cosine-similar gallery rows of each query: search's side of the one k-NN
+    engine (`pnpp_tf.retrieval.neighbours`), which also chooses faiss above `FAISS_MIN_IMAGES`.
+
+    Ranked by descending similarity, ties by ascending index, on either backend: the order in
+    which `pnpp_tf.retrieval.metrics.retrieval_metrics` counts the same embeddings' neighbours.
+
+    Args:
+        queries: float [Q, D] (or one query [D]); L2-normalised here.
+        gallery: float [N, D]; L2-normalised here.
+        k: neighbours per query; at most N (N - 1 with `exclude`).
+        exclude: optional int [Q], a gallery index to leave out for each query (-1: none), e.g.
+            the query itself when the queries are gallery items.
+        backend: one of `neighbours.BACKENDS`: "auto", "exact" (TensorFlow, blockwise) or
+            "faiss" (IndexFlatIP).
+
+    Returns:
+        (float32 similarities [Q, k], int64 indices [Q, k], the backend used).
+
+    Raises:
+        UserError: on a bad k or backend, faiss asked for but missing, non-finite embeddings,
+            or queries of another width than the gallery's.
+    """
+    queries = neighbours.check_rows(np.atleast_2d(np.asarray(queries, np.float32)), "query embeddings")
+    gallery = neighbours.check_rows(gallery, "index embeddings")
+    if queries.shape[1] != gallery.shape[1]:
+        raise UserError(
+            f"Query embeddings are {queries.shape[1]}-d but the index holds "
+            f"{gallery.shape[1]}-d embeddings: was it built with another model?")
+    used = neighbours.choose_backend(backend, len(gallery), FAISS_MIN_IMAGES)
+    similarities, indices = neighbours.nearest(queries, gallery, k, exclude, used)
+    return similarities, indices, used

@@ -13,7 +13,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf import evaluation, neighbours, serving
+from pnpp_tf.retrieval.metrics import retrieval_metrics
+from pnpp_tf.retrieval import neighbours
+from pnpp_tf.serving import signatures
 from pnpp_tf.data import pipeline
 from pnpp_tf.io_utils import write_atomic
 
@@ -45,7 +47,7 @@ def measure_parity(variants, held_out, image_size, batch_size=64, latency_images
         ours = np.concatenate(list(embeddings.values()))
         unit = neighbours.unit_rows(ours)
         cosine = np.sum(unit * reference, axis=1)
-        recall = evaluation.retrieval_metrics(
+        recall = retrieval_metrics(
             embeddings[query_part], held_out[query_part].labels, embeddings.get("gallery"),
             gallery.labels if gallery else None, ks=(1,))["recall@1"]
         threshold = MIN_MEAN_COSINE.get(variant.name)
@@ -152,13 +154,13 @@ class SavedModelVariant:
         self.name = "saved_model_bytes" if bytes_input else "saved_model"
         self.path, self.size_bytes = path, _directory_size(path)
         self._bytes_input = bytes_input
-        name = serving.BYTES_SIGNATURE if bytes_input else serving.IMAGES_SIGNATURE
+        name = signatures.BYTES_SIGNATURE if bytes_input else signatures.IMAGES_SIGNATURE
         self._fn = loaded.signatures[name]
 
     def embed(self, images, encoded):
         if self._bytes_input:
-            return self._fn(**{serving.BYTES_INPUT: tf.constant(encoded)})[serving.OUTPUT].numpy()
-        return self._fn(**{serving.IMAGES_INPUT: tf.constant(images)})[serving.OUTPUT].numpy()
+            return self._fn(**{signatures.BYTES_INPUT: tf.constant(encoded)})[signatures.OUTPUT].numpy()
+        return self._fn(**{signatures.IMAGES_INPUT: tf.constant(images)})[signatures.OUTPUT].numpy()
 
 
 class TFLiteVariant:
@@ -169,7 +171,7 @@ class TFLiteVariant:
 
     def embed(self, images, encoded):
         # One image per call, as on a phone (dynamic-range quantisation depends on the batch).
-        return np.stack([self._run(**{serving.IMAGES_INPUT: image[None]})[serving.OUTPUT][0]
+        return np.stack([self._run(**{signatures.IMAGES_INPUT: image[None]})[signatures.OUTPUT][0]
                          for image in images])
 
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from pnpp_tf.data import image_header, pipeline
 from pnpp_tf.errors import UserError
-from pnpp_tf.losses import l2_normalize
+from pnpp_tf.modeling.losses import l2_normalize
 
 IMAGES_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serve_image_bytes"
@@ -28,7 +28,7 @@ class EmbedderServingModule(tf.Module):
     """Wraps a trained embedder with the two TF Serving signatures.
 
     Args:
-        embedder: the functional model from `pnpp_tf.model.build_embedder` (or its saved copy),
+        embedder: the functional model from `pnpp_tf.modeling.model.build_embedder` (or its saved copy),
             taking float32 [N, S, S, 3] RGB images in [0, 255] and returning raw embeddings.
         max_pixels: the largest width x height the bytes signature decodes.
 
@@ -130,7 +130,7 @@ class EmbedderServingModule(tf.Module):
 def normalized_embeddings(embedder, images):
     """L2-normalise(embedder(images)): the embedding every export must reproduce.
 
-    Normalised in the graph by `pnpp_tf.losses.l2_normalize`, the model's own normaliser, so
+    Normalised in the graph by `pnpp_tf.modeling.losses.l2_normalize`, the model's own normaliser, so
     that exports, training and evaluation compute the same unit vectors.
 
     Args:

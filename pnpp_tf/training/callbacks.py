@@ -19,7 +19,7 @@ class RecallAtK(keras.callbacks.Callback):
     the same weights are not embedded twice.
 
     Args:
-        evaluator: a `pnpp_tf.retrieval.RetrievalEvaluator`.
+        evaluator: a `pnpp_tf.retrieval.evaluator.RetrievalEvaluator`.
         every_n_epochs: evaluate after every n-th epoch (and never when n is 0).
         prefix: prefix of the logged names.
         last_epoch: the Keras index of the run's last epoch, measured in full whatever

@@ -16,7 +16,7 @@ import os
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf import checkpoint_files
+from pnpp_tf.training import checkpoint_files
 from pnpp_tf.io_utils import OutOfSpaceError, is_out_of_space, variables_bytes
 
 _NOT_CHOSEN = object()

@@ -37,7 +37,7 @@ def make_strategy(name, tpu=None):
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise UserError("--strategy=multi_worker needs the TF_CONFIG environment variable describing "
-                             "the cluster and this task (see README, 'Training on several machines').")
+                             "the cluster and this task (see docs/distributed.md).")
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
         return _tpu_strategy(tpu)

@@ -15,11 +15,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf import callbacks, distribute
+from pnpp_tf.training import callbacks
+from pnpp_tf.training import distribute
 from pnpp_tf.data import protocol
 from pnpp_tf.errors import UserError
-from pnpp_tf.model import ProxyNCAModel, build_embedder, resolve_jit_compile, synchronize_batch_norm
-from pnpp_tf.optimizers import TorchAdam
+from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder, resolve_jit_compile, synchronize_batch_norm
+from pnpp_tf.modeling.optimizers import TorchAdam
 
 SCHEDULE_FILE = "schedule.json"
 # --eval_every=auto: measuring may take this share of the training time; a train step costs about

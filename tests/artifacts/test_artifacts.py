@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pnpp_tf import artifacts, export, serving
+from pnpp_tf import artifacts, export
+from pnpp_tf.serving import signatures
 from pnpp_tf.artifacts import (CorruptArtifactError, ExportDir, ForeignArtifactError,
                                MissingArtifactError, ModelDir, SignatureError,
                                UnloadableArtifactError)
 from pnpp_tf.errors import UserError
-from pnpp_tf.model import build_embedder
+from pnpp_tf.modeling.model import build_embedder
 
 IMAGE_SIZE = 32
 IMAGES = np.random.default_rng(0).uniform(0, 255, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
@@ -28,7 +29,7 @@ def trained(tmp_path_factory):
     embedder = build_embedder("small_cnn", IMAGE_SIZE, 8, weights=None)
     (root / "run").mkdir()
     embedder.save(root / "run" / "embedder.keras")
-    serving.EmbedderServingModule(embedder).save(str(root / "export" / "3"))
+    signatures.EmbedderServingModule(embedder).save(str(root / "export" / "3"))
     # A pnpp_tf SavedModel is published with its parity report (`pnpp_tf.artifacts.export_dir`).
     (root / "export" / "parity").mkdir()
     (root / "export" / "parity" / "3.json").write_text("{}")

@@ -14,7 +14,7 @@ from conftest import make_folder_dataset
 from full_disk import fill_leaving, listing, small_disk  # noqa: F401 - small_disk is a fixture
 from pnpp_tf import plots
 from pnpp_tf.plots import curves
-from pnpp_tf.model import build_embedder
+from pnpp_tf.modeling.model import build_embedder
 
 TOOLS = pathlib.Path(__file__).resolve().parents[2] / "tools"
 HISTORY = {  # 1 warm-up + 5 epochs, an LR drop after epoch 4

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pnpp_tf.artifacts import load_embedder
-from pnpp_tf.indexing.search_index import SearchIndex
-from pnpp_tf.model import build_embedder
+from pnpp_tf.retrieval.search_index import SearchIndex
+from pnpp_tf.modeling.model import build_embedder
 
 
 def test_a_cut_short_index_is_named(tmp_path):

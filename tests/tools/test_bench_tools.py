@@ -10,8 +10,8 @@ import numpy as np
 import tensorflow as tf
 
 from cli_helpers import REPO, run_python
-from pnpp_tf.model import ProxyNCAModel, build_embedder
-from pnpp_tf.optimizers import TorchAdam
+from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder
+from pnpp_tf.modeling.optimizers import TorchAdam
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the programs
 

@@ -22,7 +22,7 @@ def batch(rng, size=32, n=4, classes=2):
 
 
 def test_reference_state_has_the_converters_keys():
-    from pnpp_tf.torchvision_resnet import build_resnet50_torchvision, expected_state_dict_shapes
+    from pnpp_tf.modeling.torchvision_resnet import build_resnet50_torchvision, expected_state_dict_shapes
 
     reference = torch_reference.build_reference(num_classes=3, embedding_dim=8)
     state = reference.state()
