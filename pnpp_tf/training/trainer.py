@@ -247,13 +247,13 @@ class Trainer:
         while True:
             # The proxies' optimiser steps once per batch trained, in every phase and whatever
             # --steps_per_execution: it says exactly where a fit that failed had got to.
-            before = int(self.model.proxy_optimizer.iterations)
+            before = self._steps_trained()
             try:
                 return self._fit(segment)
             except tf.errors.OpError as error:
                 if self.data.faults is None:
                     raise
-                done = segment.first_step + int(self.model.proxy_optimizer.iterations) - before
+                done = segment.first_step + self._steps_trained() - before
                 epoch, step = segment.first_epoch + done // self.data.sampler.num_batches, \
                     done % self.data.sampler.num_batches
                 during = (f"training (epoch {epoch + 1}, step {step + 1}); the last checkpoint, "
@@ -264,6 +264,11 @@ class Trainer:
                 segment = Segment(epoch, step, segment.end_epoch)
                 _check_steps_per_execution(self.config.steps_per_execution, self.data.sampler.num_batches, step)
                 self._phase.resume_at(step)
+
+    def _steps_trained(self):
+        # Read through NumPy: under a strategy the counter is a distributed variable, which
+        # int() does not take.
+        return int(keras.ops.convert_to_numpy(self.model.proxy_optimizer.iterations))
 
     def _leave_out(self, bad_paths):
         """Reads, in place of each of `bad_paths`, the next readable image of its class."""
