@@ -15,6 +15,7 @@ decode (or are gone) are the bad images. A damaged or missing image cache entry 
 decodes is not the user's problem: it is rebuilt and the pipeline can simply start again.
 """
 
+import numpy as np
 from absl import logging
 
 from pnpp_tf.data import cache as image_cache
@@ -39,8 +40,7 @@ class ImageFaults:
     """
 
     def __init__(self, fingerprint, on_bad_image, max_pixels, skipped=()):
-        if on_bad_image not in image_check.ON_BAD_IMAGE:
-            raise UserError(f"--on_bad_image must be one of {image_check.ON_BAD_IMAGE}, got {on_bad_image!r}.")
+        image_check.check_on_bad_image(on_bad_image)
         self.fingerprint = fingerprint
         self.on_bad_image = on_bad_image
         self.max_pixels = max_pixels
@@ -59,28 +59,35 @@ class ImageFaults:
             if cache is not None:
                 self._cache[read] = cache
 
-    def bad_images(self, error, read_paths, during):
+    def bad_images(self, error, read_paths, during, failed=()):
         """The paths of `read_paths` to leave out after `error` stopped a pipeline reading them.
 
         Cache entries that are damaged or gone while their image still decodes are rebuilt first;
         the answer is then empty, and the pipeline only needs to start again.
 
         Args:
-            error: the `tf.errors.OpError` the pipeline raised.
+            error: the `tf.errors.OpError` the pipeline raised; or, for a pass that left out what
+                it could not read (`pnpp_tf.retrieval.embed.ImageEmbedder.embed_files`), an
+                exception saying so, raised when no image explains it.
             read_paths: what the pipeline reads (image files or cache entries), all registered.
             during: what was going on, for the message, e.g. "training (epoch 3, step 2); the
                 last checkpoint, runs/a/checkpoints/ckpt-8, is intact".
+            failed: those of `read_paths` known to have failed (left out by such a pass): looked
+                at as if `error` named them.
 
         Returns:
             The bad paths of `read_paths` (with "skip"), each recorded in `skipped`.
 
         Raises:
             UserError: with "error", one line naming the bad images and what to do.
-            tf.errors.OpError: `error` itself, when no image explains it.
+            `error` itself (a `tf.errors.OpError`, or what the caller gave), when no image
+                explains it.
         """
         message = str(getattr(error, "message", error))
-        problems = self._source_problems(message, read_paths)
-        rebuilt = self._repair_entries(message, read_paths, problems)
+        failed = set(failed)
+        named = [read for read in read_paths if read in failed or read in message]
+        problems = self._source_problems(message, read_paths, named)
+        rebuilt = self._repair_entries(message, read_paths, problems, named)
         bad = [read for read in read_paths if self._source[read][1] in problems
                and (read not in self._cache or read in rebuilt.failed)]
         if not bad and not rebuilt.entries:
@@ -102,14 +109,16 @@ class ImageFaults:
     def skipped_paths(self):
         return [item["path"] for item in self.skipped]
 
-    def _source_problems(self, message, read_paths):
+    def _source_problems(self, message, read_paths, named):
         """{image file: why it no longer reads} for the files among `read_paths`' images that
-        changed since the fingerprint was taken or that `message` names."""
+        changed since the fingerprint was taken, that `message` names or whose `named` read
+        paths do."""
         sources = {}
         for read in read_paths:
             split, source = self._source[read]
             sources.setdefault(split, []).append(source)
         suspects = {source for names in sources.values() for source in names if source in message}
+        suspects.update(self._source[read][1] for read in named)
         for split, names in sources.items():
             recorded = self.fingerprint.splits.get(split)
             changed = recorded.changed_files(names) if recorded else [(name, "") for name in names]
@@ -121,17 +130,18 @@ class ImageFaults:
                 problems[source] = problem.reason
         return problems
 
-    def _repair_entries(self, message, read_paths, problems):
-        """Rebuilds the damaged or missing cache entries among `read_paths` from their images."""
+    def _repair_entries(self, message, read_paths, problems, named):
+        """Rebuilds the damaged or missing cache entries among `read_paths` from their images
+        (those `message` or `named` names are checked whole, the others for being there)."""
         if not any(read in self._cache for read in read_paths):
             return _Repairs(set(), set())
-        named = image_cache.damaged_entry_of(message)
+        named = set(named) | {image_cache.damaged_entry_of(message)}
         damaged = {}
         for read in read_paths:
             cache = self._cache.get(read)
             if cache is None:
                 continue
-            problem = cache.entry_problem(read) if read == named or read in message else None
+            problem = cache.entry_problem(read) if read in named else None
             if problem is None and not _exists(read):
                 problem = "missing"
             if problem:
@@ -148,6 +158,36 @@ class ImageFaults:
                                      max_pixels=self.max_pixels))
             failed.update(read for read, source in zip(entries, sources) if source in problems or source in gone)
         return _Repairs(set(damaged) - failed, failed)
+
+
+def stand_ins(split, bad):
+    """What a pipeline reads for `split` once the images of `bad` are left out: each is replaced by
+    the next image of its class (in the split's order, wrapping round) that is not bad, so that
+    batches keep their classes and sizes.
+
+    Args:
+        split: a `pnpp_tf.data.Split`.
+        bad: a set of paths of `split`.
+
+    Returns:
+        A list aligned with `split.paths`.
+
+    Raises:
+        UserError: every image of a class is bad.
+    """
+    paths, labels = split.paths, np.asarray(split.labels)
+    read = list(paths)
+    for index, path in enumerate(paths):
+        if path not in bad:
+            continue
+        members = np.flatnonzero(labels == labels[index])
+        order = np.roll(members, -int(np.searchsorted(members, index)))
+        stand_in = next((paths[i] for i in order if paths[i] not in bad), None)
+        if stand_in is None:
+            raise UserError(f"Every training image of class {split.class_names[labels[index]]} has stopped reading "
+                            f"(the last: {path}); restore them, and rerun to resume from the last checkpoint.")
+        read[index] = stand_in
+    return read
 
 
 class _Repairs:

@@ -11,13 +11,13 @@ import time
 from typing import NamedTuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from pnpp_tf.training import callbacks
 from pnpp_tf.training import distribute
 from pnpp_tf.data import protocol
+from pnpp_tf.data.faults import stand_ins
 from pnpp_tf.errors import UserError
 from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder, resolve_jit_compile, synchronize_batch_norm
 from pnpp_tf.modeling.optimizers import TorchAdam
@@ -128,6 +128,7 @@ class Trainer:
         # What the training pipeline reads: an image that stops reading mid-run is replaced by
         # another of its class (--on_bad_image=skip), so every batch keeps its classes.
         self._train_paths = list(data.train_split.paths)
+        self._bad_train_paths = set()
 
     def fit(self):
         """Measures the untrained model (unless the checkpoint did), trains the phases left and
@@ -272,22 +273,9 @@ class Trainer:
 
     def _leave_out(self, bad_paths):
         """Reads, in place of each of `bad_paths`, the next readable image of its class."""
-        if not bad_paths:
-            return
-        bad = {path for path in bad_paths}
-        bad.update(path for path, source in zip(self._train_paths, self.data.train_split.paths) if path != source)
-        labels, paths = self.data.train_split.labels, self.data.train_split.paths
-        for index, path in enumerate(paths):
-            if path not in bad:
-                continue
-            members = np.flatnonzero(labels == labels[index])
-            order = np.roll(members, -int(np.searchsorted(members, index)))
-            stand_in = next((paths[i] for i in order if paths[i] not in bad), None)
-            if stand_in is None:
-                name = self.data.train_split.class_names[labels[index]]
-                raise UserError(f"Every training image of class {name} has stopped reading (the last: {path}); "
-                                "restore them, and rerun to resume from the last checkpoint.")
-            self._train_paths[index] = stand_in
+        if bad_paths:
+            self._bad_train_paths.update(bad_paths)
+            self._train_paths = stand_ins(self.data.train_split, self._bad_train_paths)
 
     def _skipped_images(self):
         skipped = {name: list(paths) for name, paths in self.data.skipped_images.items()}
