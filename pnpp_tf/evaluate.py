@@ -26,10 +26,10 @@ from pnpp_tf import artifacts, flags
 from pnpp_tf.retrieval.metrics import nmi, retrieval_metrics
 from pnpp_tf.config import EvaluateConfig
 from pnpp_tf.data import load_splits, protocol
-from pnpp_tf.data.image_check import drop_or_raise
+from pnpp_tf.data.image_check import without_bad
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import check_writable_dir, write_atomic
-from pnpp_tf.retrieval.embed import embed_decodable
+from pnpp_tf.retrieval.embed import ImageEmbedder
 from pnpp_tf.retrieval.evaluator import check_ks
 
 def evaluate(config):
@@ -116,9 +116,9 @@ def evaluate(config):
 def _checked_splits(config, embedder, ks):
     """Embeds the evaluation splits, decoding each image once, and applies --on_bad_image.
 
-    The images that fail in the embedding pass (`embed_decodable`) go through
-    `image_check.drop_or_raise` as a check before embedding would have found them: the same
-    error, warnings and skips, without decoding every image twice.
+    The embedding pass (`ImageEmbedder.embed_files`) finds the bad images as a check before
+    embedding would have found them (`image_check.drop_or_raise`): the same error and skips,
+    without decoding every image twice.
 
     Args:
         config: a `pnpp_tf.config.EvaluateConfig`.
@@ -142,18 +142,14 @@ def _checked_splits(config, embedder, ks):
                  " and ".join(f"{len(splits[name])} {name} images" for name in names), embedder.image_size)
     checked, embedded, skipped = {}, {}, {}
     # Euclidean distance is measured on the raw embedding layer's output, cosine on unit rows.
-    model = embedder.keras_model if config.eval_distance == "euclidean" else embedder.inference
+    images = (ImageEmbedder(embedder.keras_model, embedder.image_size) if config.eval_distance == "euclidean"
+              else embedder.image_embedder)
     for name in names:
-        embedded[name], found = embed_decodable(
-            model, splits[name].paths, embedder.image_size, config.eval_batch_size,
-            config.max_pixels, verbose=config.verbose, stop_at_bad=config.on_bad_image == "error")
-        checked[name], bad = drop_or_raise(splits[name], name, config.on_bad_image,
-                                           check=lambda paths, found=found, **_: found,
-                                           max_pixels=config.max_pixels)
-        # embed_decodable's bad images are exactly those it left out, and drop_or_raise drops them;
-        # a mismatch is a bug here, not the user's (and must survive python -O, unlike assert).
-        if len(checked[name]) != len(embedded[name]):
-            raise RuntimeError(f"{name}: {len(checked[name])} images kept but {len(embedded[name])} embedded.")
+        found = images.embed_files(splits[name].paths, config.eval_batch_size, config.max_pixels,
+                                   on_bad_image=config.on_bad_image, name=name, verbose=config.verbose)
+        embedded[name] = found.embeddings
+        bad = sorted(path for path, _ in found.skipped)
+        checked[name] = without_bad(splits[name], name, set(bad))
         if bad:
             skipped[name] = bad
     query, gallery = checked[names[0]], checked.get("gallery")
@@ -170,7 +166,7 @@ def load_embedder(model_dir, saved_model=None, image_size=None):
         image_size: the crop size for a model that accepts any (--image_size).
 
     Returns:
-        A `pnpp_tf.artifacts.Embedder`; its `inference` is what `RetrievalEvaluator.embed` takes.
+        A `pnpp_tf.artifacts.Embedder`.
 
     Raises:
         UserError: neither is given, or one of `pnpp_tf.artifacts.errors` for the model.

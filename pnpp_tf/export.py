@@ -99,7 +99,7 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
         removed = target.remove_leftovers()
         version = target.new_version(version, also_taken=removed)
         module = signatures.EmbedderServingModule(embedder.keras_model, max_pixels=max_pixels)
-        variants = [parity.KerasVariant(embedder.inference, run.embedder_path)]
+        variants = [parity.KerasVariant(embedder, run.embedder_path)]
         with _StagedVersion(target, version) as staged:
             if "saved_model" in formats:
                 _write_saved_model(module, staged.new_saved_model(variables_bytes(module.model_variables)),

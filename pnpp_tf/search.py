@@ -15,7 +15,6 @@ from absl import logging
 from pnpp_tf import flags, plots
 from pnpp_tf.config import SearchConfig
 from pnpp_tf.errors import UserError
-from pnpp_tf.retrieval.embed import embed_paths
 from pnpp_tf.artifacts import load_embedder
 from pnpp_tf.retrieval.search_index import DISTANCE, SearchIndex
 
@@ -45,14 +44,14 @@ def run(index_path, query, k=10, model=None, backend="auto"):
     if embedder.image_size != meta.get("image_size", embedder.image_size):
         raise UserError(f"--model takes {embedder.image_size} px images but the index was built "
                          f"with {meta['image_size']} px crops: it is another model.")
-    embedding, _, skipped = embed_paths(embedder, [query], verbose=0)
-    if skipped:
-        raise UserError(f"cannot read --query={query}: {skipped[0][1]}")
+    found = embedder.embed_files([query], on_bad_image="skip")
+    if found.skipped:
+        raise UserError(f"cannot read --query={query}: {found.skipped[0][1]}")
     note = ""
     if k > len(index):
         note = f" (asked for {k}; the index holds {len(index)})"
         k = len(index)
-    distances, indices, used = index.search(embedding, k, backend=backend)
+    distances, indices, used = index.search(found.embeddings, k, backend=backend)
     return index, distances[0], indices[0], used, note
 
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 from conftest import make_folder_dataset
 from pnpp_tf import evaluate
 from pnpp_tf.retrieval import embed
+from pnpp_tf.retrieval.embed import ImageEmbedder
 from pnpp_tf.config import EvaluateConfig
 from pnpp_tf.data import image_check, load_splits
 from pnpp_tf.data.image_check import drop_or_raise
@@ -117,18 +118,23 @@ def test_error_names_every_bad_file_as_the_start_up_check_did(tmp_path, model_di
     assert not (tmp_path / "out").exists()
 
 
-def test_stop_at_bad_embeds_only_up_to_the_first_bad_image(tmp_path, model_dir):
+def test_error_embeds_only_up_to_the_first_bad_image(tmp_path, model_dir):
     data_dir = make_folder_dataset(tmp_path / "data", test_classes=3, images_per_class=6)
     bad = break_images(data_dir, [("test_class_00", "img_1.jpg"), ("test_class_02", "img_4.png")])
     paths = load_splits("folder", data_dir)["test"].paths
-    model = build_embedder("small_cnn", image_size=IMAGE_SIZE, embedding_dim=8, weights="none")
-    everything, found = embed.embed_decodable(model, paths, IMAGE_SIZE, batch_size=2)
-    assert everything.shape == (16, 8) and [path for path, _ in found.bad] == bad
-    assert found.checked == 18 and found.too_large == []
-    stopped, found = embed.embed_decodable(model, paths, IMAGE_SIZE, batch_size=2, stop_at_bad=True)
-    assert [path for path, _ in found.bad] == bad  # the second found by the check, not the model
-    assert len(stopped) < 16  # the model did not run on the images after the first bad one
-    np.testing.assert_array_equal(stopped, everything[:len(stopped)])
+    embedder = ImageEmbedder(build_embedder("small_cnn", image_size=IMAGE_SIZE, embedding_dim=8, weights="none"),
+                             IMAGE_SIZE)
+    everything = embedder.embed_files(paths, batch_size=2, on_bad_image="skip")
+    assert everything.embeddings.shape == (16, 8) and [path for path, _ in everything.skipped] == bad
+    assert everything.paths == [path for path in paths if path not in bad] and everything.too_large == []
+    batches = []
+    with pytest.raises(UserError) as raised:
+        embedder.embed_files(paths, batch_size=2, name="test", on_batch=lambda *batch: batches.append(batch))
+    assert str(raised.value).startswith(f"2 unreadable image(s) in test: {bad[0]} (")
+    assert f"; {bad[1]} (empty file)" in str(raised.value)  # found by the check, not the model
+    # The model ran on the first batch only, the one that shows the first bad image left out.
+    assert [batch[0] for batch in batches] == [[paths[0], paths[2]]]
+    np.testing.assert_array_equal(batches[0][2], everything.embeddings[:2])
 
 
 def test_a_file_that_fails_only_while_embedding_is_still_counted_bad(tmp_path, model_dir, monkeypatch):
@@ -139,6 +145,6 @@ def test_a_file_that_fails_only_while_embedding_is_still_counted_bad(tmp_path, m
     monkeypatch.setattr(image_check, "check_images",
                         lambda paths, **_: image_check.ImageCheck(len(paths), [], 0.0))
     model = build_embedder("small_cnn", image_size=IMAGE_SIZE, embedding_dim=8, weights="none")
-    embeddings, found = embed.embed_decodable(model, paths, IMAGE_SIZE, batch_size=3)
-    assert len(embeddings) == 7
-    assert found.bad == [(bad[0], embed.CHANGED_DURING_RUN)]
+    found = ImageEmbedder(model, IMAGE_SIZE).embed_files(paths, batch_size=3, on_bad_image="skip")
+    assert len(found.embeddings) == 7 and len(found.paths) == 7
+    assert found.skipped == [(bad[0], embed.CHANGED_DURING_RUN)]

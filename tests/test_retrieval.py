@@ -1,4 +1,5 @@
-"""Embedding evaluation splits: one trace of the model serves every evaluation."""
+"""Embedding image files (`ImageEmbedder`) and evaluation splits: one trace of the model serves
+every evaluation."""
 
 import gc
 import weakref
@@ -9,8 +10,9 @@ import pytest
 from conftest import make_folder_dataset
 from pnpp_tf.data.folder import read_folder_dataset
 from pnpp_tf.data.pipeline import eval_dataset
+from pnpp_tf.errors import UserError
 from pnpp_tf.modeling.model import build_embedder
-from pnpp_tf.retrieval.embed import embed_images
+from pnpp_tf.retrieval.embed import ImageEmbedder
 from pnpp_tf.retrieval.evaluator import RetrievalEvaluator
 
 IMAGE_SIZE = 32
@@ -86,16 +88,20 @@ def test_embeddings_follow_weight_updates_without_retracing(splits):
     assert model.traces == 1
 
 
+def embed_files(model, split):
+    return ImageEmbedder.of(model).embed_files(split.paths, batch_size=5, image_size=IMAGE_SIZE)
+
+
 def test_each_model_is_traced_for_itself_and_not_kept_alive(splits):
-    dataset = eval_dataset(splits["query"].paths, IMAGE_SIZE, batch_size=5)
     first, second = CountingModel(small_embedder(0)), CountingModel(small_embedder(1))
-    first_embeddings = embed_images(first, dataset, len(splits["query"]))
-    second_embeddings = embed_images(second, dataset, len(splits["query"]))
+    first_embeddings = embed_files(first, splits["query"]).embeddings
+    second_embeddings = embed_files(second, splits["query"]).embeddings
     assert (first.traces, second.traces) == (1, 1)
+    assert ImageEmbedder.of(first) is first.image_embedder is not ImageEmbedder.of(second)
     assert not np.allclose(first_embeddings, second_embeddings)
-    np.testing.assert_allclose(embed_images(first, dataset, len(splits["query"])), first_embeddings)
+    np.testing.assert_allclose(embed_files(first, splits["query"]).embeddings, first_embeddings)
     assert first.traces == 1
-    # The cached function must not hold its model: a model dropped by its owner is freed.
+    # The trace it holds must not keep its model alive: a model dropped by its owner is freed.
     gone = weakref.ref(second)
     del second
     gc.collect()
@@ -104,10 +110,34 @@ def test_each_model_is_traced_for_itself_and_not_kept_alive(splits):
 
 def test_models_without_weak_references_are_still_embedded(splits):
     embedder = small_embedder()
-    dataset = eval_dataset(splits["query"].paths, IMAGE_SIZE, batch_size=5)
-    got = embed_images(SlottedModel(embedder), dataset, len(splits["query"]))
+    found = embed_files(SlottedModel(embedder), splits["query"])
+    got = found.embeddings
     assert got.dtype == np.float32 and got.shape == (len(splits["query"]), 16)
+    assert found.paths == splits["query"].paths and found.skipped == []
     np.testing.assert_allclose(got, direct_embeddings(embedder, splits["query"]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_keras_model_holds_its_trace_outside_what_it_saves(splits, tmp_path):
+    embedder = small_embedder()
+    before = [w.copy() for w in embedder.get_weights()]
+    found = embed_files(embedder, splits["query"])
+    assert ImageEmbedder.of(embedder) is embedder.image_embedder
+    np.testing.assert_array_equal(found.embeddings, embed_files(embedder, splits["query"]).embeddings)
+    assert len(embedder.weights) == len(before) and "image_embedder" not in [layer.name for layer in embedder.layers]
+    embedder.save(tmp_path / "embedder.keras")  # neither tracked nor saved
+    import keras  # pylint: disable=import-outside-toplevel
+    loaded = keras.saving.load_model(tmp_path / "embedder.keras")
+    assert not hasattr(loaded, "image_embedder")
+
+
+def test_an_evaluator_without_faults_names_a_bad_image(splits, tmp_path):
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"")
+    query = dataclasses.replace(splits["query"], paths=[str(broken)] + splits["query"].paths[1:])
+    evaluator = RetrievalEvaluator(query, IMAGE_SIZE, (1,), batch_size=5)
+    with pytest.raises(UserError, match=rf"^1 unreadable image\(s\) in the query images: {broken} \(empty file\)"):
+        evaluator.measure(small_embedder())
 
 
 class Normalising:
@@ -143,3 +173,34 @@ def test_euclidean_measures_the_raw_embedding(splits):
                                                splits["gallery"].labels, ks=(1, 2))
     for name, value in want_cosine.items():
         assert cosine[name] == pytest.approx(value, abs=1e-6), name
+
+
+@pytest.mark.parametrize("on_bad_image", ["error", "skip"])
+def test_an_image_spoiled_between_measures_is_handed_to_the_faults(tmp_path, on_bad_image):
+    import os  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.data.faults import ImageFaults  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.data.fingerprint import DataFingerprint  # pylint: disable=import-outside-toplevel
+
+    root = make_folder_dataset(tmp_path / "data", test_classes=3, images_per_class=4)
+    query = read_folder_dataset(root)["test"]
+    faults = ImageFaults(DataFingerprint.of_splits({"query": query}, root), on_bad_image, max_pixels=10**8)
+    faults.register("query", query.paths)
+    model = CountingModel(small_embedder())
+    evaluator = RetrievalEvaluator(query, IMAGE_SIZE, (1,), batch_size=5, faults=faults)
+    evaluator.measure(model)
+    # Overwritten with as many bytes and their times kept: the fingerprint sees no change, so only
+    # the embedding pass, which left them out, names them.
+    spoiled = [query.paths[5], query.paths[9]]
+    for path in spoiled:
+        state = os.stat(path)
+        with open(path, "wb") as file:
+            file.write(b"x" * state.st_size)
+        os.utime(path, ns=(state.st_atime_ns, state.st_mtime_ns))
+    if on_bad_image == "error":
+        with pytest.raises(UserError, match=rf"^2 image\(s\) stopped reading during evaluation.*{spoiled[1]} \(Unknown"):
+            evaluator.measure(model)
+        return
+    queries, _ = evaluator.embed(model)
+    assert len(queries) == 10 and not set(spoiled) & set(evaluator.query.paths)
+    assert [item["path"] for item in faults.skipped] == spoiled
+    assert model.traces == 1

@@ -14,7 +14,7 @@ from conftest import make_folder_dataset
 from pnpp_tf import plots
 from pnpp_tf.serving import signatures
 from pnpp_tf.retrieval import neighbours, search_index
-from pnpp_tf.retrieval.embed import embed_paths, find_images
+from pnpp_tf.retrieval.embed import find_images
 from pnpp_tf.artifacts import load_embedder
 from pnpp_tf.modeling.model import build_embedder
 
@@ -96,8 +96,9 @@ def test_index_counts_unreadable_files_and_finds_each_image_first(setup, tmp_pat
     np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
 
     # Each image, embedded again on its own, finds itself first at distance ~0.
-    queries, kept, _ = embed_paths(embedder, index.paths, batch_size=1, verbose=0)
-    assert kept == index.paths
+    found = embedder.embed_files(index.paths, batch_size=1)
+    queries = found.embeddings
+    assert found.paths == index.paths
     distances, found, backend = loaded.search(queries, k=3)
     assert backend == "exact"
     np.testing.assert_array_equal(found[:, 0], np.arange(12))
@@ -157,8 +158,8 @@ def test_exported_saved_model_base_dir_uses_highest_version(setup, tmp_path):
     assert (embedder.image_size, embedder.embedding_dim) == (IMAGE_SIZE, EMBEDDING_DIM)
     keras_embedder = load_embedder(setup["model_dir"])
     paths = setup["good"][:3]
-    exported, _, _ = embed_paths(embedder, paths, verbose=0)
-    reference, _, _ = embed_paths(keras_embedder, paths, verbose=0)
+    exported = embedder.embed_files(paths).embeddings
+    reference = keras_embedder.embed_files(paths).embeddings
     np.testing.assert_allclose(exported, reference, atol=1e-5)
     assert load_embedder(str(base / "2")).source == str(base / "2")
 

@@ -1,4 +1,4 @@
-"""Benchmarks embedding throughput: evaluate's, index's and export parity's against a bare forward pass.
+"""Benchmarks embedding throughput: embedding image files (what every program runs) against a bare forward pass.
 
     python tools/bench_embed.py                                  # ResNet-50 at 227 px, 256 JPEGs
     python tools/bench_embed.py --backbone=small_cnn --image_size=32 --num_images=64
@@ -8,11 +8,12 @@ initialised embedder as a run's embedder.keras would be, loads it as the program
 measures images/s of:
   - bare: `embedder(images, training=False)` in a `tf.function`, on the evaluation crops of the
     same files already decoded in memory, `--batch_size` at a time: the model alone;
-  - evaluate: `pnpp_tf.retrieval.embed.embed_decodable`, what `pnpp_tf.evaluate` and training's Recall@K
-    run (reading, decoding and cropping in tf.data included);
-  - index: `pnpp_tf.retrieval.embed.embed_paths`, what `pnpp_tf.index` runs (the same, plus the
-    per-file bookkeeping of skipped images);
-  - parity: the export parity report's Keras variant on the decoded batches.
+  - embed_files: the loaded embedder's `Embedder.embed_files`
+    (`pnpp_tf.retrieval.embed.ImageEmbedder`), the one way `pnpp_tf.evaluate`, training's
+    Recall@K, `pnpp_tf.index`, `pnpp_tf.search` and the export parity report embed image files
+    (reading, decoding and cropping in tf.data included);
+  - embed_files model: the same passes, counting only the time spent in the model (what the
+    parity report's images/s gives for the Keras variant).
 Each is run `--repeats` times, alternating, after one untimed pass each (tracing); the best
 pass is reported and the ratio to the best bare pass.
 """
@@ -25,7 +26,7 @@ import tempfile
 # tools/machine.py, beside this script; importing it also puts the repository on the path.
 from machine import Stopwatch, describe_machine, machine_info, write_results
 
-PATHS = ("bare", "evaluate", "index", "parity")
+PATHS = ("bare", "embed_files")
 
 
 def main(argv=None):
@@ -49,6 +50,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench_embed_") as folder:
         paths = write_images(folder, args.num_images, args.long_side)
         seconds = measure(args, paths, folder)
+    seconds["embed_files model"] = seconds.pop("model")
     best_bare = min(seconds["bare"])
     rows = [{"path": name, "seconds": times, "images_per_second": args.num_images / min(times),
              "vs_bare": best_bare / min(times)} for name, times in seconds.items()]
@@ -78,15 +80,12 @@ def write_images(folder, count, long_side):
 
 
 def measure(args, paths, folder):
-    """{path name: [seconds of each timed pass]}."""
+    """{path name: [seconds of each timed pass]}, and "model": embed_files' seconds in the model."""
     import keras  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    from pnpp_tf.retrieval import embed  # pylint: disable=import-outside-toplevel
-    from pnpp_tf.serving import parity  # pylint: disable=import-outside-toplevel
     from pnpp_tf.artifacts import load_keras_embedder  # pylint: disable=import-outside-toplevel
     from pnpp_tf.data import pipeline  # pylint: disable=import-outside-toplevel
-    from pnpp_tf.retrieval.embed import embed_paths  # pylint: disable=import-outside-toplevel
     from pnpp_tf.modeling.model import build_embedder  # pylint: disable=import-outside-toplevel
 
     keras.utils.set_random_seed(0)
@@ -96,23 +95,22 @@ def measure(args, paths, folder):
     model = embedder.keras_model
     batches = [tf.constant(b) for b in pipeline.eval_dataset(paths, args.image_size, args.batch_size).as_numpy_iterator()]
     forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-    keras_variant = parity.KerasVariant(embedder.inference, model_path)
     runs = {
         "bare": lambda: [forward(b).numpy() for b in batches],
-        "evaluate": lambda: embed.embed_decodable(embedder.inference, paths, args.image_size, args.batch_size),
-        "index": lambda: embed_paths(embedder, paths, args.batch_size, verbose=0),
-        "parity": lambda: [keras_variant.embed(b.numpy(), None) for b in batches],
+        "embed_files": lambda: embedder.embed_files(paths, batch_size=args.batch_size),
     }
-    seconds = {name: [] for name in PATHS}
+    seconds = {name: [] for name in (*PATHS, "model")}
     for repeat in range(args.repeats + 1):
         for name in PATHS:
             with Stopwatch() as clock:
                 result = runs[name]()
             if repeat:  # the first pass traces
                 seconds[name].append(clock.seconds)
+                if name == "embed_files":
+                    seconds["model"].append(result.model_seconds)
             print(f"  {name}: pass {repeat + 1}: {clock.seconds:.2f} s", file=sys.stderr, flush=True)
-            if name == "evaluate" and len(result[0]) != len(paths):
-                raise RuntimeError(f"evaluate embedded {len(result[0])} of {len(paths)} images.")
+            if name == "embed_files" and len(result.paths) != len(paths):
+                raise RuntimeError(f"embed_files embedded {len(result.paths)} of {len(paths)} images.")
     return seconds
 
 

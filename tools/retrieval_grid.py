@@ -29,7 +29,6 @@ from pnpp_tf import plots  # noqa: E402
 from pnpp_tf.artifacts import ModelDir, load_embedder  # noqa: E402
 from pnpp_tf.data import load_splits  # noqa: E402
 from pnpp_tf.errors import UserError  # noqa: E402
-from pnpp_tf.retrieval.embed import embed_paths  # noqa: E402
 from pnpp_tf.retrieval.search_index import cosine_distance, cosine_neighbours  # noqa: E402
 from pnpp_tf.io_utils import OutOfSpaceError  # noqa: E402
 
@@ -112,12 +111,12 @@ def make_pictures(model, output, scatter=None, dataset=None, data_dir=None, spli
 
 def _embed(embedder, split, batch_size, verbose):
     """(embeddings, paths, labels) of the readable images of a split."""
-    embeddings, kept, skipped = embed_paths(embedder, split.paths, batch_size, verbose)
-    if skipped:
-        print(f"Skipped {len(skipped)} unreadable image(s), e.g. {skipped[0][0]} ({skipped[0][1]})",
-              file=sys.stderr)
+    found = embedder.embed_files(split.paths, batch_size=batch_size, on_bad_image="skip", verbose=verbose)
+    if found.skipped:
+        print(f"Skipped {len(found.skipped)} unreadable image(s), e.g. {found.skipped[0][0]} "
+              f"({found.skipped[0][1]})", file=sys.stderr)
     label_of = dict(zip(split.paths, split.labels))
-    return embeddings, kept, np.array([label_of[p] for p in kept], np.int64)
+    return found.embeddings, found.paths, np.array([label_of[p] for p in found.paths], np.int64)
 
 
 def _class_subset(labels, max_images, rng):

@@ -2,6 +2,7 @@
 
     embedder = load_embedder("runs/demo")     # a model_dir, a .keras file, or an export
     embeddings = embedder(images)             # float32 [N, S, S, 3] in [0, 255] -> numpy [N, D]
+    found = embedder.embed_files(paths)       # image files -> `pnpp_tf.retrieval.embed.EmbeddedFiles`
 
 Every loader returns an `Embedder` whose embeddings are L2-normalised, so cosine similarity is
 their dot product. This loads a model that was trained; `pnpp_tf.modeling.model.build_embedder` builds
@@ -14,9 +15,9 @@ cannot be used; any other input (not square, not RGB, not a 4-D batch) is a `Sig
 
 import os
 
-import numpy as np
 import tensorflow as tf
 
+from pnpp_tf.retrieval.embed import ImageEmbedder
 from pnpp_tf.serving import signatures
 from pnpp_tf.artifacts.errors import (CorruptArtifactError, MissingArtifactError, SignatureError,
                                       UnloadableArtifactError)
@@ -58,7 +59,8 @@ class Embedder:
         keras_model: the `keras.Model` itself, for kind "keras" (None otherwise).
 
     Attributes:
-        The arguments, by the same names. `inference` is what `RetrievalEvaluator.embed` takes.
+        The arguments, by the same names, and `image_embedder`: the `ImageEmbedder` of
+        `inference`, its one trace, which every call and `embed_files` run.
     """
 
     def __init__(self, inference, source, kind, image_size, embedding_dim, keras_model=None):
@@ -68,25 +70,30 @@ class Embedder:
         self.image_size = int(image_size)
         self.embedding_dim = embedding_dim
         self.keras_model = keras_model
+        self.image_embedder = ImageEmbedder(inference, self.image_size)
 
     def __call__(self, images):
         """float32 images [N, S, S, 3] in [0, 255] -> float32 numpy [N, D], unit rows."""
-        return np.asarray(self.inference(tf.convert_to_tensor(images, tf.float32)), np.float32)
+        return self.image_embedder(images)
+
+    def embed_files(self, paths, **options):
+        """Embeds image files: `pnpp_tf.retrieval.embed.ImageEmbedder.embed_files` (the same
+        options: batch_size, max_pixels, on_bad_image, ...), at this embedder's crop size."""
+        return self.image_embedder.embed_files(paths, **options)
 
     def describe(self):
         return f"{self.kind} {self.source} ({self.image_size} px)"
 
 
 class KerasInference:
-    """`signatures.normalized_embeddings` of a Keras embedder, traced once per image shape."""
+    """`signatures.normalized_embeddings` of a Keras embedder (traced by the `Embedder`)."""
 
     def __init__(self, model):
-        self._function = tf.function(lambda images: signatures.normalized_embeddings(model, images),
-                                     reduce_retracing=True)
+        self._model = model
 
     def __call__(self, images, training=False):
         del training  # always inference
-        return self._function(tf.cast(images, tf.float32))
+        return signatures.normalized_embeddings(self._model, tf.cast(images, tf.float32))
 
 
 class _SignatureInference:

@@ -76,6 +76,12 @@ def check_images(paths, threads=8, progress=False, max_pixels=image_header.DEFAU
     return ImageCheck.of_problems(len(paths), problems, time.perf_counter() - start)
 
 
+def check_on_bad_image(on_bad_image):
+    """Raises `UserError` unless `on_bad_image` is one of `ON_BAD_IMAGE`."""
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise UserError(f"--on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}.")
+
+
 def drop_or_raise(split, name, on_bad_image, progress=False, check=check_images,
                   max_pixels=image_header.DEFAULT_MAX_PIXELS):
     """Checks a split's images; with "skip" returns the split without the bad ones.
@@ -92,41 +98,61 @@ def drop_or_raise(split, name, on_bad_image, progress=False, check=check_images,
     Returns:
         (the split, possibly smaller; the list of skipped paths).
     """
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise UserError(f"--on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}.")
+    check_on_bad_image(on_bad_image)
     result = check(split.paths, progress=progress, max_pixels=max_pixels)
     logging.info("%s: decoded %d images in %.1f s (%.2f s per 1000)", name, result.checked,
                  result.seconds, result.seconds_per_thousand)
     if not result.bad:
         return split, []
     if on_bad_image == "error":
-        raise UserError(_bad_images_message(result, name))
-    too_large = set(result.too_large)
-    for path, reason in result.bad:
-        if path in too_large:
-            logging.warning("Skipping image %s, over --max_pixels (%s)", path, reason)
-        else:
-            logging.warning("Skipping unreadable image %s (%s)", path, reason)
+        raise UserError(bad_images_message(result.bad, result.too_large, name))
+    warn_skipped(result.bad, result.too_large)
     bad_paths = {path for path, _ in result.bad}
-    keep = [path not in bad_paths for path in split.paths]
-    kept = dataclasses.replace(split, paths=[p for p, k in zip(split.paths, keep) if k],
-                               labels=split.labels[keep])
+    return without_bad(split, name, bad_paths), sorted(bad_paths)
+
+
+def without_bad(split, name, bad_paths):
+    """`split` without the images of `bad_paths`.
+
+    Raises:
+        UserError: leaving them out empties a class of the split (`name`, for the message).
+    """
+    kept = split.without(bad_paths)
     emptied = sorted(set(split.labels.tolist()) - set(kept.labels.tolist()))
     if emptied:
         raise UserError(f"Skipping unreadable images empties {len(emptied)} class(es) of {name} "
                          f"({', '.join(split.class_names[c] for c in emptied[:5])}); fix those files.")
-    return kept, sorted(bad_paths)
+    return kept
 
 
-def _bad_images_message(result, name):
-    """The one-line error for the bad images of a split: how many, the first three, what to do."""
-    shown = "; ".join(f"{path} ({reason})" for path, reason in result.bad[:3])
-    more = f" and {len(result.bad) - 3} more" if len(result.bad) > 3 else ""
-    large = len(result.too_large)
-    kind = ("unreadable" if not large else "too large" if large == len(result.bad)
+def warn_skipped(bad, too_large, shown=None):
+    """Logs each skipped image of `bad` [(path, reason)] (the first `shown`, then how many more),
+    saying which are over --max_pixels (`too_large`, paths)."""
+    too_large = set(too_large)
+    for path, reason in bad[:shown]:
+        if path in too_large:
+            logging.warning("Skipping image %s, over --max_pixels (%s)", path, reason)
+        else:
+            logging.warning("Skipping unreadable image %s (%s)", path, reason)
+    if shown is not None and len(bad) > shown:
+        logging.warning("... and %d more images skipped", len(bad) - shown)
+
+
+def bad_images_message(bad, too_large, name):
+    """The one-line error for the bad images of a split: how many, the first three, what to do.
+
+    Args:
+        bad: [(path, reason)].
+        too_large: the paths of `bad` over --max_pixels.
+        name: the split's name.
+    """
+    shown = "; ".join(f"{path} ({reason})" for path, reason in bad[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    large = len(too_large)
+    kind = ("unreadable" if not large else "too large" if large == len(bad)
             else f"unreadable or too large ({large} over --max_pixels)")
     shrink = ", shrink them, raise --max_pixels" if large else ""
-    return (f"{len(result.bad)} {kind} image(s) in {name}: {shown}{more}. Replace or remove them{shrink}, "
+    return (f"{len(bad)} {kind} image(s) in {name}: {shown}{more}. Replace or remove them{shrink}, "
             "or pass --on_bad_image=skip to go on without them.")
 
 

@@ -218,7 +218,8 @@ def eval_dataset(paths, image_size, batch_size=64, max_pixels=DEFAULT_MAX_PIXELS
             `train_dataset` (or, with `skip_unreadable`, is left out undecoded).
         skip_unreadable: leave out every image that cannot be read, decoded or cropped instead of
             stopping, and give each batch's positions in `paths`, so that a caller decoding each
-            image once (`pnpp_tf.retrieval.embed.embed_decodable`) can tell which were left out.
+            image once (`pnpp_tf.retrieval.embed.ImageEmbedder.embed_files`) can tell which were
+            left out.
 
     Returns:
         A `tf.data.Dataset` of float32 images [B, S, S, 3] in [0, 255]; with `skip_unreadable`, of

@@ -34,6 +34,11 @@ class Split:
     def num_classes(self):
         return len(self.class_names)
 
+    def without(self, paths):
+        """This split without the images of `paths` (a set), labels and class names kept."""
+        keep = np.array([path not in paths for path in self.paths], dtype=bool)
+        return dataclasses.replace(self, paths=[p for p, k in zip(self.paths, keep) if k], labels=self.labels[keep])
+
 
 def split_from_groups(groups, class_keys=None):
     """Builds a Split from {class key: image paths}.

@@ -1,10 +1,20 @@
-"""Image files to embeddings: finding them under a folder, embedding them, skipping bad ones.
+"""Image files to embeddings: the one way every caller embeds them, and finding them in a folder.
 
-Every image is embedded as evaluation embeds it (`pnpp_tf.data.pipeline`: the shorter side
-resized to S·288/256, the central S x S square), by a model or a `pnpp_tf.artifacts.Embedder`.
-A file that cannot be read or decoded, or is over the pixel budget, is skipped, with the reason why.
+    embedder = ImageEmbedder(model, image_size=227)     # or ImageEmbedder.of(model): the one it holds
+    found = embedder.embed_files(paths, on_bad_image="skip", verbose=1)
+    found.embeddings, found.paths, found.skipped        # float32 [n, D]; the n files; [(file, why)]
+
+Evaluation, training's Recall@K, the index, search, export parity and the tools all embed here
+(an `pnpp_tf.artifacts.Embedder` holds an `ImageEmbedder`: `Embedder.embed_files`). Every image is
+decoded and cropped by the evaluation pipeline (`pnpp_tf.data.pipeline.eval_dataset`: the pixel
+budget, then the shorter side resized to S·288/256 and the central S x S square), once: the pass
+leaves out a file it cannot read, decode or crop, and only those are decoded again, for their
+reason (`pnpp_tf.data.image_check`). One bad-image policy: "error" stops at the first and names
+them all in one line; "skip" leaves them out and reports them. The model runs in one `tf.function`
+per `ImageEmbedder`, traced once for any batch size.
 """
 
+import dataclasses
 import os
 import stat
 import time
@@ -15,9 +25,16 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf.data import image_check, image_header, pipeline
+from pnpp_tf.data import image_check, pipeline
 from pnpp_tf.data.folder import IMAGE_EXTENSIONS
 from pnpp_tf.errors import UserError
+
+# Why an image left out of the embedding pass has no problem when checked again just after.
+CHANGED_DURING_RUN = "failed while embedding but decodes now: did the file change during the run?"
+# Why an image was left out when the caller explains failures itself (`explain=False`).
+FAILED_WHILE_EMBEDDING = "failed while embedding (not checked again)"
+# Skipped images logged one by one; the others are counted (all are in the result).
+SHOWN_SKIPPED = 20
 
 
 def find_images(root):
@@ -73,195 +90,166 @@ def _is_special(path):
         return False
 
 
-def embed_paths(embedder, paths, batch_size=64, verbose=1, max_pixels=image_header.DEFAULT_MAX_PIXELS):
-    """Embeds image files, skipping those that cannot be decoded.
+@dataclasses.dataclass
+class EmbeddedFiles:
+    """What `ImageEmbedder.embed_files` made of a list of image files.
 
-    Images are decoded and cropped by the evaluation pipeline's functions. A file that fails to
-    read or decode, or whose header gives more than `max_pixels` pixels, is dropped from its
-    batch (the others are kept); its reason is then found by checking it again alone.
-
-    Args:
-        embedder: an `Embedder`.
-        paths: image file paths.
-        batch_size: images per inference batch.
-        verbose: 1 shows a progress bar.
-        max_pixels: the largest image decoded (`--max_pixels`).
-
-    Returns:
-        (float32 [n, D] unit embeddings, the n paths embedded, in the order given, and a list of
-        (path, reason) for the skipped files).
+    Attributes:
+        embeddings: float32 [n, D], one row per embedded file, in the order the files were given.
+        paths: the n files embedded.
+        skipped: [(path, reason)] of the files left out, in the order given.
+        too_large: the paths of `skipped` over the pixel budget (--max_pixels).
+        seconds: the whole pass: reading, decoding, embedding and checking the files left out.
+        model_seconds: the part of `seconds` spent in the model.
     """
-    paths = list(paths)
-    position = {path: i for i, path in enumerate(paths)}
-    size = embedder.image_size
-    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
-    dataset = dataset.map(
-        lambda path: (path, pipeline.resize_and_center_crop(pipeline.decode_image(path, max_pixels), size)),
-        num_parallel_calls=pipeline.PARALLEL_CALLS, deterministic=True,
-    )
-    dataset = dataset.ignore_errors(log_warning=False).batch(batch_size).prefetch(pipeline.PREFETCH_BATCHES)
-    dataset = dataset.with_options(pipeline.dataset_options())
-    progress = keras.utils.Progbar(len(paths), unit_name="image") if verbose else None
-    embeddings, kept = [], []
-    for batch_paths, images in dataset:
-        embeddings.append(embedder(images))
-        kept.extend(p.decode() for p in batch_paths.numpy())
-        if progress:
-            progress.update(position[kept[-1]] + 1)
-    if progress and len(paths) and (not kept or position[kept[-1]] + 1 < len(paths)):
-        progress.update(len(paths))
-    kept_set = set(kept)
-    skipped = [(path, image_check.decode_problem(path, max_pixels) or "unreadable while indexing")
-               for path in paths if path not in kept_set]
-    for path, reason in skipped[:20]:
-        logging.warning("Skipped unreadable image %s: %s", path, reason)
-    if len(skipped) > 20:
-        logging.warning("... and %d more unreadable images (all listed in the index)",
-                        len(skipped) - 20)
-    dim = embedder.embedding_dim or 0
-    matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
-    return matrix.astype(np.float32), kept, skipped
+
+    embeddings: np.ndarray
+    paths: list
+    skipped: list
+    too_large: list
+    seconds: float
+    model_seconds: float
 
 
-def embed_images(model, dataset, num_images, verbose=0):
-    """Runs `model` in inference mode over a dataset of image batches, on the default device.
+class ImageEmbedder:
+    """Embeds image files with one model, through one `tf.function` traced once for any batch size.
 
-    The model is traced once and the trace reused by every later call with the same model and
-    image shape (see `inference_function`), so the per-epoch evaluation during training does not
-    pay seconds of ResNet-50 tracing each time.
+    The trace is reused by every later call, so that training's per-epoch Recall@K does not pay
+    seconds of ResNet-50 tracing each time. Reusing it is safe across training: the weights are
+    variables, read when the function runs rather than baked in when it is traced, and inference
+    does not depend on what `compile` sets (optimisers, frozen backbone). Calls inside and outside
+    a strategy's scope get a trace each, as `tf.function` tells those contexts apart. A model whose
+    layers are replaced must be a new model object to be traced again.
 
     A plain loop rather than `model.predict`, so that every worker of a multi-worker strategy
-    embeds the whole split instead of its shard.
+    embeds all the files instead of its shard.
 
     Args:
-        model: maps an image batch to embeddings.
-        dataset: a `tf.data.Dataset` of image batches.
-        num_images: how many images the dataset holds (for the progress bar).
-        verbose: 1 shows a progress bar.
-
-    Returns:
-        A float32 numpy array [num_images, dim].
+        model: maps a float32 image batch [N, S, S, 3] in [0, 255] to embeddings [N, D] when called
+            as `model(images, training=False)` inside a `tf.function`: a `keras.Model`, a
+            `ProxyNCAModel` (unit rows), an `Embedder.inference`.
+        image_size: S, the side of the crops; or None, to be given to each `embed_files`.
+        weakly: hold `model` by a weak reference only (as `of` does, for the model holding this).
     """
-    return _embed_batches(model, dataset, num_images, verbose)[0]
+
+    def __init__(self, model, image_size=None, weakly=False):
+        model_ref = weakref.ref(model) if weakly else lambda: model
+        self.image_size = image_size
+        self._infer = tf.function(lambda images: model_ref()(images, training=False), reduce_retracing=True)
+
+    @classmethod
+    def of(cls, model):
+        """The `ImageEmbedder` that `model` holds (as its `image_embedder`), made on first use.
+
+        One trace per model however many callers embed with it: each epoch's Recall@K, another
+        `RetrievalEvaluator` of the same model. The model is held weakly, so that one no longer
+        used elsewhere is freed with its traced graphs. A model that can hold no attribute (or
+        no weak reference) gets a new `ImageEmbedder`, traced anew, each time.
+        """
+        if isinstance(model, cls):
+            return model
+        held = getattr(model, "image_embedder", None)
+        if isinstance(held, cls):
+            return held
+        try:
+            embedder = cls(model, weakly=True)
+            # Past Keras' attribute tracking: not a layer, a weight or a checkpoint dependency.
+            object.__setattr__(model, "image_embedder", embedder)
+        except (AttributeError, TypeError):
+            return cls(model)
+        return embedder
+
+    def __call__(self, images):
+        """float32 images [N, S, S, 3] in [0, 255] -> float32 numpy embeddings [N, D]."""
+        images = tf.convert_to_tensor(images, tf.float32)
+        self._trace(images.shape[1])
+        return np.asarray(self._infer(images), np.float32)
+
+    def _trace(self, image_size):
+        """The trace for S x S crops, made for any batch size: otherwise the last, smaller batch
+        of a list of files would trace a second time. A trace already made is reused."""
+        return self._infer.get_concrete_function(tf.TensorSpec([None, image_size, image_size, 3], tf.float32))
+
+    def embed_files(self, paths, batch_size=64, max_pixels=pipeline.DEFAULT_MAX_PIXELS, on_bad_image="error",
+                    name="the images", verbose=0, image_size=None, explain=True, on_batch=None):
+        """Embeds image files, decoding each once, and leaves out or stops at those that fail.
+
+        The pass leaves out, rather than stopping at, a file that cannot be read, decoded or
+        cropped, or whose header gives more than `max_pixels` pixels (`pipeline.eval_dataset` with
+        `skip_unreadable`). Only those are decoded again, by `image_check.check_images`, for the
+        reason they fail: a check of every image before embedding would decode each one twice.
+
+        Args:
+            paths: image files (or `pnpp_tf.data.cache.ImageCache` entries, all of them).
+            batch_size: images per inference batch.
+            max_pixels: the pixel budget (--max_pixels): a larger image is a bad one.
+            on_bad_image: "error": stop embedding at the first bad image and check only the
+                files after it, so that all of them are named for the price of decoding the rest,
+                without running the model; "skip": leave them out, logging each (the first
+                `SHOWN_SKIPPED`) with its reason.
+            name: what the files are, for the message, e.g. "test".
+            verbose: 1 shows a progress bar.
+            image_size: S, if not this embedder's.
+            explain: False: leave out the files that fail without checking them again (their
+                reason is `FAILED_WHILE_EMBEDDING`) nor logging them, for a caller that explains
+                them itself (training's `pnpp_tf.data.faults.ImageFaults`).
+            on_batch: optional `(paths, images, embeddings)` called with each batch of files
+                embedded, its crops and their embeddings (numpy), e.g. to embed the same crops
+                with other models (export parity).
+
+        Returns:
+            An `EmbeddedFiles`.
+
+        Raises:
+            UserError: with "error", one line naming the bad images and their reasons
+                (`image_check.bad_images_message`); an unknown `on_bad_image`.
+        """
+        image_check.check_on_bad_image(on_bad_image)
+        size = image_size or self.image_size
+        if not size:
+            raise ValueError("No image size: give the ImageEmbedder or embed_files one.")
+        start, paths = time.perf_counter(), list(paths)
+        dataset = pipeline.eval_dataset(paths, size, batch_size, max_pixels, skip_unreadable=True)
+        dim = self._trace(size).structured_outputs.shape[-1] or 0
+        progress = keras.utils.Progbar(len(paths), unit_name="image") if verbose and paths else None
+        batches, embedded, reached, model_seconds = [], [], len(paths), 0.0
+        for positions, images in dataset:
+            began = time.perf_counter()
+            batches.append(self._infer(images).numpy())
+            model_seconds += time.perf_counter() - began
+            positions = positions.numpy().tolist()
+            embedded.extend(positions)
+            if on_batch:
+                on_batch([paths[i] for i in positions], images.numpy(), batches[-1])
+            if progress:
+                progress.update(embedded[-1] + 1)
+            # Positions ascend, so fewer images than the last position + 1 means one was left out.
+            if on_bad_image == "error" and embedded[-1] + 1 > len(embedded):
+                reached = embedded[-1] + 1
+                break
+        if progress and (not embedded or embedded[-1] + 1 < reached):
+            progress.update(reached)
+        skipped, too_large = _left_out(paths, set(embedded), reached, max_pixels, explain)
+        if skipped and on_bad_image == "error":
+            raise UserError(image_check.bad_images_message(skipped, too_large, name))
+        if skipped and explain:
+            image_check.warn_skipped(skipped, too_large, shown=SHOWN_SKIPPED)
+        embeddings = np.concatenate(batches).astype(np.float32) if batches else np.zeros((0, dim), np.float32)
+        return EmbeddedFiles(embeddings, [paths[i] for i in embedded], skipped, too_large,
+                             time.perf_counter() - start, model_seconds)
 
 
-# Why an image left out of the embedding pass has no problem when checked again just after.
-CHANGED_DURING_RUN = "failed while embedding but decodes now: did the file change during the run?"
-
-
-def embed_decodable(model, paths, image_size, batch_size=64, max_pixels=pipeline.DEFAULT_MAX_PIXELS,
-                    verbose=0, stop_at_bad=False):
-    """Embeds the images of `paths` that decode, decoding each file once, and names the others.
-
-    The embedding pass leaves out, rather than stopping at, a file that cannot be read, decoded or
-    cropped, or whose header gives more than `max_pixels` pixels (`pipeline.eval_dataset` with
-    `skip_unreadable`). Only those few are decoded again, by `image_check.check_images`, for the
-    reason they fail: a check of every image before embedding would decode each one twice.
-
-    Args:
-        model: maps an image batch to embeddings.
-        paths: image file paths.
-        image_size: side of the model's input images.
-        batch_size: images per inference batch.
-        max_pixels: the pixel budget (--max_pixels): a larger image is a bad one.
-        verbose: 1 shows a progress bar.
-        stop_at_bad: stop embedding at the first bad image and only check the images after it,
-            for a caller that refuses a split with any bad image (--on_bad_image=error): it then
-            learns all of them for the price of decoding the rest, without running the model.
-
-    Returns:
-        (float32 embeddings [n, dim] of the good images, in the order of `paths`; an
-        `image_check.ImageCheck` of all of `paths`, whose `bad` are the images left out). With
-        `stop_at_bad` and a bad image, the embeddings are of the good images before it only.
+def _left_out(paths, embedded, reached, max_pixels, explain):
+    """([(path, reason)] of the files of `paths` that are bad, the paths of those over `max_pixels`):
+    those of the first `reached` left out of `embedded` positions, and those after that fail a check.
     """
-    start = time.perf_counter()
-    dataset = pipeline.eval_dataset(paths, image_size, batch_size, max_pixels, skip_unreadable=True)
-    embeddings, positions, reached = _embed_batches(model, dataset, len(paths), verbose, stop_at_bad)
-    embedded = set(positions.tolist())
     failed = [i for i in range(reached) if i not in embedded]
+    if not explain:
+        return [(paths[i], FAILED_WHILE_EMBEDDING) for i in failed], []
     to_check = failed + list(range(reached, len(paths)))
     check = image_check.check_images([paths[i] for i in to_check], max_pixels=max_pixels) if to_check else None
     reasons = dict(check.bad) if check else {}
     bad = [(paths[i], reasons.get(paths[i], CHANGED_DURING_RUN)) for i in to_check
            if i < reached or paths[i] in reasons]
     too_large = set(check.too_large) if check else set()
-    return embeddings, image_check.ImageCheck(len(paths), bad, time.perf_counter() - start,
-                                              [path for path, _ in bad if path in too_large])
-
-
-def _embed_batches(model, dataset, num_images, verbose=0, stop_at_gap=False):
-    """The loop of `embed_images`, also over batches of (positions, images).
-
-    Args:
-        model: maps an image batch to embeddings.
-        dataset: a `tf.data.Dataset` of image batches, or of (positions [B], images) batches in
-            ascending positions, some of which may be missing.
-        num_images: how many images the dataset holds at most (for the progress bar).
-        verbose: 1 shows a progress bar.
-        stop_at_gap: stop after the first batch that shows a position left out.
-
-    Returns:
-        (float32 embeddings [n, dim], or [0, 0] when none; int64 positions [n] of the images
-        embedded, or None for a dataset of images only; how many leading positions the pass has
-        been through: `num_images` unless it stopped).
-    """
-    infer = inference_function(model)
-    spec = getattr(dataset, "element_spec", None)
-    with_positions = isinstance(spec, tuple)
-    image_spec = spec[1] if with_positions else spec
-    if isinstance(image_spec, tf.TensorSpec) and image_spec.shape.rank:
-        # Traced for any batch size up front: otherwise the last, smaller batch of a split
-        # would trace a second time. A trace already made for this shape is reused.
-        infer.get_concrete_function(tf.TensorSpec([None, *image_spec.shape[1:]], image_spec.dtype))
-    progress = keras.utils.Progbar(num_images, unit_name="image") if verbose else None
-    batches, positions, reached, embedded = [], [], num_images, 0
-    for element in dataset:
-        images = element[1] if with_positions else element
-        batches.append(infer(images).numpy())
-        embedded += len(batches[-1])
-        if progress:
-            progress.add(len(batches[-1]))
-        if with_positions:
-            positions.append(element[0].numpy())
-            # Positions ascend, so fewer images than the last position + 1 means one was left out.
-            last = int(positions[-1][-1]) + 1
-            if stop_at_gap and last > embedded:
-                reached = last
-                break
-    embeddings = np.concatenate(batches).astype(np.float32) if batches else np.zeros((0, 0), np.float32)
-    if not with_positions:
-        return embeddings, None, reached
-    return embeddings, np.concatenate(positions) if positions else np.zeros(0, np.int64), reached
-
-
-# One inference function per live model. Weakly keyed, and the functions hold the model only
-# weakly, so that a model no longer used elsewhere (and its traced graphs) can be freed.
-_INFERENCE_FUNCTIONS = weakref.WeakKeyDictionary()
-
-
-def inference_function(model):
-    """The `tf.function` computing `model(images, training=False)`, shared by all calls.
-
-    Reusing a trace is safe across training: the weights are variables, read when the function
-    runs rather than baked in when it is traced, and inference does not depend on what
-    `compile` sets (optimisers, frozen backbone). Calls inside and outside a strategy's scope
-    get a trace each, as `tf.function` tells those contexts apart. A model whose layers are
-    replaced must be a new model object to be traced again.
-
-    Args:
-        model: maps an image batch to embeddings, e.g. a `keras.Model`.
-
-    Returns:
-        A `tf.function` of an image batch; the same object for the same `model` while it lives.
-    """
-    try:
-        return _INFERENCE_FUNCTIONS[model]
-    except KeyError:
-        pass
-    except TypeError:
-        # Not weakly referenceable or not hashable, so no weak key: traced per call, as before.
-        return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-    model_ref = weakref.ref(model)
-    infer = tf.function(lambda images: model_ref()(images, training=False), reduce_retracing=True)
-    _INFERENCE_FUNCTIONS[model] = infer
-    return infer
+    return bad, [path for path, _ in bad if path in too_large]

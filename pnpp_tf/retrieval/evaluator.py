@@ -1,14 +1,11 @@
 """Embeds an evaluation split with a model and scores it: the bridge from models to metrics."""
 
-import dataclasses
-
 import numpy as np
-import tensorflow as tf
 
 from pnpp_tf.data import pipeline
 from pnpp_tf.errors import UserError
 from pnpp_tf.retrieval import neighbours
-from pnpp_tf.retrieval.embed import embed_images
+from pnpp_tf.retrieval.embed import ImageEmbedder
 from pnpp_tf.retrieval.metrics import nmi, retrieval_metrics
 
 
@@ -24,12 +21,12 @@ class RetrievalEvaluator:
         ks: the K of Recall@K.
         gallery: optional `Split` to search in.
         batch_size: images per inference batch.
-        max_pixels: an image file over this many pixels stops the evaluation undecoded
-            (`pipeline.eval_dataset`); the start-up check should have left it out.
+        max_pixels: an image file over this many pixels is a bad image, left undecoded
+            (`ImageEmbedder.embed_files`); the start-up check should have left it out.
         distance: the default of `measure`: "cosine" or "euclidean" (`DISTANCES`).
         faults: a `pnpp_tf.data.faults.ImageFaults` knowing the splits' images: an image that
             stops reading between two measurements is named, and left out from then on if it
-            says "skip". None: the pipeline's error propagates.
+            says "skip". None: a bad image stops the evaluation with a `UserError` naming it.
     """
 
     def __init__(self, query, image_size, ks, gallery=None, batch_size=64,
@@ -43,33 +40,38 @@ class RetrievalEvaluator:
     def _use(self, query, gallery):
         check_ks(self.ks, len(query), len(gallery) if gallery else None)
         self.query, self.gallery = query, gallery
-        self._query_images = pipeline.eval_dataset(query.paths, self.image_size, self.batch_size, self.max_pixels)
-        self._gallery_images = (pipeline.eval_dataset(gallery.paths, self.image_size, self.batch_size,
-                                                      self.max_pixels) if gallery else None)
 
     def embed(self, model, verbose=0):
         """The model's embeddings of the queries and (or None) of the gallery (L2-normalised if the
         model normalises, as `ProxyNCAModel` does; the metrics normalise in any case).
 
-        Raises:
-            UserError: an image stopped reading and `faults` says "error".
-        """
-        while True:
-            try:
-                return self._embed(model, verbose)
-            except tf.errors.OpError as error:
-                if self.faults is None:
-                    raise
-                splits = [split for split in (self.query, self.gallery) if split]
-                bad = set(self.faults.bad_images(error, [p for split in splits for p in split.paths],
-                                                 "evaluation; the last checkpoint is intact"))
-                self._use(*(_without(split, bad) if split else None for split in (self.query, self.gallery)))
+        The model is traced once, by the `ImageEmbedder` it holds (`ImageEmbedder.of`), for every
+        measurement. With `faults`, the images an embedding pass leaves out are handed to it: named
+        and stopped on, or left out from then on and the splits embedded again.
 
-    def _embed(self, model, verbose):
-        queries = embed_images(model, self._query_images, len(self.query), verbose)
-        if self._gallery_images is None:
-            return queries, None
-        return queries, embed_images(model, self._gallery_images, len(self.gallery), verbose)
+        Raises:
+            UserError: a bad image, without `faults`; an image stopped reading and `faults` says
+                "error" (or no image explains why one was left out).
+        """
+        embedder = ImageEmbedder.of(model)
+        while True:
+            splits = [split for split in (self.query, self.gallery) if split]
+            found = [self._embed(embedder, split, name, verbose) for split, name in zip(splits, ("query", "gallery"))]
+            failed = [path for result in found for path, _ in result.skipped]
+            if not failed:
+                return found[0].embeddings, found[1].embeddings if self.gallery else None
+            left_out = UserError(f"{len(failed)} evaluation image(s) failed while embedding but read well when "
+                                 f"checked again, e.g. {failed[0]}: did they change during the run?")
+            bad = set(self.faults.bad_images(left_out, [p for split in splits for p in split.paths],
+                                             "evaluation; the last checkpoint is intact", failed=failed))
+            self._use(*(split.without(bad) if split else None for split in (self.query, self.gallery)))
+
+    def _embed(self, embedder, split, name, verbose):
+        """`embedder.embed_files` of `split`: stopping at a bad image, or with `faults` leaving out
+        (unexplained) those that fail, for `faults` to explain."""
+        return embedder.embed_files(split.paths, self.batch_size, self.max_pixels, image_size=self.image_size,
+                                    on_bad_image="error" if self.faults is None else "skip", name=f"the {name} images",
+                                    verbose=verbose, explain=self.faults is None)
 
     def measure(self, model, with_nmi=False, verbose=0, distance=None):
         """Retrieval metrics of `model` (Recall@K, MAP@R, R-Precision, optionally NMI).
@@ -100,12 +102,6 @@ class RetrievalEvaluator:
             )
             metrics["nmi"] = nmi(all_embeddings, all_labels, distance=distance)
         return metrics
-
-
-def _without(split, paths):
-    """`split` without the images of `paths`."""
-    keep = np.array([path not in paths for path in split.paths], dtype=bool)
-    return dataclasses.replace(split, paths=[p for p, k in zip(split.paths, keep) if k], labels=split.labels[keep])
 
 
 def check_ks(ks, num_queries, num_gallery=None):

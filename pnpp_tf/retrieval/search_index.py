@@ -1,14 +1,14 @@
 """A search index: the embeddings of a collection of images, built, saved, loaded and searched.
 
     from pnpp_tf.artifacts import load_embedder
-    from pnpp_tf.retrieval.embed import embed_paths, find_images
+    from pnpp_tf.retrieval.embed import find_images
     from pnpp_tf.retrieval.search_index import SearchIndex, build_index
 
     embedder = load_embedder("runs/demo")     # a model_dir, or an exported SavedModel
     index = build_index(embedder, find_images("photos/"), "photos/")   # skips unreadable files
     index.save("photos.npz")
     index = SearchIndex.load("photos.npz")
-    query, _, _ = embed_paths(embedder, ["query.jpg"])
+    query = embedder.embed_files(["query.jpg"]).embeddings
     distances, neighbours, backend = index.search(query, k=10)
 
 Embeddings are L2-normalised, so cosine similarity is their dot product; distances are reported
@@ -29,7 +29,6 @@ from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import replacing
 from pnpp_tf.retrieval import neighbours
-from pnpp_tf.retrieval.embed import embed_paths
 
 INDEX_FORMAT_VERSION = 1
 # Above this many indexed images "auto" searches with faiss IndexFlatIP, when it is installed.
@@ -120,14 +119,15 @@ class SearchIndex:
 
 
 def build_index(embedder, paths, images_root=None, batch_size=64, verbose=1, max_pixels=DEFAULT_MAX_PIXELS):
-    """Embeds `paths` (skipping unreadable files and those over `max_pixels`) into a `SearchIndex`.
+    """Embeds `paths` with an `Embedder` (`Embedder.embed_files`, skipping unreadable files and
+    those over `max_pixels`) into a `SearchIndex`.
 
     Raises:
         UserError: if no image could be read.
     """
-    start = time.perf_counter()
-    embeddings, kept, skipped = embed_paths(embedder, paths, batch_size, verbose, max_pixels)
-    embed_seconds = time.perf_counter() - start
+    found = embedder.embed_files(paths, batch_size=batch_size, max_pixels=max_pixels, on_bad_image="skip",
+                                 verbose=verbose)
+    embeddings, kept, skipped, embed_seconds = found.embeddings, found.paths, found.skipped, found.seconds
     if not kept:
         raise UserError(f"None of the {len(paths)} images could be read, e.g. "
                          f"{skipped[0][0]} ({skipped[0][1]}).")

@@ -2,7 +2,7 @@
 
 Each exported form (SavedModel signatures, TFLite variants) is wrapped in a variant with an
 `embed(images, encoded)` method, embeds the held-out images, and is compared with the first
-variant (the Keras embedder).
+variant (the Keras embedder), whose `Embedder.embed_files` reads and decodes the files once for all.
 """
 
 import json
@@ -16,7 +16,6 @@ from absl import logging
 from pnpp_tf.retrieval.metrics import retrieval_metrics
 from pnpp_tf.retrieval import neighbours
 from pnpp_tf.serving import signatures
-from pnpp_tf.data import pipeline
 from pnpp_tf.io_utils import write_atomic
 
 # The least mean cosine similarity to the Keras embedder each variant must reach; None: reported.
@@ -29,9 +28,11 @@ MIN_MEAN_COSINE = {
 def measure_parity(variants, held_out, image_size, batch_size=64, latency_images=50):
     """Embeds the held-out images with every variant and compares each with the first (Keras).
 
-    Images go through the evaluation pipeline; a variant taking file bytes gets the files. Each
-    file is read and decoded once, and its batch given to every variant in turn: memory holds one
-    batch of images and every variant's embeddings (N x D floats each, small beside the images).
+    The Keras variant embeds the files (`Embedder.embed_files`, its images decoded and cropped by
+    the evaluation pipeline; a bad image stops it, named); each of its batches is then given to
+    every other variant in turn (a variant taking file bytes gets the files). Each file is read
+    and decoded once: memory holds one batch of images and every variant's embeddings (N x D
+    floats each, small beside the images).
 
     Returns:
         A dict with "variants": per variant its name, path, size_bytes, max_abs_diff,
@@ -72,22 +73,28 @@ def measure_parity(variants, held_out, image_size, batch_size=64, latency_images
 def _embed_held_out(variants, held_out, image_size, batch_size, latency_images):
     """([{part: embeddings}] per variant, the first `latency_images` (crop, file bytes) pairs of
     the first part, {variant name: seconds its embedding calls took}), from one pass over the
-    files."""
-    embedded = [{part: [] for part in held_out} for _ in variants]
+    files: the Keras variant's `embed_files`, whose every batch the other variants embed too."""
+    reference, others = variants[0], variants[1:]
+    embedded = [{} for _ in variants]
     samples, seconds = [], {variant.name: 0.0 for variant in variants}
     for part, split in held_out.items():
-        batches = pipeline.eval_dataset(split.paths, image_size, batch_size).as_numpy_iterator()
-        for start, images in zip(range(0, len(split), batch_size), batches):
-            encoded = [_read(path) for path in split.paths[start:start + batch_size]]
-            for variant, embeddings in zip(variants, embedded):
+        batches = [[] for _ in others]
+
+        def embed_batch(paths, images, _, part=part, batches=batches):
+            encoded = [_read(path) for path in paths]
+            for variant, embeddings in zip(others, batches):
                 began = time.perf_counter()
-                embeddings[part].append(variant.embed(images, encoded))
+                embeddings.append(variant.embed(images, encoded))
                 seconds[variant.name] += time.perf_counter() - began
             if part == next(iter(held_out)) and len(samples) < latency_images:
-                samples += list(zip(images, encoded))[:latency_images - len(samples)]
-    for embeddings in embedded:
-        for part, batches in embeddings.items():
-            embeddings[part] = np.concatenate(batches)
+                samples.extend(list(zip(images, encoded))[:latency_images - len(samples)])
+
+        found = reference.embedder.embed_files(split.paths, batch_size=batch_size, image_size=image_size,
+                                               name=f"the held-out {part} images", on_batch=embed_batch)
+        embedded[0][part] = found.embeddings
+        seconds[reference.name] += found.model_seconds
+        for embeddings, parts in zip(batches, embedded[1:]):
+            parts[part] = np.concatenate(embeddings)
     return embedded, samples, seconds
 
 
@@ -140,13 +147,14 @@ def markdown_report(report):
 class KerasVariant:
     name = "keras"
 
-    def __init__(self, inference, path):
-        """`inference`: the Keras embedder's `Embedder.inference`, which evaluate and index embed with."""
+    def __init__(self, embedder, path):
+        """`embedder`: the Keras embedder's `pnpp_tf.artifacts.Embedder`, which evaluate and index
+        embed with (its one trace)."""
         self.path, self.size_bytes = path, os.path.getsize(path)
-        self._fn = inference
+        self.embedder = embedder
 
     def embed(self, images, encoded):
-        return np.asarray(self._fn(tf.constant(images)))
+        return self.embedder(images)
 
 
 class SavedModelVariant:
