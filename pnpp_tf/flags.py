@@ -19,7 +19,8 @@ import sys
 
 from absl import app, flags, logging
 
-from pnpp_tf import cpu_kernels
+import pnpp_tf
+from pnpp_tf import cpu_kernels, tf_log
 from pnpp_tf.config import base_type
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import OutOfSpaceError
@@ -90,7 +91,9 @@ def run(main, config_class, program):
     """Runs `main(config)` as a program: flags parsed into a `config_class`, user errors on one line.
 
     A bad flag, a `UserError` or an `OutOfSpaceError` prints `<program>: error: <message>` and
-    exits with status 2; any other exception propagates with its traceback.
+    exits with status 2; any other exception propagates with its traceback. The program's first
+    lines name it, the versions, what of TensorFlow's log is shown (`pnpp_tf.tf_log`) and the CPU
+    kernels.
 
     Args:
         main: `config -> exit status` (None: 0).
@@ -98,6 +101,7 @@ def run(main, config_class, program):
         program: the entry point's name, e.g. "pnpp_tf.train".
     """
     define_flags(config_class, module_name=sys.argv[0])
+    tf_log.quiet_python_info()
 
     def parse_flags(argv):
         try:
@@ -108,6 +112,7 @@ def run(main, config_class, program):
     def run_main(argv):
         if len(argv) > 1:
             _fail(program, f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+        logging.info("%s: pnpp_tf %s, %s. %s", program, pnpp_tf.__version__, _versions(), tf_log.describe())
         logging.info("%s", cpu_kernels.describe())
         try:
             return main(config_from_flags(config_class))
@@ -115,6 +120,13 @@ def run(main, config_class, program):
             _fail(program, str(error))
 
     app.run(run_main, flags_parser=parse_flags)
+
+
+def _versions():
+    """The versions of TensorFlow and Keras as loaded, e.g. "TensorFlow 2.21.0, Keras 3.15.1"."""
+    modules = (("TensorFlow", "tensorflow"), ("Keras", "keras"))
+    return ", ".join(f"{name} {getattr(sys.modules[module], '__version__', '?')}"
+                     for name, module in modules if module in sys.modules)
 
 
 def _fail(program, message):

@@ -9,6 +9,7 @@ and, with --mode=train, schedule.json (the LR drops and best epoch that --mode=t
 --lr_schedule_from=<that model_dir> replays).
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -16,6 +17,12 @@ import sys
 import keras
 import tensorflow as tf
 from absl import logging
+# Private: TensorFlow exports `enable_op_determinism` and `enable_check_numerics` alone, not how to
+# ask whether they are on (nor, for determinism, how to turn it off), which `train()` needs to
+# leave the process as it found it. Read on TensorFlow 2.21 (setup.py bounds it below 2.22);
+# tests/test_process_state.py fails naming them if a release moves or changes them.
+from tensorflow.python.debug.lib import check_numerics_callback as _tf_check_numerics
+from tensorflow.python.framework import config as _tf_framework_config
 
 from pnpp_tf import flags, plots, run_lock
 from pnpp_tf.training import distribute
@@ -36,6 +43,16 @@ from pnpp_tf.training.trainer import SCHEDULE_FILE, NumericalFault, Schedule, Tr
 
 def train(config):
     """Runs the whole recipe: warm-up, training, evaluation; returns the results dict.
+
+    What the run sets for the whole process is set back when it returns or raises: Keras' global
+    dtype policy (`config.mixed_precision`; "none" trains in float32 whatever the caller's policy
+    is), TensorFlow's op determinism (`config.deterministic`) and its NaN/Inf check
+    (`config.debug_numerics`, for the calling thread); a setting the caller had already turned on
+    stays on. Two things stay as the run leaves them, because they are global by nature: the
+    random seeds (`keras.utils.set_random_seed(config.seed)` seeds Python's `random`, NumPy's
+    global generator and TensorFlow's; there is no state to give back that would not replay the
+    same numbers again), and a `config.strategy` of multi_worker or tpu, which connects the
+    process to its cluster for good.
 
     Args:
         config: a `pnpp_tf.config.TrainConfig`.
@@ -88,20 +105,20 @@ def _train_model_locked(config, strategy):
     os.makedirs(config.model_dir, exist_ok=True)
     if distribute.is_chief(strategy):
         fingerprint.save(config.model_dir)
-    _configure_determinism_and_numerics(config)
-    distribute.check_batch_fits(strategy, config.batch_size, config.classes_per_batch, config.sampler)
-    trainer = Trainer(config, strategy, data, schedule, checkpoint)
-    if finished is not None:
-        logging.info("%s/results.json: this run is finished; not training again.", config.model_dir)
-        return trainer.model, finished
+    with _process_settings(config):
+        distribute.check_batch_fits(strategy, config.batch_size, config.classes_per_batch, config.sampler)
+        trainer = Trainer(config, strategy, data, schedule, checkpoint)
+        if finished is not None:
+            logging.info("%s/results.json: this run is finished; not training again.", config.model_dir)
+            return trainer.model, finished
 
-    results = trainer.fit()
-    if distribute.is_chief(strategy):
-        run = ModelDir(config.model_dir)
-        save_keras_atomic(trainer.model.embedder, run.embedder_path)
-        write_json(run.results_path, results)
-        _draw_curves(run, results)
-    return trainer.model, results
+        results = trainer.fit()
+        if distribute.is_chief(strategy):
+            run = ModelDir(config.model_dir)
+            save_keras_atomic(trainer.model.embedder, run.embedder_path)
+            write_json(run.results_path, results)
+            _draw_curves(run, results)
+        return trainer.model, results
 
 
 def _draw_curves(run, results):
@@ -112,14 +129,42 @@ def _draw_curves(run, results):
         logging.warning("Could not draw curves.png: %s", error)
 
 
-def _configure_determinism_and_numerics(config):
-    keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    if config.debug_numerics:
-        tf.debugging.enable_check_numerics()
-    if config.mixed_precision != "none":
-        keras.mixed_precision.set_global_policy(config.mixed_precision)
+@contextlib.contextmanager
+def _process_settings(config):
+    """Seeds the run and sets its dtype policy, op determinism and NaN check; all but the seeds
+    are set back on exit (see `train`)."""
+    policy = keras.mixed_precision.global_policy()
+    # Only what this call turns on is turned off: the caller's own settings are theirs.
+    turn_off_determinism = config.deterministic and not op_determinism_enabled()
+    turn_off_numerics = config.debug_numerics and not check_numerics_enabled()
+    try:
+        keras.utils.set_random_seed(config.seed)
+        if config.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        if config.debug_numerics:
+            tf.debugging.enable_check_numerics()
+        # Explicitly float32 for "none": a policy the caller (or an earlier run) set would
+        # otherwise build this run's model in it, with no loss scaling and a wrong results.json.
+        keras.mixed_precision.set_global_policy("float32" if config.mixed_precision == "none"
+                                                else config.mixed_precision)
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+        if turn_off_determinism:
+            _tf_framework_config.disable_op_determinism()
+        if turn_off_numerics:
+            tf.debugging.disable_check_numerics()
+
+
+def op_determinism_enabled():
+    """Whether TensorFlow's op determinism is on (process-wide)."""
+    return _tf_framework_config.is_op_determinism_enabled()
+
+
+def check_numerics_enabled():
+    """Whether `tf.debugging.enable_check_numerics` is in effect on this thread."""
+    # Where enable_check_numerics keeps its callback, per thread, and what its disable looks for.
+    return hasattr(_tf_check_numerics._state, "check_numerics_callback")  # pylint: disable=protected-access
 
 
 def _finished_results(config, finished_epochs, total_epochs):

@@ -226,10 +226,9 @@ def _peak_rss_bytes():
 
 
 def _run_worker(name, backend):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__), f"--worker={name}:{backend}"],
-        capture_output=True, text=True, env=env, check=False)
+        capture_output=True, text=True, check=False)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
         return {"error": f"failed: {tail[0]}"}

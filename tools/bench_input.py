@@ -204,7 +204,6 @@ def run_worker(args, pipelines):
     cores = usable_cores()[:args.worker_cores]
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)  # before TensorFlow starts any thread
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
     import tensorflow as tf
 

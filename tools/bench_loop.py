@@ -97,8 +97,7 @@ def measure_run(args, data_dir, model_dir):
     overrides += [f"--{name}={getattr(args, name)}" for name in ("batch_size", "classes_per_batch")
                   if getattr(args, name)]
     command = [sys.executable, "-m", "pnpp_tf.train", f"--flagfile={args.flagfile}", *overrides]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-               TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     print("running " + " ".join(command[1:]), file=sys.stderr, flush=True)
     start = time.perf_counter()
     result = subprocess.run(command, env=env, check=False)

@@ -120,7 +120,6 @@ def _check(parser, args):
 
 def measure(args, jit_compile):
     """Builds, compiles and times the train step in this process; returns the row (a dict)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import numpy as np
     import tensorflow as tf

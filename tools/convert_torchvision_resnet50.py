@@ -19,7 +19,6 @@ import sys
 
 # Runnable as a plain script from a checkout: make `pnpp_tf` importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 

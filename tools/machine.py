@@ -22,7 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 # Before any tool imports Keras or TensorFlow: pnpp_tf chooses the CPU kernels (oneDNN on x86) as
-# they load, so that a tool measures what pnpp_tf's programs run.
+# they load, so that a tool measures what pnpp_tf's programs run, and quiets TensorFlow's start-up
+# log as the programs' (pnpp_tf/tf_log.py; the tools' workers inherit its TF_CPP_MIN_LOG_LEVEL).
 import pnpp_tf  # noqa: E402,F401 pylint: disable=unused-import,wrong-import-position
 
 WORKER_OUTPUT = "--worker_output"
@@ -194,7 +195,7 @@ def run_measurement(script, args, forwarded, extra, what):
         output = os.path.join(folder, "result.json")
         command = [sys.executable, os.path.abspath(script), *(f"--{name}={getattr(args, name)}" for name in forwarded),
                    *extra, f"{WORKER_OUTPUT}={output}"]
-        result = subprocess.run(command, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), check=False)
+        result = subprocess.run(command, check=False)
         if result.returncode != 0 or not os.path.isfile(output):
             raise SystemExit(f"The {what} measurement failed (exit status {result.returncode}).")
         with open(output, encoding="utf-8") as file:

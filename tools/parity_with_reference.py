@@ -22,14 +22,11 @@ amplifies a 1e-7 difference to 1e-2 within three steps, PyTorch against itself i
 """
 
 import argparse
-import os
 import sys
 
 from machine import describe_machine, machine_info, write_results  # also makes pnpp_tf importable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 RECIPE = {"lr": 4e-3, "proxy_lr": 4e2, "clip_value": 10.0, "temperature": 1.0 / 9.0}
 

@@ -16,7 +16,6 @@ import sys
 
 # Runnable as a plain script from a checkout: make `pnpp_tf` importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pnpp_tf import plots  # noqa: E402
 from pnpp_tf.artifacts.model_dir import ModelDir  # noqa: E402
