@@ -28,8 +28,7 @@ import tensorflow as tf
 from absl import logging
 
 from pnpp_tf import flags
-from pnpp_tf.serving import parity
-from pnpp_tf.serving import signatures
+from pnpp_tf.serving import parity, signatures
 from pnpp_tf.artifacts import ExportDir, ModelDir, load_model_dir_embedder
 from pnpp_tf.artifacts.export_dir import FORMATS, LOCK_FILE, TFLITE_VARIANTS
 from pnpp_tf.config import ExportConfig

@@ -10,8 +10,7 @@ import pathlib
 import pytest
 from absl import flags
 
-from pnpp_tf import config as config_module
-from pnpp_tf import flags as pnpp_flags
+from pnpp_tf import config as config_module, flags as pnpp_flags
 from pnpp_tf.config import (CheckDataConfig, EvaluateConfig, ExportConfig, IndexConfig, SearchConfig,
                             TrainConfig)
 from pnpp_tf.errors import UserError

@@ -22,8 +22,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from cli_helpers import REPO, run_python
 from conftest import make_folder_dataset
 from pnpp_tf import artifacts, export, flags, index, io_utils
-from pnpp_tf.serving import parity
-from pnpp_tf.serving import signatures
+from pnpp_tf.serving import parity, signatures
 from pnpp_tf.artifacts import ExportDir, MissingArtifactError
 from pnpp_tf.config import ExportConfig
 from pnpp_tf.modeling.model import build_embedder

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import rows_to_normalise
-from pnpp_tf.retrieval.metrics import BACKENDS as METRICS_BACKENDS
-from pnpp_tf.retrieval.metrics import retrieval_metrics
+from pnpp_tf.retrieval.metrics import BACKENDS as METRICS_BACKENDS, retrieval_metrics
 from pnpp_tf.retrieval import neighbours
 from pnpp_tf.errors import UserError
 from pnpp_tf.retrieval import search_index

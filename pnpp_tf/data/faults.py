@@ -18,8 +18,7 @@ decodes is not the user's problem: it is rebuilt and the pipeline can simply sta
 import numpy as np
 from absl import logging
 
-from pnpp_tf.data import cache as image_cache
-from pnpp_tf.data import image_check
+from pnpp_tf.data import cache as image_cache, image_check
 from pnpp_tf.errors import UserError
 
 SHOWN = 3

@@ -14,8 +14,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf.training import callbacks
-from pnpp_tf.training import distribute
+from pnpp_tf.training import callbacks, distribute
 from pnpp_tf.data import protocol
 from pnpp_tf.data.faults import stand_ins
 from pnpp_tf.errors import UserError

@@ -8,8 +8,7 @@ import pytest
 import tensorflow as tf
 from conftest import write_image
 
-from pnpp_tf.data import cache as cache_module
-from pnpp_tf.data import pipeline
+from pnpp_tf.data import cache as cache_module, pipeline
 from pnpp_tf.data.cache import DAMAGED_ENTRY, ImageCache, damaged_entry_of
 
 SIDE = 16
