@@ -38,7 +38,8 @@ from pnpp_tf.data.split import class_halves
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import check_writable_dir, read_json_object, save_keras_atomic, write_json
 from pnpp_tf.retrieval.evaluator import RetrievalEvaluator
-from pnpp_tf.training.trainer import SCHEDULE_FILE, NumericalFault, Schedule, Trainer, TrainingData
+from pnpp_tf.training.callbacks import SCHEDULE_FILE
+from pnpp_tf.training.trainer import NumericalFault, Schedule, Trainer, TrainingData
 
 
 def train(config):

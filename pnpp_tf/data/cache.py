@@ -4,8 +4,8 @@
     split = cache.cached_split(split)          # same images and labels, paths into the cache
 
 An entry holds one image's pixels, downsized so that its shorter side is at most `short_side`
-(never enlarged), as uint8 behind a header (`pipeline.CACHE_ENTRY_MAGIC` gives the layout) that
-`pipeline.read_cached_image` checks before reading the pixels, without decoding. The input
+(never enlarged), as uint8 behind a header (`cache_entry.CACHE_ENTRY_MAGIC` gives the layout) that
+`cache_entry.read_cached_image` checks before reading the pixels, without decoding. The input
 pipelines take cached paths like any others, so training and evaluation run unchanged on them.
 
 An entry carries fingerprints of its header and pixels and the key it was written for: one that
@@ -33,7 +33,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from pnpp_tf.data import image_check, image_header, pipeline
+from pnpp_tf.data import cache_entry, image_check, image_header, pipeline
 from pnpp_tf.data.split import Split
 from pnpp_tf.io_utils import write_atomic
 from pnpp_tf.errors import UserError
@@ -42,11 +42,11 @@ from pnpp_tf.errors import UserError
 # its center crop (RECIPE), so cached evaluation differs from uncached only by rounding to uint8.
 DEFAULT_SIDE_RATIO = pipeline.EVAL_RESIZE_RATIO
 # Part of every entry's key: change it when `_encode` or the layout changes, so old entries are not
-# reused; `pipeline.CACHE_ENTRY_MAGIC` ends with it, so one found under a new name is refused too.
+# reused; `cache_entry.CACHE_ENTRY_MAGIC` ends with it, so one found under a new name is refused too.
 _ENTRY_FORMAT = 2
 # The start of the line in the message of a pipeline's error about a damaged entry.
-DAMAGED_ENTRY = pipeline.DAMAGED_ENTRY
-_DAMAGED_ENTRY_PATH = re.compile(re.escape(DAMAGED_ENTRY) + " (.+?" + re.escape(pipeline.CACHED_IMAGE_SUFFIX) + "): ")
+DAMAGED_ENTRY = cache_entry.DAMAGED_ENTRY
+_DAMAGED_ENTRY_PATH = re.compile(re.escape(DAMAGED_ENTRY) + " (.+?" + re.escape(cache_entry.CACHED_IMAGE_SUFFIX) + "): ")
 # Entries known to be on disk, per cache directory, shared by every `ImageCache` of that directory
 # in this process (training's and evaluation's share --cache_dir): when one of them finds the
 # directory gone, the others forget their entries too.
@@ -167,7 +167,7 @@ class ImageCache:
         return unreadable + failed
 
     def entry_problem(self, entry):
-        """What `pipeline.read_cached_image` would find wrong with an entry, checked the same way.
+        """What `cache_entry.read_cached_image` would find wrong with an entry, checked the same way.
 
         Args:
             entry: an entry's path (from `entry_path`, `cached_paths` or `damaged_entry_of`).
@@ -184,7 +184,7 @@ class ImageCache:
             return "missing"
         except tf.errors.OpError as error:
             return f"unreadable ({error.message})"
-        return pipeline.cache_entry_problem(contents, entry)
+        return cache_entry.cache_entry_problem(contents, entry)
 
     def forget(self):
         """Forgets which entries exist (for every `ImageCache` of this directory in this process), so
@@ -238,7 +238,7 @@ class ImageCache:
         digest = hashlib.sha1(key).hexdigest()
         # Two-level fan-out keeps directories small for datasets of 100k+ images (SOP). The reader
         # checks the entry against this name: `ab/cdef...` is the digest written in the entry.
-        return os.path.join(self.directory, digest[:2], digest[2:] + pipeline.CACHED_IMAGE_SUFFIX)
+        return os.path.join(self.directory, digest[:2], digest[2:] + cache_entry.CACHED_IMAGE_SUFFIX)
 
     def _build(self, paths, entries, progress, max_pixels):
         """Writes the entry of every image that decodes; returns the paths of those that do not."""
@@ -255,7 +255,7 @@ class ImageCache:
             # The digest is the entry's name (`entry_path`), which the reader checks it against.
             digest = os.path.basename(os.path.dirname(entry)) + os.path.basename(entry).split(".")[0]
             try:
-                write_atomic(entry, pipeline.cache_entry(pixels, digest, _absolute(paths[index])))
+                write_atomic(entry, cache_entry.cache_entry(pixels, digest, _absolute(paths[index])))
             except OSError as error:
                 raise UserError(f"--cache_dir={self.directory}: cannot write {entries[index]} ({error}); "
                                  "free some space or choose another --cache_dir.") from error

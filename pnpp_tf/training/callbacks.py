@@ -9,6 +9,9 @@ from absl import logging
 
 from pnpp_tf.io_utils import write_json
 
+# Where `PlateauSchedule` writes stage 1's schedule in its run directory (--lr_schedule_from reads it).
+SCHEDULE_FILE = "schedule.json"
+
 
 class RecallAtK(keras.callbacks.Callback):
     """Embeds the evaluation split every `every_n_epochs` epochs and logs Recall@K.
