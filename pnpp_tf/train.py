@@ -209,6 +209,9 @@ def _check_data_unchanged(config, record, fingerprint):
     --accept_data_change. Images the run itself skipped mid-run are known changes.
     """
     recorded = record.get("data")
+    if not recorded and record:
+        logging.warning("--model_dir=%s was checkpointed before runs recorded their data: resuming without "
+                        "checking that --data_dir is unchanged.", config.model_dir)
     if not recorded or recorded.get("digest") == fingerprint.digest:
         return  # a fresh start, a checkpoint from before fingerprints, or the same data
     where = f"--data_dir={config.data_dir} has changed since the run in --model_dir={config.model_dir} was checkpointed"

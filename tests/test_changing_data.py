@@ -160,3 +160,18 @@ def test_cache_entries_damaged_or_gone_mid_run_are_rebuilt(data_dir, tmp_path):
     vanished = _changing(data_dir, tmp_path / "vanished", f"--cache_dir={cache_dir}", delete=[cache_dir])
     assert vanished.returncode == 0, vanished.stderr[-3000:]
     assert cache_dir.is_dir()
+
+
+def test_a_checkpoint_from_before_fingerprints_is_resumed_with_a_warning(tmp_path, caplog):
+    from pnpp_tf import train  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.config import TrainConfig  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.data.fingerprint import DataFingerprint  # pylint: disable=import-outside-toplevel
+
+    data_dir = make_folder_dataset(tmp_path / "data")
+    config = TrainConfig(dataset="folder", data_dir=data_dir, model_dir=str(tmp_path / "run"))
+    fingerprint = DataFingerprint.of_splits(read_folder_dataset(data_dir), data_dir)
+    with caplog.at_level("WARNING"):
+        train._check_data_unchanged(config, {}, fingerprint)  # a fresh start: nothing to say
+        assert not caplog.records
+        train._check_data_unchanged(config, {"finished_epochs": 1, "flags": {}}, fingerprint)
+    assert "checkpointed before runs recorded their data" in caplog.text
