@@ -15,13 +15,23 @@ decode (or are gone) are the bad images. A damaged or missing image cache entry 
 decodes is not the user's problem: it is rebuilt and the pipeline can simply start again.
 """
 
+from typing import NamedTuple
+
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
 from pnpp_tf.data import cache as image_cache, image_check
 from pnpp_tf.errors import UserError
 
 SHOWN = 3
+
+
+class _Repairs(NamedTuple):
+    """Cache entries rebuilt from their images, and those whose image could not rebuild them."""
+
+    entries: set
+    failed: set
 
 
 class ImageFaults:
@@ -141,7 +151,7 @@ class ImageFaults:
             if cache is None:
                 continue
             problem = cache.entry_problem(read) if read in named else None
-            if problem is None and not _exists(read):
+            if problem is None and not tf.io.gfile.exists(read):
                 problem = "missing"
             if problem:
                 damaged[read] = problem
@@ -187,15 +197,3 @@ def stand_ins(split, bad):
                             f"(the last: {path}); restore them, and rerun to resume from the last checkpoint.")
         read[index] = stand_in
     return read
-
-
-class _Repairs:
-    def __init__(self, entries, failed):
-        self.entries = entries
-        self.failed = failed
-
-
-def _exists(path):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-    return tf.io.gfile.exists(path)
