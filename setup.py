@@ -35,14 +35,18 @@ setup(
         # tests check the faiss backend against the TensorFlow one; the TFDS reader tests prepare
         # tiny datasets with TFDS's own builders; the KerasHub tests build tiny presets offline.
         # tests/test_docs.py builds the documentation site with `mkdocs build --strict`.
+        # tests/retrieval/test_ann.py builds, saves and memory-maps usearch HNSW graphs (and faiss IVF-PQ).
         "test": ["pytest>=8.2", "pytest-xdist>=3.5", "ai-edge-litert>=2.0,<3", "tensorflow-serving-api>=2.20,<2.22", "faiss-cpu>=1.8",
-                 "tensorflow-datasets>=4.9,<5", "keras-hub>=0.32,<0.33", "tensorflow-text>=2.20.1,<2.22",
+                 "usearch>=2.12,<3", "tensorflow-datasets>=4.9,<5", "keras-hub>=0.32,<0.33", "tensorflow-text>=2.20.1,<2.22",
                  "mkdocs>=1.6", "mkdocs-material>=9.5"],
         # The documentation site under docs/ (mkdocs.yml): `mkdocs serve`, `mkdocs build --strict`.
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5"],
         "tflite": ["ai-edge-litert>=2.0,<3"],
         "serving": ["tensorflow-serving-api>=2.20,<2.22"],
         "faiss": ["faiss-cpu>=1.8"],
+        # The catalogue index's approximate shard structures (pnpp_tf.retrieval.ann): --backend=hnsw is
+        # a usearch graph (2.12+: Index.restore(view=True) memory-maps it), ivfpq a faiss IndexIVFPQ.
+        "ann": ["usearch>=2.12,<3", "faiss-cpu>=1.8"],
         # --backbone=keras_hub. pnpp_tf.modeling.hub_backbones relies on where KerasHub's DINOv2/DINOv3/ViT put
         # their CLS and register tokens: bounded to 0.32, on which tests/test_keras_hub.py checks it.
         # keras-hub 0.32 needs tensorflow-text >= 2.20.1; its 2.20/2.21 wheels match TensorFlow's.

@@ -17,8 +17,8 @@ import types
 import typing
 
 from pnpp_tf.modeling import backbones
-from pnpp_tf.retrieval import neighbours
 from pnpp_tf.artifacts.export_dir import FORMATS, TFLITE_VARIANTS
+from pnpp_tf.retrieval import neighbours
 from pnpp_tf.data import DATASETS
 from pnpp_tf.data.image_check import ON_BAD_IMAGE
 from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS
@@ -294,6 +294,12 @@ class ExportConfig(Config):
     publish_on_parity_failure: bool = option(False, "Publish a version even if a variant fails the parity "
                                              "check (default: its report goes to parity/<version>.rejected.md "
                                              "and nothing else of it stays).")
+    index: typing.Optional[str] = option(None, "Also serve searches of this index (python -m pnpp_tf.index, made "
+                                         "with this model): the retrieve signatures of pnpp_tf.serving.retrieve.")
+    retrieval_max_k: int = option(100, "Largest k the retrieve signatures answer (at most the index's size).",
+                                  lower=1)
+    retrieval_dtype: str = option("float32", "How the SavedModel holds the index: float32, or float16 (half "
+                                  "the size, scores of the float16-rounded rows).", choices=("float32", "float16"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,38 +321,6 @@ class CheckDataConfig(Config):
             raise UserError(f"--batch_size={self.batch_size} is not divisible by "
                             f"--classes_per_batch={self.classes_per_batch}.")
 
-
-@dataclasses.dataclass(frozen=True)
-class IndexConfig(Config):
-    """What `pnpp_tf.index` embeds, with which model, into which file."""
-
-    model: typing.Optional[str] = option(None, "A training run's model_dir, or an exported SavedModel "
-                                         "(version directory or export base directory).")
-    images: typing.Optional[str] = option(None, "Folder of images, searched recursively.")
-    index: typing.Optional[str] = option(None, "The index file to write (.npz).")
-    batch_size: int = option(64, "Images per inference batch.", lower=1)
-    progress: bool = option(True, "Show a progress bar.")
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, "Largest width x height of an image to index; a larger one is "
-                             "skipped and reported, its size read from the header, undecoded.", lower=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchConfig(Config):
-    """What `pnpp_tf.search` looks for, and where."""
-
-    index: typing.Optional[str] = option(None, "An index written by python -m pnpp_tf.index.")
-    query: typing.Optional[str] = option(None, "The query image.")
-    k: int = option(10, "How many neighbours to list.", lower=1)
-    grid: typing.Optional[str] = option(None, "Optional PNG: the query and its neighbours.")
-    model: typing.Optional[str] = option(None, "The model to embed the query with (default: the one the index "
-                                         "was built with; it must be the same model).")
-    backend: str = option("auto", "auto: exact search in TensorFlow, or faiss IndexFlatIP (also exact) above "
-                          "100,000 images if installed; ties by ascending index either way.",
-                          choices=lambda: _BACKEND_CHOICES)
-
-
-# One vocabulary for every search (`pnpp_tf.retrieval.neighbours`), and its earlier names.
-_BACKEND_CHOICES = (*neighbours.BACKENDS, *neighbours.ALIASES)
 
 _KIND_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string", tuple: "a list"}
 
@@ -435,3 +409,7 @@ def base_type(annotation):
         (inner,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
         return inner
     return _origin(annotation)
+
+
+# One vocabulary for every exact search (`pnpp_tf.retrieval.neighbours`), and its earlier names.
+_BACKEND_CHOICES = (*neighbours.BACKENDS, *neighbours.ALIASES)

@@ -28,21 +28,22 @@ import tensorflow as tf
 from absl import logging
 
 from pnpp_tf import flags
-from pnpp_tf.serving import parity, signatures
+from pnpp_tf.serving import parity, retrieve, signatures
 from pnpp_tf.artifacts import ExportDir, ModelDir, load_model_dir_embedder
 from pnpp_tf.artifacts.export_dir import FORMATS, LOCK_FILE, TFLITE_VARIANTS
 from pnpp_tf.config import ExportConfig
 from pnpp_tf.data import load_splits, pipeline
 from pnpp_tf.data.datasets import verify_images
 from pnpp_tf.errors import UserError
-from pnpp_tf.io_utils import Staged, check_writable_dir, variables_bytes, write_atomic
+from pnpp_tf.io_utils import Staged, check_writable_dir, write_atomic
 from pnpp_tf.run_lock import RunLock
 
 
 def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, data_dir=None,
            tflite_variants=TFLITE_VARIANTS, max_pixels=signatures.DEFAULT_MAX_PIXELS,
            representative_images=100, max_eval_images=0, latency_images=50, batch_size=64,
-           num_threads=None, publish_on_parity_failure=False):
+           num_threads=None, publish_on_parity_failure=False, index=None,
+           retrieval_max_k=retrieve.DEFAULT_MAX_K, retrieval_dtype="float32"):
     """Exports the embedder of `model_dir` and writes the parity report beside the export.
 
     Args:
@@ -61,6 +62,11 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
         batch_size: images per batch when embedding with Keras and the SavedModel.
         num_threads: CPU threads of the TFLite interpreter (None: all cores).
         publish_on_parity_failure: publish the version even if a variant fails its threshold.
+        index: an index written by `python -m pnpp_tf.index` with this model: the SavedModel then
+            also answers searches of it, its `retrieve` and `retrieve_embeddings` signatures
+            (`pnpp_tf.serving.retrieve`). None: the embedding signatures only.
+        retrieval_max_k: the largest k those signatures answer (lowered to the index's size).
+        retrieval_dtype: "float32" or "float16" (half the size): how the SavedModel holds the index.
 
     Returns:
         The report dict. Its "published" says whether the version was published; the report is
@@ -80,6 +86,8 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
                                ("eval_batch_size", batch_size, 1)):
         if int(value) < least:
             raise UserError(f"--{name} must be at least {least}, got {value}.")
+    if index and "saved_model" not in formats:
+        raise UserError(f"--index={index} is served by the SavedModel: add saved_model to --format.")
     check_writable_dir(export_dir, "--export_dir")
     litert = _import_litert() if "tflite" in formats else None
     run = ModelDir(model_dir)
@@ -97,11 +105,12 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
     with RunLock(export_dir, flag="--export_dir", file_name=LOCK_FILE, holder="export"):
         removed = target.remove_leftovers()
         version = target.new_version(version, also_taken=removed)
-        module = signatures.EmbedderServingModule(embedder.keras_model, max_pixels=max_pixels)
+        module = retrieve.serving_module(embedder.keras_model, max_pixels, index, retrieval_max_k,
+                                         retrieval_dtype, image_size=embedder.image_size)
         variants = [parity.KerasVariant(embedder, run.embedder_path)]
         with _StagedVersion(target, version) as staged:
             if "saved_model" in formats:
-                _write_saved_model(module, staged.new_saved_model(variables_bytes(module.model_variables)),
+                _write_saved_model(module, staged.new_saved_model(retrieve.saved_model_bytes(module)),
                                    variants)
             if "tflite" in formats:
                 calibration = None
@@ -117,7 +126,7 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
                 data_dir=data_dir, image_size=embedder.image_size, embedding_dim=embedder.embedding_dim,
                 max_pixels=int(max_pixels), tflite_threads=num_threads or os.cpu_count(),
                 trained_recall_at_1=results.metrics.get("recall@1") if results else None,
-                formats=formats, published=bool(report["passed"] or publish_on_parity_failure),
+                formats=formats, index=index, published=bool(report["passed"] or publish_on_parity_failure),
             )
             if report["published"]:
                 staged.publish(report)
@@ -292,7 +301,7 @@ def main(config):
         config.model_dir, config.export_dir, config.format, config.version, config.dataset,
         config.data_dir, config.tflite_variants, config.max_pixels, config.representative_images,
         config.max_eval_images, config.latency_images, config.eval_batch_size, config.tflite_threads,
-        config.publish_on_parity_failure,
+        config.publish_on_parity_failure, config.index, config.retrieval_max_k, config.retrieval_dtype,
     )
     print(parity.markdown_report(report))
     failed = [row for row in report["variants"] if row["passed"] is False]

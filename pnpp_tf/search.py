@@ -1,79 +1,190 @@
-"""Finds the images of an index nearest to a query image.
+"""Finds the indexed images nearest to query images.
 
-    python -m pnpp_tf.search --index=pictures.npz --query=photo.jpg --k=10 --grid=neighbours.png
+    python -m pnpp_tf.search --index=pictures.index --query=photo.jpg --k=10 --grid=neighbours.png
+    python -m pnpp_tf.search --index=pictures.index --query=queries/ --output=answers.jsonl
 
-Embeds the query with the model the index was built with (or --model) and prints the k nearest
+Embeds the queries with the model the index was built with (or --model) and lists the k nearest
 indexed images, nearest first, with their cosine distance (1 - cosine similarity: 0 is the same
-direction, 2 the opposite). The search is exact; above 100,000 indexed images it runs on faiss
-(IndexFlatIP, still exact) when faiss is installed. --grid draws the query and its neighbours.
+direction, 2 the opposite). One query image prints a table (and --grid draws it). A folder of
+images, or a text file listing one image path per line, is embedded --batch_size at a time and
+answered as JSON lines, one per query in order, to --output or stdout:
+
+    {"query": "/q/a.jpg", "neighbours": ["/p/x.jpg", ...], "distances": [0.02, ...], "items": [17, ...]}
+    {"query": "/q/broken.jpg", "error": "Unknown image file format ..."}
+
+--backend=auto searches with the index's approximate structure when it was built with one
+(pnpp_tf.index --backend=hnsw or ivfpq), re-scoring each shortlist exactly, and exactly otherwise.
 """
 
+import json
 import os
+import sys
+import time
 
 from absl import logging
 
 from pnpp_tf import flags, plots
-from pnpp_tf.config import SearchConfig
-from pnpp_tf.errors import UserError
 from pnpp_tf.artifacts import load_embedder
+from pnpp_tf.catalogue_config import SearchConfig
+from pnpp_tf.data.folder import IMAGE_EXTENSIONS
+from pnpp_tf.errors import UserError
+from pnpp_tf.retrieval.catalogue import Catalogue, is_catalogue
+from pnpp_tf.retrieval.embed import find_images
 from pnpp_tf.retrieval.search_index import DISTANCE, SearchIndex
 
+# Queries embedded and searched together when answering many: bounds memory, whatever their number.
+_QUERY_CHUNK = 4096
+_HOW = {"exact": "exact", "faiss": "faiss IndexFlatIP, exact", "hnsw": "HNSW shortlists re-scored exactly",
+        "ivfpq": "IVF-PQ shortlists re-scored exactly"}
 
 
-def run(index_path, query, k=10, model=None, backend="auto"):
-    """Searches; returns (index, cosine distances [k], indices [k], backend, note)."""
-    if not index_path or not query:
-        raise UserError("--index and --query are both required.")
-    if k < 1:
-        raise UserError(f"--k must be at least 1, got {k}.")
-    index_path, query = os.path.expanduser(index_path), os.path.expanduser(query)
-    model = os.path.expanduser(model) if model else None
+class Searcher:
+    """An index and the model that embeds its queries, opened once for any number of queries.
+
+    Args:
+        index_path: a catalogue directory, or an earlier single-file .npz index.
+        model: the model to embed queries with; None: the one the index records.
+        backend: as --backend.
+        rescore: candidates re-scored per query and shard (0: the catalogue's default).
+    """
+
+    def __init__(self, index_path, model=None, backend="auto", rescore=0):
+        self.index = open_index(index_path)
+        meta = self.index.manifest
+        source = model or meta.get("model")
+        if not model and not (source and os.path.exists(source)):
+            raise UserError(f"The index was built with the model {source}, which no longer exists; "
+                            "pass the same model with --model.")
+        self.embedder = load_embedder(source)
+        if model and os.path.abspath(self.embedder.source) != meta.get("model"):
+            logging.warning("Embedding the queries with %s, but the index was built with %s: distances "
+                            "mean something only if both are the same model.", self.embedder.source, meta.get("model"))
+        if self.embedder.image_size != meta.get("image_size", self.embedder.image_size):
+            raise UserError(f"--model takes {self.embedder.image_size} px images but the index was built "
+                            f"with {meta['image_size']} px crops: it is another model.")
+        self.backend = backend
+        self._options = {"rescore": rescore or None} if isinstance(self.index, Catalogue) else {}
+
+    def search(self, paths, k, batch_size=64):
+        """Yields, for each query file in order, (path, distances [k], items [k], None) or
+        (path, None, None, why it could not be read); the backend used is `self.used`."""
+        if not 1 <= k <= len(self.index):
+            raise UserError(f"--k={k} must be between 1 and the {len(self.index)} images of the index.")
+        for start in range(0, len(paths), _QUERY_CHUNK):
+            chunk = paths[start:start + _QUERY_CHUNK]
+            found = self.embedder.embed_files(chunk, batch_size=batch_size, on_bad_image="skip", verbose=0)
+            answers = {}
+            if found.paths:
+                distances, items, self.used = self.index.search(found.embeddings, k, backend=self.backend,
+                                                                **self._options)
+                answers = {path: (distances[row], items[row]) for row, path in enumerate(found.paths)}
+            failed = dict(found.skipped)
+            for path in chunk:
+                if path in answers:
+                    yield path, *answers[path], None
+                else:
+                    yield path, None, None, failed.get(path, "not embedded")
+
+
+def open_index(path):
+    """A `Catalogue` (a directory) or an earlier `SearchIndex` (.npz file) at `path`."""
+    if os.path.isdir(path) or is_catalogue(path):
+        return Catalogue.open(path)
+    return SearchIndex.load(path)
+
+
+def query_files(query):
+    """The query images `--query` names: one image, a folder's images, or a list file's lines.
+
+    Returns:
+        (paths, True if --query named one image).
+    """
+    if os.path.isdir(query):
+        return find_images(query), False
     if not os.path.isfile(query):
-        raise UserError(f"--query={query} is not a file.")
-    index = SearchIndex.load(index_path)
-    meta = index.metadata
-    source = model or meta.get("model")
-    if not model and not (source and os.path.exists(source)):
-        raise UserError(f"The index was built with the model {source}, which no longer exists; "
-                         "pass the same model with --model.")
-    embedder = load_embedder(source)
-    if model and os.path.abspath(embedder.source) != meta.get("model"):
-        logging.warning("Embedding the query with %s, but the index was built with %s: distances "
-                        "mean something only if both are the same model.", embedder.source,
-                        meta.get("model"))
-    if embedder.image_size != meta.get("image_size", embedder.image_size):
-        raise UserError(f"--model takes {embedder.image_size} px images but the index was built "
-                         f"with {meta['image_size']} px crops: it is another model.")
-    found = embedder.embed_files([query], on_bad_image="skip")
-    if found.skipped:
-        raise UserError(f"cannot read --query={query}: {found.skipped[0][1]}")
-    note = ""
-    if k > len(index):
-        note = f" (asked for {k}; the index holds {len(index)})"
-        k = len(index)
-    distances, indices, used = index.search(found.embeddings, k, backend=backend)
-    return index, distances[0], indices[0], used, note
+        raise UserError(f"--query={query} is not a file or a folder.")
+    if query.lower().endswith(IMAGE_EXTENSIONS):
+        return [query], True
+    try:
+        with open(query, encoding="utf-8") as file:
+            lines = [line.strip() for line in file]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--query={query} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a "
+                        f"readable list of image paths ({error}).") from error
+    paths = [os.path.expanduser(line) for line in lines if line and not line.startswith("#")]
+    if not paths:
+        raise UserError(f"--query={query} lists no image paths (one per line).")
+    return paths, False
+
+
+def run(config, out=None):
+    """Answers the queries of `config` (a `SearchConfig`).
+
+    For one query image returns (searcher, distances [k], items [k], backend); for many, writes
+    their JSON lines to `out` (or --output) and returns (answered, unreadable, backend).
+    """
+    if not config.index or not config.query:
+        raise UserError("--index and --query are both required.")
+    index_path, query = os.path.expanduser(config.index), os.path.expanduser(config.query)
+    paths, single = query_files(query)
+    if config.grid and not single:
+        raise UserError("--grid draws one query: give --query an image, not a folder or a list.")
+    searcher = Searcher(index_path, os.path.expanduser(config.model) if config.model else None, config.backend,
+                        config.rescore)
+    if single:
+        path, distances, items, why = next(searcher.search(paths, config.k, config.batch_size))
+        if why:
+            raise UserError(f"cannot read --query={path}: {why}")
+        return searcher, distances, items, searcher.used
+    return _answer_many(searcher, paths, config, out)
+
+
+def _answer_many(searcher, paths, config, out):
+    answered = unreadable = 0
+    target = out or (open(os.path.expanduser(config.output), "w", encoding="utf-8") if config.output else sys.stdout)
+    try:
+        for path, distances, items, why in searcher.search(paths, config.k, config.batch_size):
+            if why:
+                line = {"query": path, "error": why}
+                unreadable += 1
+            else:
+                line = {"query": path, "neighbours": [searcher.index.path(i) for i in items],
+                        "distances": [round(float(d), 6) for d in distances], "items": [int(i) for i in items]}
+                answered += 1
+            target.write(json.dumps(line) + "\n")
+    except OSError as error:
+        raise UserError(f"cannot write --output={config.output}: {error}") from error
+    finally:
+        if target not in (out, sys.stdout):
+            target.close()
+    return answered, unreadable, getattr(searcher, "used", None)
 
 
 def main(config):
-    query = os.path.expanduser(config.query) if config.query else None
-    grid = os.path.expanduser(config.grid) if config.grid else None
-    index, distances, indices, backend, note = run(config.index, query, config.k, config.model, config.backend)
-    neighbours = [index.paths[i] for i in indices]
-    if grid:
+    start = time.perf_counter()
+    result = run(config)
+    if len(result) == 3:
+        answered, unreadable, backend = result
+        print(f"Answered {answered} queries ({unreadable} could not be read) in {time.perf_counter() - start:.1f} s, "
+              f"{_HOW.get(backend, backend)} search{'; JSON lines in ' + config.output if config.output else ''}.",
+              file=sys.stderr)
+        return
+    searcher, distances, items, backend = result
+    query = os.path.abspath(os.path.expanduser(config.query))
+    neighbours = [searcher.index.path(i) for i in items]
+    if config.grid:
         try:
-            plots.save_search_grid(query, neighbours, distances, grid)
+            plots.save_search_grid(query, neighbours, distances, os.path.expanduser(config.grid))
         except OSError as error:
             raise UserError(f"cannot write --grid={config.grid}: {error}") from error
-    how = "faiss IndexFlatIP, exact" if backend == "faiss" else "exact"
-    print(f"Query: {os.path.abspath(query)}")
-    print(f"The {len(indices)} nearest of {len(index)} indexed images{note} ({how} search); "
-          f"distance = {DISTANCE}:")
+    print(f"Query: {query}")
+    print(f"The {len(items)} nearest of {len(searcher.index)} indexed images ({_HOW.get(backend, backend)} "
+          f"search); distance = {DISTANCE}:")
     print(f"{'rank':>4}  {'distance':>8}  image")
     for rank, (distance, path) in enumerate(zip(distances, neighbours), start=1):
         print(f"{rank:>4}  {distance:8.4f}  {path}")
-    if grid:
-        print(f"Grid of the query and its neighbours: {grid}")
+    if config.grid:
+        print(f"Grid of the query and its neighbours: {config.grid}")
 
 
 if __name__ == "__main__":

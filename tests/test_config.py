@@ -11,8 +11,8 @@ import pytest
 from absl import flags
 
 from pnpp_tf import config as config_module, flags as pnpp_flags
-from pnpp_tf.config import (CheckDataConfig, EvaluateConfig, ExportConfig, IndexConfig, SearchConfig,
-                            TrainConfig)
+from pnpp_tf.catalogue_config import IndexConfig, SearchConfig
+from pnpp_tf.config import CheckDataConfig, EvaluateConfig, ExportConfig, TrainConfig
 from pnpp_tf.errors import UserError
 
 PACKAGE = pathlib.Path(config_module.__file__).resolve().parent

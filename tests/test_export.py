@@ -301,6 +301,31 @@ def test_cli_exports_a_new_version(exported):
     assert "| saved_model_bytes |" in result.stdout
 
 
+def test_an_export_with_an_index_answers_retrieve_as_the_catalogue_does(exported, tmp_path):
+    from pnpp_tf.artifacts import load_embedder  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.retrieval.cataloguing import update_catalogue  # pylint: disable=import-outside-toplevel
+
+    photos = os.path.dirname(exported["test_paths"][0])
+    catalogue = update_catalogue(load_embedder(str(exported["model_dir"])), photos, str(tmp_path / "c.index"),
+                                 shard_size=3, verbose=0).catalogue
+    export_dir = tmp_path / "export"
+    report = export.export(str(exported["model_dir"]), str(export_dir), formats=("saved_model",),
+                           max_pixels=MAX_PIXELS, latency_images=2, index=catalogue.directory, retrieval_max_k=4)
+    assert report["published"] and report["index"] == catalogue.directory
+    retrieve = tf.saved_model.load(str(export_dir / "1")).signatures["retrieve"]
+    queries = [path for path in exported["test_paths"] if os.path.dirname(path) == photos][:3]
+    answer = retrieve(image_bytes=tf.constant([open(path, "rb").read() for path in queries]), k=tf.constant(4))
+    distances, items, _ = catalogue.search(catalogue.unit_rows()[[catalogue.relative_paths().index(
+        os.path.relpath(path, photos)) for path in queries]], k=4, backend="exact")
+    ids = answer["ids"].numpy().astype(str)
+    assert ids[:, 0].tolist() == [os.path.relpath(path, photos) for path in queries]  # each finds itself
+    # Embedded in the graph, not read from the catalogue: the same lists up to float rounding.
+    np.testing.assert_allclose(answer["distances"].numpy(), distances, atol=1e-5)
+    with pytest.raises(ValueError, match="add saved_model to --format"):
+        export.export(str(exported["model_dir"]), str(tmp_path / "e2"), formats=("tflite",),
+                      index=catalogue.directory)
+
+
 def test_export_errors_name_the_offending_value(exported, tmp_path):
     model_dir, export_dir = str(exported["model_dir"]), str(exported["export_dir"])
     with pytest.raises(ValueError, match=r"--format=onnx is not a non-empty subset of saved_model,tflite"):

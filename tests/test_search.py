@@ -1,6 +1,8 @@
 """pnpp_tf.retrieval (embed, search_index), pnpp_tf.artifacts.load_embedder, pnpp_tf.index and
 pnpp_tf.search: index a generated folder, query it."""
 
+import io
+import json
 import os
 import re
 
@@ -12,6 +14,7 @@ from PIL import Image
 from cli_helpers import run_module
 from conftest import make_folder_dataset
 from pnpp_tf import plots
+from pnpp_tf.catalogue_config import IndexConfig, SearchConfig
 from pnpp_tf.serving import signatures
 from pnpp_tf.retrieval import neighbours, search_index
 from pnpp_tf.retrieval.embed import find_images
@@ -108,11 +111,12 @@ def test_index_counts_unreadable_files_and_finds_each_image_first(setup, tmp_pat
 
 @pytest.mark.slow
 def test_index_and_search_command_lines(setup, tmp_path):
-    index_path = tmp_path / "photos.npz"
+    index_path = tmp_path / "photos.index"
     result = run_module("pnpp_tf.index", f"--model={setup['model_dir']}",
                         f"--images={setup['photos']}", f"--index={index_path}", "--noprogress")
     assert result.returncode == 0, result.stderr
     assert f"Indexed 12 images under {setup['photos']}" in result.stdout
+    assert "12 added" in result.stdout and "stored as float32" in result.stdout
     assert "Skipped 2 unreadable file(s):" in result.stdout
     assert "broken.jpg" in result.stdout and "truncated.png" in result.stdout
 
@@ -128,22 +132,69 @@ def test_index_and_search_command_lines(setup, tmp_path):
     with Image.open(grid) as image:
         assert image.format == "PNG" and image.size == plots.grid_size(1, 4, title=False)
 
+    # Many queries: a list file (with an unreadable one) answered as JSON lines, in order.
+    listing = tmp_path / "queries.txt"
+    bad = os.path.join(setup["photos"], BAD_FILES[0])
+    listing.write_text("\n".join([setup["good"][0], bad, setup["good"][7]]) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    result = run_module("pnpp_tf.search", f"--index={index_path}", f"--query={listing}", "--k=2",
+                        f"--output={answers}")
+    assert result.returncode == 0, result.stderr
+    assert "Answered 2 queries (1 could not be read)" in result.stderr
+    lines = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [line["query"] for line in lines] == [setup["good"][0], bad, setup["good"][7]]
+    assert lines[0]["neighbours"][0] == setup["good"][0] and "error" in lines[1]
+    assert lines[2]["neighbours"][0] == setup["good"][7] and len(lines[2]["distances"]) == 2
+
+
+def test_many_queries_answer_as_one_query_each(setup, tmp_path):
+    """A folder of queries, embedded in batches, gets the lists each query gets alone."""
+    from pnpp_tf import index, search  # pylint: disable=import-outside-toplevel
+
+    index_path = str(tmp_path / "photos.index")
+    index.run(IndexConfig(model=setup["model_dir"], images=setup["photos"], index=index_path, shard_size=5,
+                          progress=False))
+    out = io.StringIO()
+    answered, unreadable, backend = search.run(
+        SearchConfig(index=index_path, query=setup["photos"], k=4, batch_size=3), out=out)
+    assert (answered, unreadable, backend) == (12, 2, "exact")
+    lines = {json.loads(line)["query"]: json.loads(line) for line in out.getvalue().splitlines()}
+    for query in setup["good"][::3]:
+        searcher, distances, items, _ = search.run(SearchConfig(index=index_path, query=query, k=4))
+        assert lines[query]["items"] == items.tolist()
+        assert lines[query]["neighbours"] == [searcher.index.path(i) for i in items]
+        np.testing.assert_allclose(lines[query]["distances"], distances, atol=1e-5)
+
 
 def test_command_line_errors_raise_value_errors(setup, tmp_path):
     """What the entry points print as one `pnpp_tf.<tool>: error: ...` line, exit status 2."""
     from pnpp_tf import index, search  # pylint: disable=import-outside-toplevel
 
+    def index_run(model, images, index_path):
+        return index.run(IndexConfig(model=model, images=images, index=index_path, progress=False))
+
     with pytest.raises(ValueError, match="--model="):
-        index.run(str(tmp_path), setup["photos"], str(tmp_path / "x.npz"))
+        index_run(str(tmp_path), setup["photos"], str(tmp_path / "x.index"))
     with pytest.raises(ValueError, match="are all required"):
-        index.run(setup["model_dir"], None, str(tmp_path / "x.npz"))
-    with pytest.raises(ValueError, match="is a directory"):
-        index.run(setup["model_dir"], setup["photos"], str(tmp_path))
-    assert not (tmp_path / "x.npz").exists()
+        index_run(setup["model_dir"], None, str(tmp_path / "x.index"))
+    (tmp_path / "old.npz").write_text("an index of an earlier pnpp_tf")
+    with pytest.raises(ValueError, match="is a file"):
+        index_run(setup["model_dir"], setup["photos"], str(tmp_path / "old.npz"))
+    assert not (tmp_path / "x.index").exists()
     with pytest.raises(ValueError, match="--index=.*does not exist"):
-        search.run(str(tmp_path / "missing.npz"), setup["good"][0])
-    with pytest.raises(ValueError, match="--query=.*is not a file"):
-        search.run(str(tmp_path / "missing.npz"), str(tmp_path / "missing.png"))
+        search.run(SearchConfig(index=str(tmp_path / "missing.npz"), query=setup["good"][0]))
+    with pytest.raises(ValueError, match="--query=.*is not a file or a folder"):
+        search.run(SearchConfig(index=str(tmp_path / "missing.npz"), query=str(tmp_path / "missing.png")))
+    index_path = str(tmp_path / "photos.index")
+    index.run(IndexConfig(model=setup["model_dir"], images=setup["photos"], index=index_path, progress=False))
+    with pytest.raises(ValueError, match="--k=13 must be between 1 and the 12 images"):
+        search.run(SearchConfig(index=index_path, query=setup["good"][0], k=13))
+    with pytest.raises(ValueError, match="cannot read --query=.*broken.jpg"):
+        search.run(SearchConfig(index=index_path, query=os.path.join(setup["photos"], BAD_FILES[0])))
+    with pytest.raises(ValueError, match="--backend=hnsw: the catalogue .* was built without"):
+        search.run(SearchConfig(index=index_path, query=setup["good"][0], backend="hnsw"))
+    with pytest.raises(ValueError, match="--grid draws one query"):
+        search.run(SearchConfig(index=index_path, query=setup["photos"], grid=str(tmp_path / "g.png")))
 
 
 def test_exported_saved_model_base_dir_uses_highest_version(setup, tmp_path):

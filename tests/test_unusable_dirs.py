@@ -19,6 +19,7 @@ import pytest
 
 from cli_helpers import REPO, run_module
 from pnpp_tf import evaluate, export, index, train
+from pnpp_tf.catalogue_config import IndexConfig
 from pnpp_tf.config import EvaluateConfig, TrainConfig
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import check_writable_dir, check_writable_file
@@ -42,7 +43,7 @@ def message_of(program, path):
         "evaluate": lambda: evaluate.evaluate(EvaluateConfig(dataset="folder", saved_model="/nowhere",
                                                              output_dir=path)),
         "evaluate_model_dir": lambda: evaluate.evaluate(EvaluateConfig(dataset="folder", model_dir=path)),
-        "index": lambda: index.run("/nowhere", "/nowhere", os.path.join(path, "photos.npz")),
+        "index": lambda: index.run(IndexConfig(model="/nowhere", images="/nowhere", index=path)),
         "check": lambda: check_writable_dir(path, "--model_dir"),
     }
     try:
@@ -58,7 +59,7 @@ PROGRAMS = {  # program: (flag, what it says about `path`, the advice)
     "export": ("--export_dir", "{path}", "choose another --export_dir"),
     "evaluate": ("--output_dir", "{path}", "choose another --output_dir"),
     "evaluate_model_dir": ("--model_dir", "{path}", "pass --output_dir to write eval_folder.json elsewhere"),
-    "index": ("--index", "{path}/photos.npz cannot be written: {path}", "choose another --index"),
+    "index": ("--index", "{path}", "choose another --index"),
 }
 
 
@@ -113,9 +114,8 @@ def test_an_output_path_on_a_read_only_file_system(read_only, program):
         assert message_of(program, str(existing)) == "--data_dir=/nowhere does not exist or is not a directory."
     else:
         assert_one_line(message_of(program, str(existing)), program, existing, "is on a read-only file system")
-    if program != "index":  # index writes in a folder that exists
-        assert_one_line(message_of(program, str(missing)), program, missing,
-                        f"cannot be created: {existing} is on a read-only file system")
+    assert_one_line(message_of(program, str(missing)), program, missing,
+                    f"cannot be created: {existing} is on a read-only file system")
     assert os.listdir(existing) == []
 
 
@@ -161,13 +161,13 @@ def test_an_output_path_without_permission(unwritable):
     locked, open_to_all, run = unwritable
     missing = os.path.join(locked, "run")
     calls = ([(program, locked) for program in sorted(PROGRAMS)]
-             + [("train", missing), ("train_cache", missing), ("export", missing)] + [("check", open_to_all)])
+             + [(program, missing) for program in ("train", "train_cache", "export", "index")] + [("check", open_to_all)])
     messages = dict(zip(calls, run(calls)))
     for program in set(PROGRAMS) - {"train_cache"}:
         assert_one_line(messages[program, locked], program, locked, "is not writable (permission denied)")
     # A prebuilt cache may be read-only: training goes on to read it (here: no data).
     assert messages["train_cache", locked] == "--data_dir=/nowhere does not exist or is not a directory."
-    for program in ("train", "train_cache", "export"):
+    for program in ("train", "train_cache", "export", "index"):
         assert_one_line(messages[program, missing], program, missing,
                         f"cannot be created: no permission to write in {locked}")
     assert messages["check", open_to_all] is None  # the same user may write elsewhere
@@ -232,7 +232,7 @@ def test_cli_evaluate_under_a_file(file_in, tmp_path):
 
 
 def test_cli_index_on_a_read_only_file_system(read_only, tmp_path):
-    index_path = read_only / "existing" / "photos.npz"
+    index_path = read_only / "existing" / "photos.index"
     result = run_module("pnpp_tf.index", f"--model={tmp_path}", f"--images={tmp_path}", f"--index={index_path}")
-    assert one_error_line(result, "index") == (f"--index={index_path} cannot be written: {read_only / 'existing'} "
+    assert one_error_line(result, "index") == (f"--index={index_path} cannot be created: {read_only / 'existing'} "
                                                "is on a read-only file system; choose another --index.")

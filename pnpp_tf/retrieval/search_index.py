@@ -13,8 +13,10 @@
 
 Embeddings are L2-normalised, so cosine similarity is their dot product; distances are reported
 as cosine distances (`DISTANCE`), 1 - cos: 0 for the same direction,
-2 for opposite ones. An index is one .npz archive (embeddings, paths and JSON metadata) on a local
-disk, written whole or not at all (`pnpp_tf.io_utils.replacing`).
+2 for opposite ones. A `SearchIndex` is one .npz archive (embeddings, paths and JSON metadata) on a
+local disk, written whole or not at all (`pnpp_tf.io_utils.replacing`): an in-memory index for
+tools and for the indexes of pnpp_tf before the catalogue (`pnpp_tf.retrieval.catalogue`, what
+`pnpp_tf.index` now writes), which `pnpp_tf.search` still reads.
 """
 
 import dataclasses
@@ -54,6 +56,15 @@ class SearchIndex:
 
     def __len__(self):
         return len(self.paths)
+
+    @property
+    def manifest(self):
+        """The metadata, by the name a catalogue (`pnpp_tf.retrieval.catalogue`) gives its own."""
+        return self.metadata
+
+    def path(self, item):
+        """Image `item`'s path, as a catalogue's `path`."""
+        return self.paths[item]
 
     def save(self, path):
         """Writes the index to `path` (an .npz archive) whole or not at all.

@@ -1,0 +1,250 @@
+"""A catalogue index: a directory of shards and a manifest, searched memory-mapped.
+
+    catalogue = Catalogue.open("photos.index")
+    distances, indices, backend = catalogue.search(query_embeddings, k=10)   # "auto": its structure
+    catalogue.path(indices[0, 0])          # the nearest image's file
+
+Layout (`pnpp_tf.index` writes it, adding and removing shards as the folder changes):
+
+    photos.index/
+      manifest.json       the truth: model, crop size, dimension, dtype, backend, the shards in order
+      shard-000000/ ...   `pnpp_tf.retrieval.shards`: embeddings, paths, keys, approximate structure
+
+The manifest is replaced in one rename after a shard is written whole, so a kill at any moment
+leaves the catalogue of the last manifest (a shard directory it does not list is one that was
+being written, and the next `pnpp_tf.index` removes it).
+
+Items are numbered in manifest order: shard by shard, row by row. Every backend ranks by the exact
+engine's rule (`pnpp_tf.retrieval.neighbours`): descending cosine similarity of the stored rows
+decoded to unit float32, ties by ascending item number. "exact" searches each shard with the exact
+engine and merges the lists; "hnsw" and "ivfpq" ask each shard's approximate structure for a
+shortlist (`pnpp_tf.retrieval.ann`), score the shortlist exactly and merge the same way, so the
+only difference from "exact" is an item the shortlist missed.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+from absl import logging
+
+from pnpp_tf.errors import UserError
+from pnpp_tf.io_utils import read_json_object
+from pnpp_tf.retrieval import ann, neighbours
+from pnpp_tf.retrieval.shards import Shard
+
+FORMAT = "pnpp_tf catalogue index"
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+SEARCH_BACKENDS = ("auto", "exact", "hnsw", "ivfpq")
+# Queries re-scored together: 256 x 100 candidates x 512 floats is 52 MB.
+_RESCORE_QUERIES = 256
+
+
+def is_catalogue(path):
+    """True if `path` is a catalogue directory (it holds a manifest)."""
+    return bool(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+@dataclasses.dataclass
+class Catalogue:
+    """An opened catalogue index (see the module).
+
+    Attributes:
+        directory: the catalogue's directory.
+        manifest: the parsed manifest.json (`read_manifest`).
+        shards: the opened `Shard`s, in manifest order.
+        damaged: [(shard name, why)] of the shards that could not be opened; the rest are
+            searched, and their items numbered as if the damaged ones were empty.
+    """
+
+    directory: str
+    manifest: dict
+    shards: list
+    damaged: list
+
+    @classmethod
+    def open(cls, directory, flag="--index"):
+        """Opens the catalogue at `directory`, each shard memory-mapped.
+
+        A damaged shard is logged and left out (`damaged`); if every shard is damaged, the
+        catalogue cannot be searched.
+
+        Raises:
+            UserError: not a catalogue, a newer format, or no shard could be opened.
+        """
+        manifest = read_manifest(directory, flag)
+        shards, damaged = [], []
+        for entry in manifest["shards"]:
+            try:
+                shards.append(Shard.open(os.path.join(directory, entry["name"])))
+            except UserError as error:
+                logging.warning("%s; searching the other shards.", error)
+                damaged.append((entry["name"], str(error)))
+        if manifest["shards"] and not shards:
+            raise UserError(f"{flag}={directory}: every shard is damaged, e.g. {damaged[0][1]}")
+        return cls(directory, manifest, shards, damaged)
+
+    def __len__(self):
+        return sum(len(shard) for shard in self.shards)
+
+    @property
+    def root(self):
+        """The folder the items' relative paths start from."""
+        return self.manifest["images_root"]
+
+    @property
+    def offsets(self):
+        """int64 [S + 1]: shard s holds items offsets[s]:offsets[s + 1]."""
+        return np.concatenate([[0], np.cumsum([len(shard) for shard in self.shards])]).astype(np.int64)
+
+    def locate(self, item):
+        """(shard, row) of item number `item`."""
+        if not 0 <= item < len(self):
+            raise IndexError(f"item {item} is not in a catalogue of {len(self)} items")
+        shard = int(np.searchsorted(self.offsets, item, side="right")) - 1
+        return self.shards[shard], int(item - self.offsets[shard])
+
+    def relative_path(self, item):
+        """Item `item`'s path relative to `root`."""
+        shard, row = self.locate(item)
+        return shard.relative_path(row)
+
+    def path(self, item):
+        """Item `item`'s file."""
+        return os.path.join(self.root, self.relative_path(item))
+
+    def relative_paths(self):
+        """Every item's relative path, in item order."""
+        return [path for shard in self.shards for path in shard.relative_paths()]
+
+    def unit_rows(self):
+        """float32 [N, D]: every item's stored row decoded to unit length, in item order.
+
+        The whole collection in memory: for the exact in-graph gallery of an export, or tests.
+        """
+        if not self.shards:
+            return np.zeros((0, self.manifest["embedding_dim"]), np.float32)
+        return np.concatenate([shard.unit_rows() for shard in self.shards])
+
+    def search(self, queries, k=10, backend="auto", rescore=None):
+        """The `k` nearest items of each query (see the module for the order).
+
+        Args:
+            queries: float [Q, D] embeddings (or one [D]); L2-normalised here.
+            k: neighbours per query, 1 to `len(self)`.
+            backend: one of `SEARCH_BACKENDS`; "auto" is the catalogue's approximate backend if
+                it was built with one, "exact" otherwise.
+            rescore: candidates re-scored per query and shard for an approximate backend;
+                None: `ann.rescore_depth(k)`.
+
+        Returns:
+            (cosine distances float32 [Q, k], int64 item numbers [Q, k], the backend used). An
+            approximate backend whose shortlists held fewer than k items pads with item -1 at
+            distance inf.
+
+        Raises:
+            UserError: a bad k or backend, a backend the catalogue has no structure for, or
+                queries of another width.
+        """
+        used = self.resolve_backend(backend)
+        queries = neighbours.unit_rows(np.atleast_2d(np.asarray(queries, np.float32)), "query embeddings")
+        dim = self.manifest["embedding_dim"]
+        if queries.shape[1] != dim:
+            raise UserError(f"The queries are {queries.shape[1]}-d embeddings but the catalogue {self.directory} "
+                            f"holds {dim}-d ones: was it built with another model?")
+        if not 1 <= int(k) <= len(self):
+            raise UserError(f"--k={k} must be between 1 and the {len(self)} items of {self.directory}.")
+        k = int(k)
+        depth = ann.rescore_depth(k) if rescore is None else int(rescore)
+        if depth < k:
+            raise UserError(f"--rescore={rescore} must be at least --k={k}.")
+        lists = [self._search_shard(shard, queries, k, used, depth) for shard in self.shards]
+        scores = np.concatenate([scores for scores, _ in lists], axis=1)
+        items = np.concatenate([np.where(ids >= 0, ids + offset, -1)
+                                for (_, ids), offset in zip(lists, self.offsets)], axis=1)
+        scores, items = merge_lists(scores, items, k)
+        return np.maximum(1.0 - scores, 0.0).astype(np.float32), items, used
+
+    def resolve_backend(self, backend):
+        """"exact", or the approximate backend `backend` names, checked against the catalogue."""
+        if backend not in SEARCH_BACKENDS:
+            raise UserError(f"--backend={backend!r} is not one of {', '.join(SEARCH_BACKENDS)} for a catalogue index.")
+        built = (self.manifest.get("approximate") or {}).get("backend")
+        if backend == "auto":
+            return built or "exact"
+        if backend != "exact" and backend != built:
+            raise UserError(f"--backend={backend}: the catalogue {self.directory} was built "
+                            f"{'with ' + built if built else 'without an approximate structure'}; "
+                            f"index it again with python -m pnpp_tf.index --backend={backend}.")
+        return backend
+
+    def _search_shard(self, shard, queries, k, backend, depth):
+        """One shard's (similarities [Q, <=k], local rows [Q, <=k]) in the one order."""
+        k = min(k, len(shard))
+        if backend == "exact":  # `nearest` scales the decoded rows to unit length itself
+            return neighbours.nearest(queries, shard.decoded(), k, backend="exact")
+        structure = self._structure(shard, backend)
+        candidates = structure.candidates(queries, min(depth, len(shard)))
+        return rescore_candidates(shard, queries, candidates, k)
+
+    def _structure(self, shard, backend):
+        cache = self.__dict__.setdefault("_structures", {})
+        if shard.directory not in cache:
+            params = ann.AnnParams.from_json(self.manifest["approximate"]["params"])
+            cache[shard.directory] = ann.Structure.load(backend, shard.structure_path(backend), mmap=True,
+                                                        params=params)
+        return cache[shard.directory]
+
+
+def rescore_candidates(shard, queries, candidates, k):
+    """The `k` best of each query's candidate rows of `shard`, scored exactly, in the one order.
+
+    Args:
+        shard: a `Shard`.
+        queries: float32 [Q, D] unit rows.
+        candidates: int [Q, C] rows of the shard, -1 for none.
+        k: how many to keep, at most C.
+
+    Returns:
+        (float32 similarities [Q, k], int64 rows [Q, k]); a query with fewer than k candidates
+        is padded with similarity -inf and row -1, which every real neighbour ranks above.
+    """
+    candidates = np.asarray(candidates, np.int64)
+    scores = np.full(candidates.shape, -np.inf, np.float32)
+    # In blocks of queries: a block's gathered rows are [queries, candidates, D] floats.
+    for start in range(0, len(queries), _RESCORE_QUERIES):
+        block = candidates[start:start + _RESCORE_QUERIES]
+        valid = block >= 0
+        unique, inverse = np.unique(np.where(valid, block, 0), return_inverse=True)
+        rows = shard.unit_rows(unique)  # each row decoded once however many queries shortlist it
+        found = np.einsum("qcd,qd->qc", rows[inverse.reshape(block.shape)], queries[start:start + len(block)])
+        scores[start:start + len(block)] = np.where(valid, found, -np.inf)
+    return merge_lists(scores, candidates, k)
+
+
+def merge_lists(scores, items, k):
+    """The `k` best of each row of (scores, items) by (score desc, item asc); padding (-inf) last."""
+    order = np.lexsort((items, -scores), axis=-1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(items, order, axis=1)
+
+
+def read_manifest(directory, flag="--index"):
+    """The manifest of the catalogue at `directory`, checked.
+
+    Raises:
+        UserError: not a catalogue index, or one of a newer format.
+    """
+    if not directory or not os.path.isdir(directory):
+        raise UserError(f"{flag}={directory} is not a catalogue index directory; build one with "
+                        "python -m pnpp_tf.index.")
+    if not is_catalogue(directory):
+        raise UserError(f"{flag}={directory} holds no {MANIFEST}: it is not a catalogue index (or its first "
+                        "shard was never finished); build it with python -m pnpp_tf.index.")
+    manifest = read_json_object(os.path.join(directory, MANIFEST), "catalogue manifest")
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{flag}={directory}: {MANIFEST} is not a pnpp_tf catalogue manifest.")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise UserError(f"{flag}={directory} was written by a newer pnpp_tf (format "
+                        f"{manifest['format_version']}, this one reads {FORMAT_VERSION}); upgrade pnpp_tf.")
+    return manifest

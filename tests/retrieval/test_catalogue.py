@@ -1,0 +1,759 @@
+"""pnpp_tf.retrieval.shards, catalogue and cataloguing: a sharded catalogue index, its exact (and
+approximate) search, its incremental update, its resumption after a kill, its one-line errors and
+its memory."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from cli_helpers import REPO
+from conftest import make_folder_dataset, write_image
+from pnpp_tf.artifacts import load_embedder
+from pnpp_tf.errors import UserError
+from pnpp_tf.io_utils import write_json
+from pnpp_tf.modeling.model import build_embedder
+from pnpp_tf.retrieval import catalogue as catalogue_lib
+from pnpp_tf.retrieval import cataloguing, neighbours
+from pnpp_tf.retrieval.catalogue import Catalogue
+from pnpp_tf.retrieval.cataloguing import update_catalogue
+from pnpp_tf.retrieval.shards import DTYPES, Shard
+from pnpp_tf.run_lock import RunLock
+
+IMAGE_SIZE = 32
+EMBEDDING_DIM = 16
+CHILD = str(REPO / "tests" / "catalogue_child.py")
+# int8 decoding: |x - q s| <= s / 2, plus float32 rounding of x / s (at most 127 units of 2^-24,
+# in units of s) and of q * s (as much again).
+INT8_SLACK = 2 * 127 * 2.0 ** -24
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model_dir (small_cnn, 32 px, 16-d) and its loaded embedder."""
+    root = tmp_path_factory.mktemp("catalogue")
+    keras.utils.set_random_seed(0)
+    model_dir = root / "run"
+    model_dir.mkdir()
+    build_embedder("small_cnn", IMAGE_SIZE, EMBEDDING_DIM).save(model_dir / "embedder.keras")
+    return {"root": root, "model_dir": str(model_dir), "embedder": load_embedder(str(model_dir))}
+
+
+@pytest.fixture(scope="module")
+def built(setup, tmp_path_factory):
+    """A float32 catalogue of 12 images in 3 shards, built once; tests copy it before damaging it."""
+    root = tmp_path_factory.mktemp("built")
+    photos = photos_folder(root / "photos", seed=5)
+    update_catalogue(setup["embedder"], photos, str(root / "photos.index"), shard_size=5, verbose=0)
+    return {"photos": photos, "index": str(root / "photos.index")}
+
+
+def copied(source, tmp_path):
+    """A copy of the catalogue of `source` (the `built` fixture) in `tmp_path`."""
+    index = str(tmp_path / "photos.index")
+    shutil.copytree(source["index"], index)
+    return index
+
+
+def photos_folder(root, seed=0):
+    """12 images: train/ 2 classes x 4, test/ 1 class x 4 (PNG, JPEG, greyscale, alpha)."""
+    return make_folder_dataset(root, train_classes=2, test_classes=1, images_per_class=4, seed=seed)
+
+
+def exact_rows(count, dim=8, seed=0):
+    """float32 rows whose unit rows and dot products are exact in float32: each has 1 or 4
+    non-zero entries of +-1 (norm 1 or 2), so unit entries are 0, +-1/2 or +-1 and every dot
+    product is a sum of a few multiples of 1/4. Scores tie often, as the order must settle."""
+    rng = np.random.default_rng(seed)
+    rows = np.zeros((count, dim), np.float32)
+    for row in rows:
+        chosen = rng.choice(dim, size=rng.choice([1, 4]), replace=False)
+        row[chosen] = rng.choice([-1.0, 1.0], size=len(chosen))
+    return rows
+
+
+def write_catalogue(directory, rows, shard_size, dtype="float32", approximate=None, params=None):
+    """A catalogue written directly (no images, no model): shards of `shard_size` rows and a manifest
+    as `update_catalogue` writes them; item i is img_<i>.png. With `approximate` (a backend), each
+    shard gets its structure."""
+    os.makedirs(directory)
+    entries = []
+    for number, start in enumerate(range(0, len(rows), shard_size)):
+        part = rows[start:start + shard_size]
+        structure = None
+        if approximate:
+            from pnpp_tf.retrieval import ann  # pylint: disable=import-outside-toplevel
+
+            structure = ann.build(approximate, neighbours.unit_rows(part), params, dtype)
+        name = f"shard-{number:06d}"
+        Shard.write(os.path.join(directory, name), part,
+                    [(f"img_{start + i}.png", 1000 + start + i, 7) for i in range(len(part))], dtype, structure)
+        entries.append({"name": name, "count": len(part)})
+    write_json(os.path.join(directory, catalogue_lib.MANIFEST), {
+        "format": catalogue_lib.FORMAT, "format_version": catalogue_lib.FORMAT_VERSION, "model": "hand-written",
+        "model_kind": "keras", "model_stamp": None, "image_size": IMAGE_SIZE, "embedding_dim": int(rows.shape[1]),
+        "dtype": dtype, "distance": "cosine", "images_root": "/nowhere", "shards": entries,
+        "approximate": {"backend": approximate, "params": params.to_json()} if approximate else None,
+        "next_shard": len(entries), "skipped": [], "created": "today"})
+    return str(directory)
+
+
+def child_env():
+    """This process' environment, the repository importable and TensorFlow's C++ log quiet."""
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=python_path, TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def directory_bytes(directory):
+    return sum(os.path.getsize(os.path.join(folder, name))
+               for folder, _, names in os.walk(directory) for name in names)
+
+
+class EmbedSpy:
+    """An embedder that records the files each `embed_files` call embeds (all else as `embedder`)."""
+
+    def __init__(self, embedder):
+        self._embedder = embedder
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(self._embedder, name)
+
+    def embed_files(self, paths, **options):
+        self.calls.append(list(paths))
+        return self._embedder.embed_files(paths, **options)
+
+    def embedded(self, root):
+        """The relative paths given to `embed_files` since the last call, sorted."""
+        paths = sorted(os.path.relpath(path, root) for call in self.calls for path in call)
+        self.calls.clear()
+        return paths
+
+
+def rows_by_path(catalogue):
+    """{relative path: the bytes of its stored row (and scale)} of an opened catalogue."""
+    rows = {}
+    for shard in catalogue.shards:
+        for row, path in enumerate(shard.relative_paths()):
+            scale = b"" if shard.scales is None else np.asarray(shard.scales[row]).tobytes()
+            rows[path] = np.asarray(shard.embeddings[row]).tobytes() + scale
+    return rows
+
+
+def one_line(raised, pattern, **paths):
+    """Asserts that the error of `raised` is one line matching `pattern`, whose {name} fields are
+    the `paths` given by name (matched literally)."""
+    message = str(raised.value)
+    assert "\n" not in message, message
+    pattern = pattern.format(**{name: re.escape(str(path)) for name, path in paths.items()})
+    assert re.search(pattern, message), message
+
+
+def readable_images(photos):
+    return sorted(os.path.relpath(os.path.join(folder, name), photos)
+                  for folder, _, names in os.walk(photos) for name in names if name.startswith("img_"))
+
+
+# 1. Shards
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_shard_round_trips_its_rows_and_paths(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(7, 12)).astype(np.float32) * rng.uniform(1e-3, 10, size=(7, 1)).astype(np.float32)
+    rows[3] = 0.0  # a zero row stays zero (its scale is 1)
+    items = [(f"dir {i}/ünïcødé café {i}.jpg", 10 * i, 1_700_000_000_123_456_789 + i) for i in range(7)]
+    items[5] = ("日本/写真 5.png", 50, 5)
+    items[6] = (os.fsdecode(b"latin-1 caf\xe9.jpg"), 60, 6)  # not UTF-8: a surrogate escape, as os.walk gives it
+    shard = Shard.write(str(tmp_path / "shard-000000"), rows, items, dtype)
+    assert sorted(os.listdir(tmp_path)) == ["shard-000000"]  # no temporary left
+    for opened in (shard, Shard.open(str(tmp_path / "shard-000000"))):
+        assert len(opened) == 7 and opened.dtype == dtype
+        assert isinstance(opened.embeddings, np.memmap)
+        assert opened.keys() == items
+        assert opened.relative_paths() == [path for path, _, _ in items]
+        assert [opened.relative_path(i) for i in range(7)] == [path for path, _, _ in items]
+        decoded = opened.decoded()
+        assert decoded.dtype == np.float32 and decoded.shape == rows.shape
+        if dtype == "float32":
+            np.testing.assert_array_equal(decoded, rows)
+        elif dtype == "float16":
+            np.testing.assert_array_equal(decoded, rows.astype(np.float16).astype(np.float32))
+        else:
+            scales = np.asarray(opened.scales)[:, None]
+            assert scales[3] == 1.0 and not decoded[3].any()
+            assert np.all(np.abs(rows - decoded) <= scales * (0.5 + INT8_SLACK))
+            assert np.all(np.abs(np.asarray(opened.embeddings)).max(axis=1)[[0, 1, 2, 4, 5, 6]] == 127)
+        np.testing.assert_array_equal(opened.decoded([5, 0, 5]), decoded[[5, 0, 5]])
+        np.testing.assert_array_equal(opened.unit_rows([6, 1]), neighbours.unit_rows(decoded[[6, 1]]))
+
+
+def test_a_shard_is_written_whole_or_not_at_all(tmp_path):
+    rows = np.eye(3, dtype=np.float32)
+    with pytest.raises(UserError, match="3 embeddings but 2 items"):
+        Shard.write(str(tmp_path / "a"), rows, [("x", 1, 1)] * 2, "float32")
+    with pytest.raises(UserError, match="--index_dtype='bfloat16' is not one of"):
+        Shard.write(str(tmp_path / "a"), rows, [("x", 1, 1)] * 3, "bfloat16")
+    with pytest.raises(UserError, match="NaN or infinite"):
+        Shard.write(str(tmp_path / "a"), rows * np.nan, [("x", 1, 1)] * 3, "float32")
+    assert os.listdir(tmp_path) == []
+    Shard.write(str(tmp_path / "a"), rows, [("x", 1, 1)] * 3, "float32")
+    with pytest.raises(OSError):  # never over an existing shard
+        Shard.write(str(tmp_path / "a"), rows, [("x", 1, 1)] * 3, "float32")
+    assert os.listdir(tmp_path) == ["a"]
+
+
+def _cut_short(path):
+    path.write_bytes(path.read_bytes()[:-5])
+
+
+def _grow(path):
+    path.write_bytes(path.read_bytes() + b"x")
+
+
+def _miscount(path):
+    path.write_text(json.dumps({**json.loads(path.read_text()), "count": 5}))
+
+
+def _drop_one(path):
+    np.save(path, np.asarray(np.load(path))[:-1])
+
+
+@pytest.mark.parametrize("name, damage, why", [
+    ("embeddings.npy", _cut_short, r"\(ValueError: mmap length is greater than file size\)"),
+    ("scales.npy", _cut_short, r"\(ValueError: mmap length is greater than file size\)"),
+    ("sizes.npy", os.remove, r"\(FileNotFoundError: .*sizes.npy'\)"),
+    ("shard.json", os.remove, r"\(FileNotFoundError: .*shard.json'\)"),
+    ("paths.bin", _grow, r"\(paths.bin holds \d+ bytes, not \d+\)"),
+    ("paths.bin", _cut_short, r"\(paths.bin holds \d+ bytes, not \d+\)"),
+    ("shard.json", _miscount, r"\(embeddings.npy is int8 \(4, 6\), not int8 \(5, 6\)\)"),
+    ("mtimes.npy", _drop_one, r"\(sizes, mtimes or path offsets do not hold one entry per item\)"),
+])
+def test_a_damaged_shard_is_named_in_one_line(tmp_path, name, damage, why):
+    directory = tmp_path / "shard-000003"
+    Shard.write(str(directory), np.arange(24, dtype=np.float32).reshape(4, 6) - 11,
+                [(f"photo {i}.jpg", i, i) for i in range(4)], "int8")
+    damage(directory / name)
+    with pytest.raises(UserError) as raised:
+        Shard.open(str(directory))
+    one_line(raised, r"^shard {directory} is damaged " + why + "; run python -m pnpp_tf.index again to embed its "
+                     r"images anew.$", directory=directory)
+
+
+# 2. Exact search across shards
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_search_across_shards_is_the_exact_engine_on_all_rows(tmp_path, dtype):
+    rows = exact_rows(40, seed=2)
+    rows[[7, 19, 33]] = rows[2]  # duplicates, in other shards: equal scores, listed by item
+    rows[25] = 2 * rows[2]  # the same direction, another norm
+    rows[11] = 0.0  # a zero row scores 0 against everything
+    queries = np.concatenate([exact_rows(6, seed=3), rows[[2, 11]], 3 * rows[[5]]])
+    catalogue = Catalogue.open(write_catalogue(tmp_path / "rows.index", rows, shard_size=6, dtype=dtype))
+    assert len(catalogue) == 40 and len(catalogue.shards) == 7 and catalogue.damaged == []
+    np.testing.assert_array_equal(catalogue.unit_rows(), neighbours.unit_rows(rows))
+    for k in (1, 5, 17, 40):
+        distances, items, backend = catalogue.search(queries, k=k)
+        similarities, expected = neighbours.nearest(queries, rows, k)
+        assert backend == "exact" and items.dtype == np.int64 and distances.dtype == np.float32
+        np.testing.assert_array_equal(items, expected)
+        np.testing.assert_array_equal(distances, np.maximum(1 - similarities, 0))
+    # The order is (score desc, item asc), ties included: the duplicates of row 2 in item order.
+    _, items, _ = catalogue.search(rows[2], k=5, backend="exact")
+    assert items.tolist() == [[2, 7, 19, 25, 33]]
+    assert [catalogue.relative_path(i) for i in items[0]] == [f"img_{i}.png" for i in items[0]]
+    assert catalogue.path(7) == os.path.join("/nowhere", "img_7.png")
+    assert catalogue.relative_paths() == [f"img_{i}.png" for i in range(40)]
+
+
+def test_search_rejects_a_bad_k_backend_or_width(tmp_path):
+    catalogue = Catalogue.open(write_catalogue(tmp_path / "rows.index", exact_rows(10), shard_size=3))
+    queries = exact_rows(2, seed=5)
+    for k in (0, -1, 11):
+        with pytest.raises(UserError, match=rf"^--k={k} must be between 1 and the 10 items of "):
+            catalogue.search(queries, k=k)
+    with pytest.raises(UserError, match="^The queries are 9-d embeddings but the catalogue .* holds 8-d ones"):
+        catalogue.search(np.ones((2, 9), np.float32), k=1)
+    with pytest.raises(UserError, match="NaN or infinite"):
+        catalogue.search(np.full((1, 8), np.inf, np.float32), k=1)
+    with pytest.raises(UserError, match="^--backend='faiss' is not one of auto, exact, hnsw, ivfpq"):
+        catalogue.search(queries, k=1, backend="faiss")
+    with pytest.raises(UserError, match="^--backend=hnsw: the catalogue .* was built without an approximate "):
+        catalogue.search(queries, k=1, backend="hnsw")
+    with pytest.raises(IndexError):
+        catalogue.locate(10)
+
+
+# 3. Incremental update
+
+
+def test_an_update_embeds_only_new_and_changed_files(setup, tmp_path):
+    photos = photos_folder(tmp_path / "photos")
+    broken = os.path.join(photos, "broken.jpg")
+    with open(broken, "wb") as file:
+        file.write(b"this is not a JPEG")
+    index = str(tmp_path / "photos.index")
+    spy = EmbedSpy(setup["embedder"])
+
+    first = update_catalogue(spy, photos, index, dtype="float16", shard_size=4, verbose=0)
+    good = readable_images(photos)
+    assert len(good) == 12 and spy.embedded(photos) == sorted(good + ["broken.jpg"])
+    assert (first.added, first.removed, first.kept, first.rewritten) == (12, 0, 0, 0)
+    assert [path for path, _ in first.skipped] == [broken]
+    catalogue = first.catalogue
+    assert sorted(catalogue.relative_paths()) == good and len(catalogue.shards) == 4  # 3 + 4 + 4 + 1
+    manifest = catalogue.manifest
+    assert [entry[0] for entry in manifest["skipped"]] == ["broken.jpg"]
+    assert (manifest["num_images"], manifest["num_skipped"], manifest["dtype"]) == (12, 1, "float16")
+    before = rows_by_path(catalogue)
+    shard_of = {path: shard.directory for shard in catalogue.shards for path in shard.relative_paths()}
+
+    # One deleted, one changed (new bytes, a new mtime), one added; the unreadable one unchanged.
+    deleted, changed, added = "test/test_class_00/img_1.jpg", "train/train_class_01/img_2.png", "new/img_new.png"
+    os.remove(os.path.join(photos, deleted))
+    stat = os.stat(os.path.join(photos, changed))
+    write_image(os.path.join(photos, changed), np.random.default_rng(7))
+    os.utime(os.path.join(photos, changed), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    write_image(os.path.join(photos, added), np.random.default_rng(8))
+    second = update_catalogue(spy, photos, index, dtype="float16", shard_size=4, verbose=0)
+    assert spy.embedded(photos) == sorted([changed, added])  # not the broken one, still the same
+    assert (second.added, second.removed, second.kept) == (2, 2, 10) and second.skipped == []
+    assert second.rewritten == len({shard_of[deleted], shard_of[changed]}) == 2
+    good = readable_images(photos)
+    paths = second.catalogue.relative_paths()
+    assert sorted(paths) == good and len(paths) == len(set(paths)) == 12
+    after = rows_by_path(second.catalogue)
+    assert {path: after[path] for path in before if path not in (deleted, changed)} == \
+        {path: row for path, row in before.items() if path not in (deleted, changed)}
+    assert after[changed] != before[changed]
+    # Rewritten shards replaced the old ones, which are gone; nothing else is in the directory.
+    names = sorted(entry["name"] for entry in second.catalogue.manifest["shards"])
+    assert sorted(os.listdir(index)) == sorted(names + ["index.lock", "manifest.json"])
+    assert [entry[0] for entry in second.catalogue.manifest["skipped"]] == ["broken.jpg"]
+
+    third = update_catalogue(spy, photos, index, dtype="float16", shard_size=4, verbose=0)
+    assert spy.calls == [] and (third.added, third.removed, third.kept, third.rewritten) == (0, 0, 12, 0)
+    assert rows_by_path(third.catalogue) == after
+
+    # The unreadable file is tried again once it changes, here into a good image.
+    write_image(broken, np.random.default_rng(9))
+    os.utime(broken, ns=(10**18, 10**18))
+    fourth = update_catalogue(spy, photos, index, dtype="float16", shard_size=4, verbose=0)
+    assert spy.embedded(photos) == ["broken.jpg"]
+    assert (fourth.added, fourth.removed, fourth.kept, fourth.skipped) == (1, 0, 12, [])
+    assert fourth.catalogue.manifest["skipped"] == [] and len(fourth.catalogue) == 13
+    assert sorted(fourth.catalogue.relative_paths()) == sorted(good + ["broken.jpg"])
+
+    # What an update stores is what the model gives (float16-rounded), and each image finds itself.
+    found = setup["embedder"].embed_files([fourth.catalogue.path(i) for i in range(13)])
+    np.testing.assert_allclose(fourth.catalogue.unit_rows(), found.embeddings, atol=2e-3)
+    distances, items, _ = fourth.catalogue.search(found.embeddings, k=1)
+    np.testing.assert_array_equal(items[:, 0], np.arange(13))
+    assert distances.max() < 1e-3
+
+
+def test_files_over_the_pixel_budget_are_tried_again_under_a_larger_one(setup, tmp_path):
+    photos = photos_folder(tmp_path / "photos")
+    large = os.path.join(photos, "large.png")
+    write_image(large, np.random.default_rng(1), size=(64, 64))  # 4096 pixels; the others 1440
+    index = str(tmp_path / "photos.index")
+    spy = EmbedSpy(setup["embedder"])
+    first = update_catalogue(spy, photos, index, max_pixels=2000, verbose=0)
+    assert [path for path, _ in first.skipped] == [large] and len(first.catalogue) == 12
+    assert [entry[0] for entry in first.catalogue.manifest["skipped"]] == ["large.png"]
+    spy.calls.clear()
+    again = update_catalogue(spy, photos, index, max_pixels=2000, verbose=0)
+    assert spy.calls == [] and again.skipped == []  # unchanged, under the same budget: not tried again
+    larger = update_catalogue(spy, photos, index, max_pixels=5000, verbose=0)
+    assert spy.embedded(photos) == ["large.png"] and larger.added == 1 and larger.skipped == []
+    assert larger.catalogue.manifest["skipped"] == [] and len(larger.catalogue) == 13
+
+
+def test_a_file_that_decodes_when_checked_again_is_not_recorded_as_unreadable(setup, tmp_path):
+    from pnpp_tf.retrieval import embed  # pylint: disable=import-outside-toplevel
+
+    photos = photos_folder(tmp_path / "photos")
+    index = str(tmp_path / "photos.index")
+    flaky = os.path.join(photos, "test", "test_class_00", "img_0.png")
+
+    class Flaky(EmbedSpy):
+        def embed_files(self, paths, **options):
+            found = super().embed_files([path for path in paths if path != flaky], **options)
+            if flaky in paths:  # as if it failed while embedding and decoded when checked again
+                found.skipped.append((flaky, embed.CHANGED_DURING_RUN))
+            return found
+
+    first = update_catalogue(Flaky(setup["embedder"]), photos, index, verbose=0)
+    assert first.skipped == [(flaky, embed.CHANGED_DURING_RUN)] and len(first.catalogue) == 11
+    assert first.catalogue.manifest["skipped"] == []
+    spy = EmbedSpy(setup["embedder"])
+    second = update_catalogue(spy, photos, index, verbose=0)
+    assert spy.embedded(photos) == ["test/test_class_00/img_0.png"] and len(second.catalogue) == 12
+
+
+# 4. Resumption after a kill
+
+
+@pytest.mark.parametrize("stop", ["before_publish", "before_commit"])
+def test_an_update_killed_mid_build_resumes_where_it_stopped(setup, tmp_path, stop):
+    photos = photos_folder(tmp_path / "photos", seed=3)
+    index = str(tmp_path / "photos.index")
+    env = child_env()
+    child = subprocess.run([sys.executable, CHILD, "build", stop, setup["model_dir"], photos, index, "3"],
+                           env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    manifest = json.loads(open(os.path.join(index, "manifest.json"), encoding="utf-8").read())
+    assert [entry["name"] for entry in manifest["shards"]] == ["shard-000000", "shard-000001"]
+    left = sorted(os.listdir(index))
+    if stop == "before_publish":
+        assert [name.split(".partial-")[0] for name in left if ".partial-" in name] == ["shard-000002"]
+    else:
+        assert "shard-000002" in left and not any(".partial-" in name for name in left)
+    committed = Catalogue.open(index)
+    assert len(committed) == 6
+    before = rows_by_path(committed)
+
+    spy = EmbedSpy(setup["embedder"])
+    report = update_catalogue(spy, photos, index, shard_size=3, verbose=0)
+    good = readable_images(photos)
+    assert spy.embedded(photos) == sorted(set(good) - set(before))  # the committed 6 are not embedded again
+    assert (report.added, report.removed, report.kept, report.rewritten) == (6, 0, 6, 0)
+    paths = report.catalogue.relative_paths()
+    assert sorted(paths) == good and len(paths) == len(set(paths)) == 12
+    assert {path: row for path, row in rows_by_path(report.catalogue).items() if path in before} == before
+    names = [entry["name"] for entry in report.catalogue.manifest["shards"]]
+    assert names[:2] == ["shard-000000", "shard-000001"] and len(names) == 4
+    assert sorted(os.listdir(index)) == sorted(names + ["index.lock", "manifest.json"])  # no orphan left
+
+
+def test_an_update_removes_only_what_an_interrupted_update_left(setup, built, tmp_path):
+    index = tmp_path / "photos.index"
+    index.mkdir()
+    (index / "shard-000007.partial-host-12-0123abcd").mkdir()  # a first shard being written when killed
+    (index / "manifest.json.partial-host-12-89abcdef").write_text("{")
+    update_catalogue(setup["embedder"], built["photos"], str(index), shard_size=5, verbose=0)
+    assert sorted(os.listdir(index)) == ["index.lock", "manifest.json", "shard-000000", "shard-000001",
+                                         "shard-000002"]
+    (index / "shard-000003").mkdir()  # a shard written, never listed
+    (index / "shard-000003.partial-host-12-0123abcd").mkdir()
+    (index / "shard-notes.txt").write_text("the user's own")  # names no update writes: not removed
+    (index / "shard-1").mkdir()
+    assert update_catalogue(setup["embedder"], built["photos"], str(index), shard_size=5, verbose=0).kept == 12
+    assert sorted(os.listdir(index)) == ["index.lock", "manifest.json", "shard-000000", "shard-000001",
+                                         "shard-000002", "shard-1", "shard-notes.txt"]
+
+    # A directory of other files is not made into a catalogue (here, the folder of images itself).
+    with pytest.raises(UserError) as raised:
+        update_catalogue(setup["embedder"], built["photos"], built["photos"], verbose=0)
+    one_line(raised, r"^--index={photos} is not a catalogue index but holds other files \(e.g. test\); give a new "
+                     r"or empty directory.$", photos=built["photos"])
+    assert sorted(os.listdir(built["photos"])) == ["index.lock", "test", "train"]
+    os.remove(os.path.join(built["photos"], "index.lock"))
+
+
+# 5. One-line errors
+
+
+def test_an_update_with_another_model_folder_or_dtype_is_refused(setup, built, tmp_path):
+    index = copied(built, tmp_path)
+    manifest = open(os.path.join(index, "manifest.json"), encoding="utf-8").read()
+    for size, dim in ((IMAGE_SIZE, 8), (48, EMBEDDING_DIM)):
+        model_dir = tmp_path / f"other_{size}_{dim}"
+        model_dir.mkdir()
+        build_embedder("small_cnn", size, dim).save(model_dir / "embedder.keras")
+        with pytest.raises(UserError) as raised:
+            update_catalogue(load_embedder(str(model_dir)), built["photos"], index, verbose=0)
+        one_line(raised, r"^--index={index} holds 16-d embeddings of 32 px crops, but --model gives {dim}-d "
+                         r"embeddings of {size} px crops: it was built by another model; choose a new --index.$",
+                 index=index, dim=dim, size=size)
+    with pytest.raises(UserError) as raised:
+        update_catalogue(setup["embedder"], built["photos"], index, dtype="int8", verbose=0)
+    one_line(raised, r"^--index_dtype=int8 but --index=.* stores float32; pass --index_dtype=float32")
+    other = photos_folder(tmp_path / "other photos")
+    with pytest.raises(UserError) as raised:
+        update_catalogue(setup["embedder"], other, index, verbose=0)
+    one_line(raised, r"^--index={index} indexes {photos}, not --images={other}; choose a new --index.$",
+             index=index, photos=built["photos"], other=other)
+    assert open(os.path.join(index, "manifest.json"), encoding="utf-8").read() == manifest  # untouched
+
+
+def test_an_update_with_a_changed_model_file_is_refused(setup, tmp_path):
+    model_dir = tmp_path / "run"
+    shutil.copytree(setup["model_dir"], model_dir)
+    embedder = load_embedder(str(model_dir))
+    photos = str(tmp_path / "photos")
+    write_image(os.path.join(photos, "a.png"), np.random.default_rng(0))
+    index = str(tmp_path / "photos.index")
+    update_catalogue(embedder, photos, index, verbose=0)
+    model_file = str(model_dir / "embedder.keras")
+    stat = os.stat(model_file)
+    os.utime(model_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(UserError) as raised:
+        update_catalogue(embedder, photos, index, verbose=0)
+    one_line(raised, r"^--index={index} was built with the model {model} as it was on .*; {model} is another "
+                     r"model or has changed since.*choose a new --index.$", index=index, model=model_file)
+    with pytest.raises(UserError) as raised:
+        update_catalogue(setup["embedder"], photos, index, verbose=0)
+    one_line(raised, r"was built with the model {model} .*; {other} is another model", model=model_file,
+             other=os.path.join(setup["model_dir"], "embedder.keras"))
+
+
+def test_a_damaged_shard_is_left_out_of_searches_and_embedded_again(setup, built, tmp_path, caplog):
+    index = copied(built, tmp_path)
+    whole = Catalogue.open(index)
+    assert len(whole.shards) == 3 and len(whole) == 12
+    middle = whole.shards[1]
+    lost = middle.relative_paths()
+    os.remove(os.path.join(middle.directory, "sizes.npy"))
+    with caplog.at_level("WARNING"):
+        catalogue = Catalogue.open(index)
+    assert [name for name, _ in catalogue.damaged] == ["shard-000001"]
+    assert "shard-000001 is damaged (FileNotFoundError" in catalogue.damaged[0][1]
+    assert "searching the other shards" in caplog.text
+    assert len(catalogue) == 12 - len(lost) and len(catalogue.shards) == 2
+    rows = catalogue.unit_rows()
+    _, items, _ = catalogue.search(rows, k=1)
+    np.testing.assert_array_equal(items[:, 0], np.arange(len(rows)))
+    assert not set(catalogue.relative_paths()) & set(lost)
+
+    spy = EmbedSpy(setup["embedder"])
+    report = update_catalogue(spy, built["photos"], index, shard_size=5, verbose=0)
+    assert spy.embedded(built["photos"]) == sorted(lost)
+    assert (report.added, report.removed, report.kept) == (len(lost), len(lost), 12 - len(lost))
+    assert report.catalogue.damaged == [] and sorted(report.catalogue.relative_paths()) == \
+        readable_images(built["photos"])
+    assert not os.path.exists(middle.directory)
+
+    for name in ("shard-000000", "shard-000002", "shard-000003"):  # every shard damaged
+        shutil.rmtree(os.path.join(index, name))
+    with pytest.raises(UserError) as raised:
+        Catalogue.open(index)
+    one_line(raised, r"^--index={index}: every shard is damaged, e.g. shard .* is damaged", index=index)
+
+
+def test_a_manifest_of_a_newer_format_or_no_catalogue_is_refused(setup, built, tmp_path):
+    index = copied(built, tmp_path)
+    manifest_path = os.path.join(index, "manifest.json")
+    manifest = json.loads(open(manifest_path, encoding="utf-8").read())
+    write_json(manifest_path, {**manifest, "format_version": catalogue_lib.FORMAT_VERSION + 1})
+    newer = rf"^--index={re.escape(index)} was written by a newer pnpp_tf \(format {catalogue_lib.FORMAT_VERSION + 1}, "
+    with pytest.raises(UserError) as raised:
+        Catalogue.open(index)
+    one_line(raised, newer)
+    with pytest.raises(UserError) as raised:
+        update_catalogue(setup["embedder"], built["photos"], index, verbose=0)
+    one_line(raised, newer)
+    write_json(manifest_path, {**manifest, "format": "something else"})
+    with pytest.raises(UserError) as raised:
+        Catalogue.open(index)
+    one_line(raised, r"manifest.json is not a pnpp_tf catalogue manifest")
+    with open(manifest_path, "w", encoding="utf-8") as file:
+        file.write('{"format": "pnpp_tf catal')
+    with pytest.raises(UserError) as raised:
+        Catalogue.open(index)
+    one_line(raised, r"manifest.json: this catalogue manifest is not valid JSON")
+
+    with pytest.raises(UserError) as raised:
+        Catalogue.open(built["photos"])
+    one_line(raised, r"^--index={photos} holds no manifest.json: it is not a catalogue index", photos=built["photos"])
+    with pytest.raises(UserError) as raised:
+        Catalogue.open(str(tmp_path / "missing"))
+    one_line(raised, r"^--index=.*missing is not a catalogue index directory")
+    assert not catalogue_lib.is_catalogue(built["photos"]) and catalogue_lib.is_catalogue(built["index"])
+
+
+def test_a_catalogue_in_use_is_refused(setup, built, tmp_path):
+    index = copied(built, tmp_path)
+    with RunLock(index, flag="--index", file_name=cataloguing.LOCK_FILE, holder="pnpp_tf.index"):
+        with pytest.raises(UserError) as raised:
+            update_catalogue(setup["embedder"], built["photos"], index, verbose=0)
+    one_line(raised, r"^--index={index} is in use by another pnpp_tf.index \(pid {pid} ", index=index, pid=os.getpid())
+    assert update_catalogue(setup["embedder"], built["photos"], index, verbose=0).kept == 12  # free again
+
+
+def test_bad_update_options_are_refused(setup, built, tmp_path):
+    index = str(tmp_path / "new.index")
+    with pytest.raises(UserError, match="^--shard_size must be at least 1, got 0"):
+        update_catalogue(setup["embedder"], built["photos"], index, shard_size=0, verbose=0)
+    with pytest.raises(UserError, match="^--index_dtype='float64' is not one of float32, float16, int8"):
+        update_catalogue(setup["embedder"], built["photos"], index, dtype="float64", verbose=0)
+    with pytest.raises(UserError, match="is not a directory"):
+        update_catalogue(setup["embedder"], str(tmp_path / "missing"), index, verbose=0)
+    assert not catalogue_lib.is_catalogue(index)
+
+
+def test_a_folder_of_unreadable_files_is_refused_in_one_line(setup, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"not a JPEG")
+    (photos / "b.png").write_bytes(b"not a PNG")
+    index = str(tmp_path / "photos.index")
+    for _ in range(2):  # the second time, nothing is read again: they are listed unreadable
+        with pytest.raises(UserError) as raised:
+            update_catalogue(setup["embedder"], str(photos), index, verbose=0)
+        one_line(raised, r"^None of the 2 images under --images={photos} could be read, e.g. a.jpg \(.+\).$",
+                 photos=photos)
+
+
+# 6. Memory
+
+
+def measure(index, backend, queries, tmp_path, k=10, warm_rows=1):
+    """What the child reports after opening `index` and searching it: (peak RSS increase in KB, its
+    JSON report)."""
+    np.save(tmp_path / "queries.npy", queries)
+    env = child_env()
+    child = subprocess.run([sys.executable, CHILD, "memory", index, backend, str(tmp_path / "queries.npy"), str(k),
+                            str(warm_rows)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert child.returncode == 0, child.stderr[-3000:]
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    return report["peak_kb"] - report["before_kb"], report
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    """60,000 x 128 float32 rows (30 MB) in 16 shards of 3,750, written directly; 5 of them as
+    queries, each its own nearest (score 1), far ahead of the others (random rows)."""
+    root = tmp_path_factory.mktemp("large")
+    rows = np.random.default_rng(0).normal(size=(60_000, 128)).astype(np.float32)
+    mine = np.array([5, 3_749, 12_345, 40_000, 59_999])
+    return {"root": root, "rows": rows, "queries": rows[mine], "mine": mine, "shard_size": 3_750,
+            "exact": write_catalogue(root / "exact.index", rows, shard_size=3_750)}
+
+
+def allocated_kb(increase, report):
+    """The part of a peak RSS increase that is not mapped files' pages.
+
+    The shards and structures are memory-mapped, so every page a search touches (and those the
+    kernel maps around it: fault-around and readahead make that most of the pages of randomly
+    read rows) stays resident as a page of the file, which the kernel can drop at any time: up
+    to the index's size, however little the search reads. What is left is what the search
+    itself allocates.
+    """
+    return increase - (report["file_kb_after"] - report["file_kb_before"])
+
+
+def test_an_exact_search_holds_one_shard_at_a_time(large, tmp_path):
+    index = large["exact"]
+    increase, report = measure(index, "exact", large["queries"], tmp_path, warm_rows=large["shard_size"])
+    assert report["backend"] == "exact"
+    np.testing.assert_array_equal(np.asarray(report["items"])[:, 0], large["mine"])
+    # One shard's rows decoded at a time (and a few copies of them: 16 shards of 1.9 MB): all
+    # the rows decoded at once would be the index's size (float32), and its copies as much again.
+    index_kb = directory_bytes(index) / 1024
+    assert allocated_kb(increase, report) < index_kb / 2, report
+
+# 7. Approximate backends (pnpp_tf.retrieval.ann): shortlists re-scored exactly
+
+
+def import_ann(backend):
+    """`pnpp_tf.retrieval.ann`, skipping the test without it or without `backend`'s library."""
+    ann = pytest.importorskip("pnpp_tf.retrieval.ann")
+    pytest.importorskip({"hnsw": "usearch.index", "ivfpq": "faiss"}[backend])
+    return ann
+
+
+@pytest.mark.parametrize("backend", ["hnsw", "ivfpq"])
+def test_an_approximate_search_rescores_its_shortlists_exactly(tmp_path, backend):
+    ann = import_ann(backend)
+    rows = exact_rows(40, seed=4)
+    rows[[9, 30]] = rows[4]
+    queries = np.concatenate([exact_rows(5, seed=6), rows[[4]]])
+    index = write_catalogue(tmp_path / "rows.index", rows, shard_size=6, approximate=backend, params=ann.AnnParams())
+    catalogue = Catalogue.open(index)
+    assert all(os.path.isfile(shard.structure_path(backend)) for shard in catalogue.shards)
+    # Shards of 6 rows and shortlists of at least 100: every row is re-scored, so the lists are
+    # the exact ones, ties and all (the scores are exact in float32 on every path).
+    for k in (1, 7, 40):
+        distances, items, used = catalogue.search(queries, k=k)
+        exact_distances, exact_items, _ = catalogue.search(queries, k=k, backend="exact")
+        assert used == backend
+        np.testing.assert_array_equal(items, exact_items)
+        np.testing.assert_array_equal(distances, exact_distances)
+    assert catalogue.search(rows[4], k=3, backend=backend)[1].tolist() == [[4, 9, 30]]
+    # A shortlist shorter than the shard's rows: still k items, the best first.
+    distances, items, _ = catalogue.search(queries, k=2, rescore=2)
+    assert items.shape == (6, 2) and (items >= 0).all() and np.all(np.diff(distances, axis=1) >= 0)
+    with pytest.raises(UserError, match="^--rescore=1 must be at least --k=2"):
+        catalogue.search(queries, k=2, rescore=1)
+    other = "ivfpq" if backend == "hnsw" else "hnsw"
+    with pytest.raises(UserError, match=rf"^--backend={other}: the catalogue .* was built with {backend}; "):
+        catalogue.search(queries, k=1, backend=other)
+
+
+def test_an_update_builds_structures_and_rebuilds_them_when_asked_for_another(setup, built, tmp_path):
+    ann = import_ann("hnsw")
+    index = copied(built, tmp_path)
+    exact = Catalogue.open(index)
+    queries = exact.unit_rows()
+    exact_distances, _, _ = exact.search(queries, k=5)
+    spy = EmbedSpy(setup["embedder"])
+    report = update_catalogue(spy, built["photos"], index, backend="hnsw", shard_size=5, verbose=0)
+    assert spy.calls == [] and (report.added, report.removed, report.kept, report.rewritten) == (0, 0, 12, 3)
+    catalogue = report.catalogue
+    assert catalogue.manifest["approximate"] == {"backend": "hnsw", "params": ann.AnnParams().to_json()}
+    assert all(os.path.isfile(shard.structure_path("hnsw")) for shard in catalogue.shards)
+    assert rows_by_path(catalogue) == rows_by_path(exact)  # rebuilt from the stored rows, not embedded
+    distances, items, used = catalogue.search(queries, k=5)
+    assert used == "hnsw"
+    np.testing.assert_array_equal(items[:, 0], np.arange(12))
+    # Whole shortlists: the exact lists' distances, up to float32 rounding of 16-d dot products.
+    np.testing.assert_allclose(distances, exact_distances, atol=1e-6)
+
+    again = update_catalogue(spy, built["photos"], index, backend="hnsw", shard_size=5, verbose=0)
+    assert again.rewritten == 0 and spy.calls == []  # the same structure: nothing to do
+    params = ann.AnnParams(connectivity=8)
+    changed = update_catalogue(spy, built["photos"], index, backend="hnsw", params=params, shard_size=5,
+                               verbose=0)
+    assert changed.rewritten == 3 and spy.calls == []
+    kept = update_catalogue(spy, built["photos"], index, shard_size=5, verbose=0)  # backend="auto": as built
+    assert kept.rewritten == 0 and kept.catalogue.manifest["approximate"]["params"] == params.to_json()
+    dropped = update_catalogue(spy, built["photos"], index, backend="exact", shard_size=5, verbose=0)
+    assert dropped.rewritten == 3 and dropped.catalogue.manifest["approximate"] is None
+    assert not any(os.path.exists(shard.structure_path("hnsw")) for shard in dropped.catalogue.shards)
+    assert dropped.catalogue.search(queries, k=1)[2] == "exact"
+
+
+def test_an_update_stopped_while_rebuilding_structures_rebuilds_the_rest(setup, built, tmp_path, monkeypatch):
+    ann = import_ann("hnsw")
+    index = copied(built, tmp_path)
+    build = ann.build
+    calls = []
+
+    def build_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first shard is rebuilt and committed; the run stops at the second
+            raise KeyboardInterrupt
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(ann, "build", build_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        update_catalogue(setup["embedder"], built["photos"], index, backend="hnsw", shard_size=5, verbose=0)
+    monkeypatch.setattr(ann, "build", build)
+    report = update_catalogue(setup["embedder"], built["photos"], index, backend="hnsw", shard_size=5, verbose=0)
+    assert report.rewritten == 2 and report.added == 0
+    assert all(os.path.isfile(shard.structure_path("hnsw")) for shard in report.catalogue.shards)
+    _, items, used = report.catalogue.search(report.catalogue.unit_rows(), k=1)
+    assert used == "hnsw"
+    np.testing.assert_array_equal(items[:, 0], np.arange(12))
+
+
+def test_an_approximate_search_reads_little_of_a_mapped_catalogue(large, tmp_path):
+    ann = import_ann("hnsw")
+    params = ann.AnnParams(connectivity=8, expansion_add=32)
+    index = write_catalogue(large["root"] / "hnsw.index", large["rows"], shard_size=large["shard_size"],
+                            approximate="hnsw", params=params)
+    increase, report = measure(index, "hnsw", large["queries"], tmp_path, warm_rows=large["shard_size"])
+    assert report["backend"] == "hnsw"
+    np.testing.assert_array_equal(np.asarray(report["items"])[:, 0], large["mine"])
+    # Neither the rows nor the graphs are read into memory: the structures are mapped, and only
+    # the shortlisted rows are decoded (at most 100 per query and shard).
+    assert allocated_kb(increase, report) < directory_bytes(index) / 1024 / 4, report
