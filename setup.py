@@ -15,6 +15,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["pnpp_tf", "pnpp_tf.*"]),
+    package_data={"pnpp_tf.serving": ["page.html"]},  # the page pnpp_tf.serve serves at /
     install_requires=[
         # Keras 3 ships with TF >= 2.16; 2.20-2.21 is what this package is tested on.
         "tensorflow>=2.20,<2.22",
@@ -36,17 +37,29 @@ setup(
         # tiny datasets with TFDS's own builders; the KerasHub tests build tiny presets offline.
         # tests/test_docs.py builds the documentation site with `mkdocs build --strict`.
         # tests/retrieval/test_ann.py builds, saves and memory-maps usearch HNSW graphs (and faiss IVF-PQ).
-        "test": ["pytest>=8.2", "pytest-xdist>=3.5", "ai-edge-litert>=2.0,<3", "tensorflow-serving-api>=2.20,<2.22", "faiss-cpu>=1.8",
+        "test": ["pytest>=8.2", "pytest-xdist>=3.5", "ai-edge-litert>=2.0,<3", "tensorflow-serving-api>=2.20,<2.22", "faiss-cpu>=1.11",
                  "usearch>=2.12,<3", "tensorflow-datasets>=4.9,<5", "keras-hub>=0.32,<0.33", "tensorflow-text>=2.20.1,<2.22",
-                 "mkdocs>=1.6", "mkdocs-material>=9.5"],
+                 "mkdocs>=1.6", "mkdocs-material>=9.5",
+                 # tests/serving/test_service.py: the search service, and its page in Chromium (apt) via Playwright.
+                 "fastapi>=0.165,<1", "uvicorn>=0.55,<1", "python-multipart>=0.0.34,<0.1", "httpx>=0.28,<1",
+                 "playwright>=1.50,<2",
+                 # tests/retrieval/test_beam.py runs the Beam pipeline on the DirectRunner (2 processes).
+                 "apache-beam>=2.77,<3"],
         # The documentation site under docs/ (mkdocs.yml): `mkdocs serve`, `mkdocs build --strict`.
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5"],
+        # python -m pnpp_tf.serve: the HTTP search service (tested on fastapi 0.165 / starlette 1.10, uvicorn 0.55,
+        # python-multipart 0.0.34, which FastAPI needs to read the multipart form).
+        "serve": ["fastapi>=0.165,<1", "uvicorn>=0.55,<1", "python-multipart>=0.0.34,<0.1"],
         "tflite": ["ai-edge-litert>=2.0,<3"],
         "serving": ["tensorflow-serving-api>=2.20,<2.22"],
         "faiss": ["faiss-cpu>=1.8"],
         # The catalogue index's approximate shard structures (pnpp_tf.retrieval.ann): --backend=hnsw is
         # a usearch graph (2.12+: Index.restore(view=True) memory-maps it), ivfpq a faiss IndexIVFPQ.
-        "ann": ["usearch>=2.12,<3", "faiss-cpu>=1.8"],
+        # faiss 1.11+ memory-maps an IVF-PQ file (IO_FLAG_MMAP_IFC); older ones read it into memory.
+        "ann": ["usearch>=2.12,<3", "faiss-cpu>=1.11"],
+        # python -m pnpp_tf.index --runner=... (pnpp_tf.retrieval.beam). apache-beam 2.77 pins protobuf<7,
+        # pillow<13, pyarrow<26: installing it downgrades those (TensorFlow 2.21 accepts protobuf 6).
+        "beam": ["apache-beam>=2.77,<3"],
         # --backbone=keras_hub. pnpp_tf.modeling.hub_backbones relies on where KerasHub's DINOv2/DINOv3/ViT put
         # their CLS and register tokens: bounded to 0.32, on which tests/test_keras_hub.py checks it.
         # keras-hub 0.32 needs tensorflow-text >= 2.20.1; its 2.20/2.21 wheels match TensorFlow's.

@@ -52,6 +52,14 @@ class IndexConfig(Config):
     ivf_probes: int = option(_ANN.probes, "IVF-PQ: lists searched per query.", lower=1)
     pq_bytes: int = option(_ANN.pq_bytes, "IVF-PQ: bytes per product-quantised code (0: the dimension / 8); "
                            "must divide the dimension.", lower=0)
+    runner: str = option("", "Embed with an Apache Beam pipeline on this runner (needs pnpp_tf[beam]) into "
+                         "--beam_output, then ingest that into a new --index; empty: in process.",
+                         choices=("", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner"))
+    beam_args: str = option("", "Beam's own pipeline options, one shell-quoted string, e.g. \"--project=p "
+                            "--region=r --temp_location=gs://b/tmp\" (DirectRunner default: "
+                            "--direct_num_workers=2 --direct_running_mode=multi_processing).")
+    beam_output: typing.Optional[str] = option(None, "Where the Beam pipeline writes its embeddings (any "
+                                               "filesystem Beam writes; default: <index>.beam); a rerun resumes.")
 
     def ann_params(self):
         """The approximate backend's parameters, as `pnpp_tf.retrieval.ann` takes them."""
@@ -82,3 +90,24 @@ class SearchConfig(Config):
 
 
 _SEARCH_CHOICES = tuple(dict.fromkeys((*SEARCH_BACKENDS, *neighbours.BACKENDS, *neighbours.ALIASES)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig(Config):
+    """What `pnpp_tf.serve` serves over HTTP, where, and its bounds."""
+
+    index: typing.Optional[str] = option(None, "A catalogue index written by python -m pnpp_tf.index (or an "
+                                         "older single-file .npz index).")
+    model: typing.Optional[str] = option(None, "The model to embed uploads with (default: the one the index "
+                                         "was built with; it must be the same model).")
+    host: str = option("127.0.0.1", "The address to listen on: 127.0.0.1 (this machine only) unless you mean "
+                       "to serve others.")
+    port: int = option(8000, "The TCP port (0: any free one; the URL printed names it).", lower=0, upper=65535)
+    backend: str = option("auto", "As pnpp_tf.search --backend.", choices=lambda: _SEARCH_CHOICES)
+    rescore: int = option(0, "As pnpp_tf.search --rescore.", lower=0)
+    max_k: int = option(100, "The most neighbours one search returns.", lower=1)
+    max_upload_bytes: int = option(20 * 1024 * 1024, "The largest upload, in bytes (larger: 413).", lower=1)
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "The largest width x height of an upload, read from its header "
+                             "before decoding (larger: 413).", lower=1)
+    max_failure_queries: int = option(5000, "Items searched against the rest for /api/failures (evenly spaced "
+                                      "if the index holds more).", lower=1)

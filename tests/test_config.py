@@ -11,13 +11,13 @@ import pytest
 from absl import flags
 
 from pnpp_tf import config as config_module, flags as pnpp_flags
-from pnpp_tf.catalogue_config import IndexConfig, SearchConfig
+from pnpp_tf.catalogue_config import IndexConfig, SearchConfig, ServeConfig
 from pnpp_tf.config import CheckDataConfig, EvaluateConfig, ExportConfig, TrainConfig
 from pnpp_tf.errors import UserError
 
 PACKAGE = pathlib.Path(config_module.__file__).resolve().parent
-ENTRY_POINTS = ("train", "evaluate", "export", "index", "search", "check_data")
-CONFIGS = (TrainConfig, EvaluateConfig, ExportConfig, IndexConfig, SearchConfig, CheckDataConfig)
+ENTRY_POINTS = ("train", "evaluate", "export", "index", "search", "serve", "check_data")
+CONFIGS = (TrainConfig, EvaluateConfig, ExportConfig, IndexConfig, SearchConfig, ServeConfig, CheckDataConfig)
 # Fields a config checks across fields; a valid value for each config.
 REQUIRED = {TrainConfig: {"model_dir": "run"}, CheckDataConfig: {"dataset": "folder", "data_dir": "data"}}
 

@@ -24,6 +24,7 @@ from conftest import make_folder_dataset
 from pnpp_tf import artifacts, export, flags, index, io_utils
 from pnpp_tf.serving import parity, signatures
 from pnpp_tf.artifacts import ExportDir, MissingArtifactError
+from pnpp_tf.catalogue_config import IndexConfig
 from pnpp_tf.config import ExportConfig
 from pnpp_tf.modeling.model import build_embedder
 
@@ -297,8 +298,9 @@ def test_an_incomplete_version_from_an_older_export_is_passed_over_then_removed(
     images = make_folder_dataset(tmp_path / "images")
 
     with LogLines() as lines:
-        built = index.run(str(export_dir), images, str(tmp_path / "photos.npz"), progress=False)
-    assert built.metadata["model"] == str(export_dir / "1")
+        built = index.run(IndexConfig(model=str(export_dir), images=images, index=str(tmp_path / "photos.index"),
+                                      progress=False))
+    assert built.catalogue.manifest["model"] == str(export_dir / "1")
     assert any(f"Passing over version 2 of the export {export_dir}" in line for line in lines)
     assert any(f"Using version 1 of the export {export_dir}" in line for line in lines)
 

@@ -117,7 +117,7 @@ def test_index_skips_the_bomb_and_loops_of_links(tmp_path):
     model_dir.mkdir()
     build_embedder("small_cnn", image_size=32, embedding_dim=8, weights="none").save(model_dir / "embedder.keras")
     args = ("-m", "pnpp_tf.index", f"--model={model_dir}", f"--images={photos}", "--noprogress")
-    clean, baseline = run_measured(*args, f"--index={tmp_path / 'clean.npz'}")
+    clean, baseline = run_measured(*args, f"--index={tmp_path / 'clean.index'}")
     assert clean.returncode == 0, clean.stderr[-3000:]
     bomb = bomb_in(photos / "big")
     os.symlink("loop.png", photos / "loop.png")  # a link to itself
@@ -125,7 +125,7 @@ def test_index_skips_the_bomb_and_loops_of_links(tmp_path):
     os.symlink("a.jpg", photos / "b.jpg")
     os.symlink("..", photos / "big" / "up")  # a folder link back to the root: not followed again
 
-    result, peak = run_measured(*args, f"--index={tmp_path / 'photos.npz'}")
+    result, peak = run_measured(*args, f"--index={tmp_path / 'photos.index'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Indexed 4 images under {photos}" in result.stdout
     assert "Skipped 4 unreadable file(s):" in result.stdout
@@ -133,7 +133,7 @@ def test_index_skips_the_bomb_and_loops_of_links(tmp_path):
     for name in ("loop.png", "a.jpg", "b.jpg"):
         assert f"{photos / name}  (Too many levels of symbolic links)" in result.stdout
     assert f"Not following {photos / 'big' / 'up'}" in result.stderr
-    assert sorted(os.listdir(tmp_path)) == ["clean.npz", "photos", "photos.npz", "run"]
+    assert sorted(os.listdir(tmp_path)) == ["clean.index", "photos", "photos.index", "run"]
     assert peak < baseline + BUDGET_BYTES, (peak, baseline)
 
 

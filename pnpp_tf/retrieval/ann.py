@@ -3,7 +3,7 @@
     import os
     from pnpp_tf.retrieval import ann
 
-    params = ann.AnnParams()                      # or ann.AnnParams.from_json(manifest["ann"])
+    params = ann.AnnParams()       # or ann.AnnParams.from_json(manifest["approximate"]["params"])
     structure = ann.build("hnsw", embeddings, params, dtype="float16")  # float32 [n, D] unit rows
     path = os.path.join(shard_dir, ann.structure_file("hnsw"))
     structure.save(path)
@@ -15,9 +15,9 @@ the library's approximate score, and the catalogue re-scores them exactly with i
 embeddings. Cosine similarity is the dot product of the unit rows.
 
 Backends (`APPROXIMATE`), both `pip install 'pnpp_tf[ann]'`:
-"hnsw": a usearch HNSW graph holding the vectors at the catalogue's storage dtype (f32, f16 or
-i8; usearch quantises i8 as round(127 x) of the unit row, so it uses its cosine metric there and
-the inner product otherwise). The whole file is memory-mapped on load (Index.restore(view=True)).
+"hnsw": a usearch HNSW graph holding the vectors at the catalogue's storage dtype (f32, f16, or i8
+as round(127 x) of the unit row, under usearch's cosine metric; inner product otherwise). The
+whole file is memory-mapped on load (Index.restore(view=True)).
 "ivfpq": a faiss IndexIVFPQ over inner products with 8-bit codes. `AnnParams.lists` = 0 picks
 `auto_lists(n)` = round(4 sqrt(n)) lists, and any value is capped at n // 39 (faiss' k-means wants
 39 training points per centroid); `pq_bytes` = 0 picks the largest divisor of D at most D // 8.
@@ -25,11 +25,11 @@ Shards of fewer than `IVFPQ_MIN_ROWS` rows (too few to train 256 PQ centroids pe
 get an exact faiss IndexFlatIP instead, at most 20 MB for D = 512. Loaded memory-mapped with
 faiss' IO_FLAG_MMAP_IFC.
 
-Defaults, measured on 200,000 x 512 clustered unit rows: HNSW M 32, efConstruction 128 and
-efSearch 64 are the least whose own top 10 hold 0.99 of the exact one at f32/f16 (M 16 or
-efConstruction 64: 0.94-0.98), and 100 candidates hold 0.997+ at every dtype; IVF-PQ's 100 hold
-0.999 (50 only 0.94: `RESCORE_DEPTH`), its 16 probes 4x where that stopped rising. usearch over
-faiss' HNSW: as fast at f16 and i8 (faiss 2x at f32 single queries), no quantiser to train.
+Defaults, measured on 200,000 x 512 clustered unit rows: with HNSW M 32, efConstruction 128 and
+efSearch 64 its own top 10 hold 0.99 of the exact one at f32/f16 (efSearch 32: 0.97; M 16 or
+efConstruction 64: 0.94-0.98) and 100 candidates 0.997+ at every dtype; IVF-PQ's 100 hold 0.999
+(50 only 0.94, hence `RESCORE_DEPTH`), 16 probes being 4x where that stopped rising. usearch over
+faiss' HNSW: as fast at f16/i8 (faiss 2x at f32), and f16/i8 without training a quantiser.
 
 Threads: the libraries' own, `threads()` of them (`set_threads`; default os.cpu_count()), except
 that HNSW graphs are built on one (see `build`). faiss' OpenMP thread count is set for each call
@@ -61,11 +61,9 @@ FLAGS = {"connectivity": "--hnsw_connectivity", "expansion_add": "--hnsw_expansi
          "probes": "--ivf_probes", "pq_bytes": "--pq_bytes"}
 # faiss' k-means warns below 39 training points per centroid (and fails below 1).
 MIN_POINTS_PER_LIST = 39
-# 8-bit PQ codes: 256 centroids per sub-vector, trained on the shard itself.
-_PQ_BITS = 8
+_PQ_BITS = 8  # 8-bit PQ codes: 256 centroids per sub-vector, trained on the shard itself
 IVFPQ_MIN_ROWS = MIN_POINTS_PER_LIST * (1 << _PQ_BITS)  # 9,984
-# auto pq_bytes: the largest divisor of D at most D // this.
-_PQ_DIMS_PER_BYTE = 8
+_PQ_DIMS_PER_BYTE = 8  # auto pq_bytes: the largest divisor of D at most D // 8
 # The catalogue re-scores rescore_depth(k) = max(RESCORE_FACTOR * k, RESCORE_DEPTH) candidates.
 RESCORE_DEPTH = 100
 RESCORE_FACTOR = 10
@@ -105,17 +103,12 @@ class AnnParams:
                  "probes": 1, "pq_bytes": 0}
         for name, minimum in least.items():
             value = getattr(self, name)
-            try:
-                if isinstance(value, bool):
-                    raise TypeError
-                number = operator.index(value)
-            except TypeError:
-                number = None
+            number = _integer(value)
             if number is None or number < minimum:
                 what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
                 auto = " (0: automatic)" if minimum == 0 else ""
                 raise UserError(f"{FLAGS[name]}={value!r} must be {what}{auto}.")
-            object.__setattr__(self, name, number)
+            object.__setattr__(self, name, number)  # a NumPy integer becomes an int, for JSON
 
     def to_json(self):
         """The fields as a JSON-serialisable dict."""
@@ -140,9 +133,9 @@ class AnnParams:
 def set_threads(count=None):
     """Sets the threads every later build and search uses; None: os.cpu_count()."""
     global _threads  # pylint: disable=global-statement - one setting per process
-    if count is not None and (isinstance(count, bool) or operator.index(count) < 1):
+    if count is not None and (_integer(count) or 0) < 1:
         raise UserError(f"threads={count!r} must be a positive integer.")
-    _threads = None if count is None else operator.index(count)
+    _threads = None if count is None else _integer(count)
 
 
 def threads():
@@ -166,7 +159,7 @@ def auto_lists(n):
 
 
 def build(backend, embeddings, params=None, dtype="float32"):
-    """Builds `backend`'s structure over one shard.
+    """Builds `backend`'s structure over one shard; an HNSW graph on one thread (reproducible).
 
     Args:
         backend: one of `APPROXIMATE`.
@@ -174,9 +167,6 @@ def build(backend, embeddings, params=None, dtype="float32"):
         params: an `AnnParams`; None: the defaults.
         dtype: the catalogue's storage dtype, one of `DTYPES`: the precision of the HNSW graph's
             vectors (ivfpq stores PQ codes whatever it is).
-
-    HNSW graphs are built on one thread, so the same rows give the same graph; IVF-PQ trains
-    and adds on `threads()`.
 
     Returns:
         A `Structure`.
@@ -198,8 +188,9 @@ def build(backend, embeddings, params=None, dtype="float32"):
                             dtype=_USEARCH_DTYPES[dtype], connectivity=params.connectivity,
                             expansion_add=params.expansion_add)
         # One thread, whatever threads() says: concurrent adds strand nodes that no search reaches
-        # (unum-cloud/USearch#735, open in 2.26; measured: 8 of 50,000 rows never found as their
-        # own nearest with 2 threads, none with 1). The graph is then the same on every build.
+        # (unum-cloud/USearch#735, open in 2.26; measured on 50,000 rows: 8 never found as their
+        # own nearest with 2 threads, none with 1), and one thread builds the same graph every
+        # time. Cost measured at 200,000 x 512 f16 on 2 busy cores: 108 s instead of 94 s.
         index.add(np.arange(len(x), dtype=np.uint64), x, threads=_USEARCH_ADD_THREADS)
     else:
         index = _build_ivfpq(_import_faiss(), x, params)
@@ -246,18 +237,17 @@ class Structure:
         self._index = index
         # usearch's search reserves per-thread contexts in the index: one search at a time.
         self._lock = threading.Lock()
+        self._search_params = None
         if backend == "hnsw":
             index.expansion_search = params.expansion_search
             self.dim = int(index.ndim)
             self.kind = f"usearch HNSW, {index.dtype.name.lower()}, M {index.connectivity}"
-            self._search_params = None
             return
         faiss = _import_faiss()
         self.dim = int(index.d)
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is None:
             self.kind = "faiss flat inner product (exact)"
-            self._search_params = None
         else:
             self.kind = f"faiss IVF-PQ, {ivf.nlist} lists, {index.pq.M}-byte codes"
             self._search_params = faiss.SearchParametersIVF(nprobe=min(params.probes, ivf.nlist))
@@ -344,8 +334,8 @@ class Structure:
             num_threads: threads for this call; None: `threads()`.
 
         Returns:
-            int64 [Q, depth] row ids in 0..n-1; -1 fills the end of a row where fewer were found
-            (always past n; IVF-PQ also when the probed lists hold fewer than `depth` rows).
+            int64 [Q, depth] row ids in 0..n-1; -1 fills the end of a row where fewer were found:
+            past n, and for IVF-PQ where the probed lists hold fewer than `depth` rows.
 
         Raises:
             UserError: `queries` are not finite [Q, D] rows of this structure's D.
@@ -367,11 +357,9 @@ class Structure:
                 matches = self._index.search(q, count, threads=num_threads)
             keys = np.asarray(matches.keys, dtype=np.int64).reshape(len(q), -1)
             # One query gets a usearch Matches, whose keys are only those found; several a
-            # BatchMatches, padded past each row's `counts`.
+            # BatchMatches, whose rows are padded with key 0 past their `counts`.
             counts = np.asarray(getattr(matches, "counts", keys.shape[1])).reshape(-1, 1)
-            # usearch pads rows with key 0 past counts.
-            columns = np.arange(keys.shape[1])
-            found[:, :keys.shape[1]] = np.where(columns < counts, keys, -1)
+            found[:, :keys.shape[1]] = np.where(np.arange(keys.shape[1]) < counts, keys, -1)
             return found
         with _faiss_threads(_import_faiss(), num_threads):
             _, ids = self._index.search(q, count, params=self._search_params)
@@ -389,6 +377,14 @@ def _faiss_threads(faiss, count=None):
             yield
         finally:
             faiss.omp_set_num_threads(before)
+
+
+def _integer(value):
+    """`value` as an int if it is an integer (not a bool), else None."""
+    try:
+        return None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return None
 
 
 def _check_backend(backend):

@@ -31,8 +31,9 @@ from absl import logging
 from pnpp_tf.data.image_header import DEFAULT_MAX_PIXELS
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import is_temporary_name, write_json
+from pnpp_tf.retrieval import ann, neighbours
 from pnpp_tf.retrieval import catalogue as catalogue_lib
-from pnpp_tf.retrieval.embed import CHANGED_DURING_RUN
+from pnpp_tf.retrieval.embed import CHANGED_DURING_RUN, find_images
 from pnpp_tf.retrieval.shards import DTYPES, Shard
 from pnpp_tf.run_lock import RunLock
 
@@ -91,8 +92,6 @@ def update_catalogue(embedder, images_root, directory, dtype="auto", backend="au
     Raises:
         UserError: no images, a catalogue of another model, folder or dtype, or bad options.
     """
-    from pnpp_tf.retrieval.embed import find_images  # pylint: disable=import-outside-toplevel
-
     if shard_size < 1:
         raise UserError(f"--shard_size must be at least 1, got {shard_size}.")
     root = os.path.abspath(images_root)
@@ -136,7 +135,7 @@ def update_catalogue(embedder, images_root, directory, dtype="auto", backend="au
 
 
 def write_catalogue(directory, embeddings, keys, images_root, model="embeddings", image_size=None, dtype="float32",
-                    backend=None, params=None, shard_size=DEFAULT_SHARD_SIZE, verbose=1):
+                    backend=None, params=None, shard_size=DEFAULT_SHARD_SIZE, verbose=1, extra=None):
     """A new catalogue of embeddings made elsewhere (a benchmark's, another pipeline's), shard by shard.
 
     Args:
@@ -147,6 +146,8 @@ def write_catalogue(directory, embeddings, keys, images_root, model="embeddings"
         model, image_size: what the manifest records as the model and its crop size.
         dtype, backend, params, shard_size: as `update_catalogue`.
         verbose: 1 to log each shard.
+        extra: manifest entries to record too, e.g. (`pnpp_tf.retrieval.beam.ingest_embeddings`) the
+            "skipped" files [[path, size, mtime_ns, reason]], "max_pixels", "model_kind", "model_stamp".
 
     Returns:
         The `Catalogue`, opened.
@@ -162,6 +163,7 @@ def write_catalogue(directory, embeddings, keys, images_root, model="embeddings"
                     "embedding_dim": int(embeddings.shape[1]), "model_stamp": None, "dtype": dtype,
                     "distance": "cosine", "images_root": os.path.abspath(images_root), "approximate": approximate,
                     "shards": [], "next_shard": 0, "skipped": [], "created": _now()}
+        manifest.update(extra or {})
         for start in range(0, len(keys), shard_size):
             rows = np.asarray(embeddings[start:start + shard_size], np.float32)
             manifest["shards"].append(_write_shard(directory, manifest, rows, list(keys[start:start + shard_size]),
@@ -177,8 +179,6 @@ def _approximate(backend, params):
     """The manifest's "approximate" entry for `backend`, its parameters checked."""
     if backend in (None, "", "exact"):
         return None
-    from pnpp_tf.retrieval import ann  # pylint: disable=import-outside-toplevel
-
     if backend not in ann.APPROXIMATE:
         raise UserError(f"--backend={backend!r} is not exact or one of {', '.join(ann.APPROXIMATE)}.")
     params = params or ann.AnnParams()
@@ -280,16 +280,12 @@ def _add_shard(directory, manifest, embedder, root, chunk, approximate, batch_si
 
 def _write_shard(directory, manifest, rows, keys, approximate):
     """Writes a new shard of `rows` (float32, as embedded or decoded) and returns its manifest entry."""
-    from pnpp_tf.retrieval import neighbours  # pylint: disable=import-outside-toplevel
-
     name = f"{_SHARD_PREFIX}{manifest['next_shard']:06d}"
     manifest["embedding_dim"] = manifest["embedding_dim"] or int(rows.shape[1])  # a SavedModel may not say
     manifest["next_shard"] += 1
     structure = None
     if approximate:
-        from pnpp_tf.retrieval import ann  # pylint: disable=import-outside-toplevel
-
-        structure = ann.build(approximate["backend"], neighbours.unit_rows(rows),
+            structure = ann.build(approximate["backend"], neighbours.unit_rows(rows),
                               ann.AnnParams.from_json(approximate["params"]), manifest["dtype"])
     Shard.write(os.path.join(directory, name), rows, keys, manifest["dtype"], structure)
     return {"name": name, "count": len(keys), "approximate": approximate}

@@ -33,10 +33,10 @@ import numpy as np
 
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import replacing_dir
-from pnpp_tf.retrieval import neighbours
+from pnpp_tf.retrieval import ann, neighbours
 
 SHARD_FORMAT_VERSION = 1
-DTYPES = ("float32", "float16", "int8")
+DTYPES = ann.DTYPES
 SHARD_FILES = ("embeddings.npy", "paths.bin", "path_offsets.npy", "sizes.npy", "mtimes.npy", "shard.json")
 _INT8_MAX = 127.0
 # Rows decoded at a time, so that decoding a whole shard never holds two float32 copies.
@@ -94,8 +94,6 @@ class Shard:
             np.save(os.path.join(partial, "sizes.npy"), np.array([size for _, size, _ in items], np.int64))
             np.save(os.path.join(partial, "mtimes.npy"), np.array([mtime for _, _, mtime in items], np.int64))
             if structure is not None:
-                from pnpp_tf.retrieval import ann  # pylint: disable=import-outside-toplevel
-
                 structure.save(os.path.join(partial, ann.structure_file(structure.backend)))
             with open(os.path.join(partial, "shard.json"), "w", encoding="utf-8") as file:
                 json.dump({"format_version": SHARD_FORMAT_VERSION, "count": len(items),
@@ -171,8 +169,6 @@ class Shard:
 
     def structure_path(self, backend):
         """Where this shard's structure for `backend` is (it may not exist)."""
-        from pnpp_tf.retrieval import ann  # pylint: disable=import-outside-toplevel
-
         return os.path.join(self.directory, ann.structure_file(backend))
 
 
