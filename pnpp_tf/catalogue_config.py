@@ -1,4 +1,4 @@
-"""The typed configs of the catalogue programs: `pnpp_tf.index` and `pnpp_tf.search`.
+"""The typed configs of the catalogue programs: `pnpp_tf.index`, `pnpp_tf.search` and `pnpp_tf.serve`.
 
     from pnpp_tf.catalogue_config import IndexConfig
     from pnpp_tf.index import run
@@ -69,42 +69,42 @@ class IndexConfig(Config):
 
 
 @dataclasses.dataclass(frozen=True)
-class SearchConfig(Config):
-    """What `pnpp_tf.search` looks for, and where."""
+class CatalogueSearchConfig(Config):
+    """The catalogue searched, with which model and how: what `SearchConfig` and `ServeConfig` share."""
 
     index: typing.Optional[str] = option(None, "A catalogue index written by python -m pnpp_tf.index (or an "
                                          "older single-file .npz index).")
-    query: typing.Optional[str] = option(None, "The query: an image; or a folder of images, or a text file "
-                                         "listing one image path per line, answered as JSON lines.")
-    k: int = option(10, "How many neighbours to list.", lower=1)
-    grid: typing.Optional[str] = option(None, "Optional PNG: the query and its neighbours (one query only).")
-    model: typing.Optional[str] = option(None, "The model to embed the query with (default: the one the index "
+    model: typing.Optional[str] = option(None, "The model to embed query images with (default: the one the index "
                                          "was built with; it must be the same model).")
     backend: str = option("auto", "auto: the index's approximate structure if it has one, else exact; exact; "
                           "hnsw or ivfpq (as built); faiss (IndexFlatIP, exact; .npz indexes only).",
                           choices=lambda: _SEARCH_CHOICES)
-    output: typing.Optional[str] = option(None, "Where the JSON lines of many queries go (default: stdout).")
-    batch_size: int = option(64, "Query images embedded per batch.", lower=1)
     rescore: int = option(0, "Approximate backends: candidates per query and shard re-scored exactly "
                           "(0: max(100, 10 k)).", lower=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig(CatalogueSearchConfig):
+    """What `pnpp_tf.search` looks for, and where."""
+
+    query: typing.Optional[str] = option(None, "The query: an image; or a folder of images, or a text file "
+                                         "listing one image path per line, answered as JSON lines.")
+    k: int = option(10, "How many neighbours to list.", lower=1)
+    grid: typing.Optional[str] = option(None, "Optional PNG: the query and its neighbours (one query only).")
+    output: typing.Optional[str] = option(None, "Where the JSON lines of many queries go (default: stdout).")
+    batch_size: int = option(64, "Query images embedded per batch.", lower=1)
 
 
 _SEARCH_CHOICES = tuple(dict.fromkeys((*SEARCH_BACKENDS, *neighbours.BACKENDS, *neighbours.ALIASES)))
 
 
 @dataclasses.dataclass(frozen=True)
-class ServeConfig(Config):
-    """What `pnpp_tf.serve` serves over HTTP, where, and its bounds."""
+class ServeConfig(CatalogueSearchConfig):
+    """What `pnpp_tf.serve` serves over HTTP, where, and its bounds (uploads are its query images)."""
 
-    index: typing.Optional[str] = option(None, "A catalogue index written by python -m pnpp_tf.index (or an "
-                                         "older single-file .npz index).")
-    model: typing.Optional[str] = option(None, "The model to embed uploads with (default: the one the index "
-                                         "was built with; it must be the same model).")
     host: str = option("127.0.0.1", "The address to listen on: 127.0.0.1 (this machine only) unless you mean "
                        "to serve others.")
     port: int = option(8000, "The TCP port (0: any free one; the URL printed names it).", lower=0, upper=65535)
-    backend: str = option("auto", "As pnpp_tf.search --backend.", choices=lambda: _SEARCH_CHOICES)
-    rescore: int = option(0, "As pnpp_tf.search --rescore.", lower=0)
     max_k: int = option(100, "The most neighbours one search returns.", lower=1)
     max_upload_bytes: int = option(20 * 1024 * 1024, "The largest upload, in bytes (larger: 413).", lower=1)
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "The largest width x height of an upload, read from its header "

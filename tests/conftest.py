@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny on-disk datasets generated on the fly, and quiet TensorFlow logs."""
+"""Shared fixtures: tiny on-disk datasets generated on the fly, a tiny model, and quiet TensorFlow logs."""
 
 import os
 
@@ -41,6 +41,22 @@ def make_folder_dataset(root, train_classes=4, test_classes=3, images_per_class=
 @pytest.fixture
 def folder_dataset(tmp_path):
     return make_folder_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny model_dir (small_cnn, 32 px, 16-d, random weights from seed 0) and its loaded embedder:
+    {"model_dir", "embedder"}, one per test module."""
+    import keras  # pylint: disable=import-outside-toplevel - most tests need no Keras
+
+    from pnpp_tf.artifacts import load_embedder  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.modeling.model import build_embedder  # pylint: disable=import-outside-toplevel
+
+    keras.utils.set_random_seed(0)
+    model_dir = tmp_path_factory.mktemp("tiny_model") / "run"
+    model_dir.mkdir()
+    build_embedder("small_cnn", 32, 16).save(model_dir / "embedder.keras")
+    return {"model_dir": str(model_dir), "embedder": load_embedder(str(model_dir))}
 
 
 def rows_to_normalise(seed, rows=6, dim=5):

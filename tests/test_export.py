@@ -5,7 +5,6 @@ piece of it against the Keras embedder. Tests needing the `tflite` or `serving` 
 without them.
 """
 
-import concurrent.futures
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from pnpp_tf.data import load_splits, pipeline
 from pnpp_tf.io_utils import OutOfSpaceError
 from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder
 from pnpp_tf.modeling.optimizers import TorchAdam
+from tf_serving_stand_in import predict_request, prediction_service, saved_model_cli
 
 # Every test here but two reads one export of all the formats (about 10 s to make).
 pytestmark = pytest.mark.slow
@@ -153,15 +153,10 @@ def test_bytes_signature_rejects_bad_input_and_keeps_serving(exported, case):
     np.testing.assert_allclose(after, exported["reference"][:2], atol=1e-5)
 
 
-def _saved_model_cli():
-    beside = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    return [beside] if os.path.exists(beside) else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
-
-
 def test_saved_model_cli_lists_both_signatures(exported):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     version_dir = str(exported["export_dir"] / "1")
-    shown = subprocess.run([*_saved_model_cli(), "show", "--dir", version_dir, "--all"],
+    shown = subprocess.run([*saved_model_cli(), "show", "--dir", version_dir, "--all"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert shown.returncode == 0, shown.stderr[-2000:]
     for name, inputs in (("serving_default", r"inputs\['images'\].*?dtype: DT_FLOAT.*?shape: \(-1, 32, 32, 3\)"),
@@ -185,42 +180,14 @@ def test_session_loader_runs_both_signatures(exported):
 
 
 def test_grpc_predict_requests_for_both_signatures(exported):
-    pytest.importorskip("tensorflow_serving.apis.predict_pb2")
-    import grpc  # pylint: disable=import-outside-toplevel
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # pylint: disable=import-outside-toplevel
-
-    signatures = exported["loaded"].signatures
-
-    class StandIn(prediction_service_pb2_grpc.PredictionServiceServicer):
-        """What TF Serving does with a PredictRequest: the signature by name, its inputs by key."""
-
-        def Predict(self, request, context):  # pylint: disable=invalid-name
-            inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
-            response = predict_pb2.PredictResponse()
-            for name, value in signatures[request.model_spec.signature_name](**inputs).items():
-                response.outputs[name].CopyFrom(tf.make_tensor_proto(value))
-            return response
-
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(1))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(StandIn(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        # The client of docs/exporting.md.
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    with prediction_service(exported["loaded"].signatures) as stub:
         for signature, key, value in (
             ("serving_default", "images", exported["test_images"][:3]),
             ("serve_image_bytes", "image_bytes", _file_bytes(exported["test_paths"][:3])),
         ):
-            request = predict_pb2.PredictRequest()
-            request.model_spec.name = "embedder"
-            request.model_spec.signature_name = signature
-            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-            response = stub.Predict(request, timeout=60.0)
+            response = stub.Predict(predict_request("embedder", signature, {key: value}), timeout=60.0)
             embeddings = tf.make_ndarray(response.outputs["embedding"])
             np.testing.assert_allclose(embeddings, exported["reference"][:3], atol=1e-5)
-    finally:
-        server.stop(None)
 
 
 @pytest.mark.parametrize("variant", export.TFLITE_VARIANTS)

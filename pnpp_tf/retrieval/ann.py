@@ -31,10 +31,11 @@ efConstruction 64: 0.94-0.98) and 100 candidates 0.997+ at every dtype; IVF-PQ's
 (50 only 0.94, hence `RESCORE_DEPTH`), 16 probes being 4x where that stopped rising. usearch over
 faiss' HNSW: as fast at f16/i8 (faiss 2x at f32), and f16/i8 without training a quantiser.
 
-Threads: the libraries' own, `threads()` of them (`set_threads`; default os.cpu_count()), except
-that HNSW graphs are built on one (see `build`). faiss' OpenMP thread count is set for each call
-and put back afterwards. Calls on one structure are serialised (a lock), and faiss calls across
-the process, so threads may share structures.
+Threads: the libraries' own, `threads()` of them (`set_threads`; default os.cpu_count()), but
+never more than a call has queries (both share out queries, not one query's work), and HNSW
+graphs are built on one (see `build`). faiss' OpenMP thread count is set for each call, in the
+calling thread only, and put back afterwards. usearch searches of one structure are serialised
+(a lock), so threads may share structures, and search different shards side by side.
 """
 
 import contextlib
@@ -72,7 +73,6 @@ RESCORE_FACTOR = 10
 # 1.15 reads an IVF-PQ file one byte short without an error).
 _TRAILER = struct.Struct("<8sQ")
 _MAGIC = b"PNPPIVF1"
-_FAISS_LOCK = threading.RLock()
 _threads = None
 
 
@@ -351,7 +351,8 @@ class Structure:
         count = min(depth, len(self))
         if not len(q):
             return found
-        num_threads = num_threads or threads()
+        # Both libraries share out queries, not one query's work: more threads than queries idle.
+        num_threads = min(num_threads or threads(), len(q))
         if self.backend == "hnsw":
             with self._lock:
                 matches = self._index.search(q, count, threads=num_threads)
@@ -369,14 +370,17 @@ class Structure:
 
 @contextlib.contextmanager
 def _faiss_threads(faiss, count=None):
-    """faiss' OpenMP threads set to `count` (None: `threads()`) inside, and put back after."""
-    with _FAISS_LOCK:
-        before = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(count or threads())
-        try:
-            yield
-        finally:
-            faiss.omp_set_num_threads(before)
+    """faiss' OpenMP threads set to `count` (None: `threads()`) inside, and put back after.
+
+    OpenMP keeps the thread count per calling thread (its nthreads-var is a data-environment
+    ICV), so threads searching different shards at once each set their own without a lock.
+    """
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count or threads())
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _integer(value):

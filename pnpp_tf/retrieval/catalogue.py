@@ -16,12 +16,13 @@ being written, and the next `pnpp_tf.index` removes it).
 
 Items are numbered in manifest order: shard by shard, row by row. Every backend ranks by the exact
 engine's rule (`pnpp_tf.retrieval.neighbours`): descending cosine similarity of the stored rows
-decoded to unit float32, ties by ascending item number. "exact" searches each shard with the exact
-engine and merges the lists; "hnsw" and "ivfpq" ask each shard's approximate structure for a
+decoded to unit float32, ties by ascending item number. "exact" scores every row of each shard (the
+mapped float32 rows themselves, or blocks decoded from float16/int8) and merges the lists; "hnsw" and "ivfpq" ask each shard's approximate structure for a
 shortlist (`pnpp_tf.retrieval.ann`), score the shortlist exactly and merge the same way, so the
 only difference from "exact" is an item the shortlist missed.
 """
 
+import concurrent.futures
 import dataclasses
 import os
 
@@ -37,8 +38,12 @@ FORMAT = "pnpp_tf catalogue index"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SEARCH_BACKENDS = ("auto", "exact", "hnsw", "ivfpq")
-# Queries re-scored together: 256 x 100 candidates x 512 floats is 52 MB.
-_RESCORE_QUERIES = 256
+# Queries scored together: 256 x 100 candidates x 512 floats is 52 MB when re-scoring, and
+# 256 x 65,536 rows of scores is 64 MB in an exact search.
+_QUERY_BLOCK = 256
+_EXACT_SCORES = 1 << 24
+# Rows decoded at a time from float16/int8 by an exact search: 16,384 x 512 floats is 32 MB.
+_DECODE_BLOCK = 1 << 14
 
 
 def is_catalogue(path):
@@ -62,6 +67,10 @@ class Catalogue:
     manifest: dict
     shards: list
     damaged: list
+    _structures: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        self._offsets = np.concatenate([[0], np.cumsum([len(shard) for shard in self.shards])]).astype(np.int64)
 
     @classmethod
     def open(cls, directory, flag="--index"):
@@ -86,7 +95,7 @@ class Catalogue:
         return cls(directory, manifest, shards, damaged)
 
     def __len__(self):
-        return sum(len(shard) for shard in self.shards)
+        return int(self._offsets[-1])
 
     @property
     def root(self):
@@ -96,7 +105,7 @@ class Catalogue:
     @property
     def offsets(self):
         """int64 [S + 1]: shard s holds items offsets[s]:offsets[s + 1]."""
-        return np.concatenate([[0], np.cumsum([len(shard) for shard in self.shards])]).astype(np.int64)
+        return self._offsets
 
     def locate(self, item):
         """(shard, row) of item number `item`."""
@@ -159,7 +168,8 @@ class Catalogue:
         depth = ann.rescore_depth(k) if rescore is None else int(rescore)
         if depth < k:
             raise UserError(f"--rescore={rescore} must be at least --k={k}.")
-        lists = [self._search_shard(shard, queries, k, used, depth) for shard in self.shards]
+        lists = self._each_shard(lambda shard: self._search_shard(shard, queries, k, used, depth),
+                                 parallel=used != "exact" and len(queries) < ann.threads())
         scores = np.concatenate([scores for scores, _ in lists], axis=1)
         items = np.concatenate([np.where(ids >= 0, ids + offset, -1)
                                 for (_, ids), offset in zip(lists, self.offsets)], axis=1)
@@ -182,19 +192,84 @@ class Catalogue:
     def _search_shard(self, shard, queries, k, backend, depth):
         """One shard's (similarities [Q, <=k], local rows [Q, <=k]) in the one order."""
         k = min(k, len(shard))
-        if backend == "exact":  # `nearest` scales the decoded rows to unit length itself
-            return neighbours.nearest(queries, shard.decoded(), k, backend="exact")
+        if backend == "exact":
+            return exact_shard(shard, queries, k)
         structure = self._structure(shard, backend)
         candidates = structure.candidates(queries, min(depth, len(shard)))
         return rescore_candidates(shard, queries, candidates, k)
 
+    def _each_shard(self, search, parallel):
+        """[search(shard) for each shard], on `ann.threads()` threads if `parallel`.
+
+        The approximate libraries share out queries among their threads: for fewer queries than
+        threads, the shards are searched side by side instead (faiss, usearch and numpy's
+        products release the GIL). Exact search is left to the BLAS's own threads.
+        """
+        workers = min(ann.threads(), len(self.shards))
+        if not parallel or workers < 2:
+            return [search(shard) for shard in self.shards]
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(search, self.shards))
+
     def _structure(self, shard, backend):
-        cache = self.__dict__.setdefault("_structures", {})
-        if shard.directory not in cache:
+        """The shard's approximate structure, loaded (memory-mapped) once per opened catalogue."""
+        if shard.directory not in self._structures:
             params = ann.AnnParams.from_json(self.manifest["approximate"]["params"])
-            cache[shard.directory] = ann.Structure.load(backend, shard.structure_path(backend), mmap=True,
-                                                        params=params)
-        return cache[shard.directory]
+            self._structures[shard.directory] = ann.Structure.load(
+                backend, shard.structure_path(backend), mmap=True, params=params)
+        return self._structures[shard.directory]
+
+
+def exact_shard(shard, queries, k):
+    """The `k` best rows of `shard` for each query, every row scored, in the one order.
+
+    Args:
+        shard: a `Shard`.
+        queries: float32 [Q, D] unit rows.
+        k: how many to keep, 1 to len(shard).
+
+    Returns:
+        (float32 similarities [Q, k], int64 rows [Q, k]).
+
+    Memory: one block of at most 2**24 scores, and for float16/int8 one decoded block of rows;
+    float32 rows are multiplied straight from the mapped file.
+    """
+    results = []
+    for start in range(0, len(queries), _QUERY_BLOCK):
+        block = queries[start:start + _QUERY_BLOCK]
+        rows_per_block = max(k, _EXACT_SCORES // len(block))
+        if shard.dtype != "float32":
+            rows_per_block = max(k, min(rows_per_block, _DECODE_BLOCK))
+        best = None
+        for first in range(0, len(shard), rows_per_block):
+            scores = block @ shard.unit_block(first, first + rows_per_block).T
+            found = select_best(scores, min(k, scores.shape[1]))
+            found = (found[0], found[1] + first)
+            best = found if best is None else merge_lists(np.concatenate([best[0], found[0]], axis=1),
+                                                          np.concatenate([best[1], found[1]], axis=1), k)
+        results.append(best)
+    return np.concatenate([scores for scores, _ in results]), np.concatenate([rows for _, rows in results])
+
+
+def select_best(scores, k):
+    """(values, int64 columns) of the `k` best of each row of `scores`, by (score desc, column asc).
+
+    `np.argpartition` keeps some k best, but of columns tied with the k-th score it may keep a
+    higher one than the rule does; those rows (rare: a tie across the cut) are chosen again
+    from every column reaching the k-th score.
+    """
+    if k >= scores.shape[1]:
+        picked = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    else:
+        picked = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        values = np.take_along_axis(scores, picked, axis=1)
+        kth = values.min(axis=1, keepdims=True)
+        cut_tie = (scores == kth).sum(axis=1) > (values == kth).sum(axis=1)
+        for row in np.flatnonzero(cut_tie):
+            reaching = np.flatnonzero(scores[row] >= kth[row, 0])
+            picked[row] = reaching[np.lexsort((reaching, -scores[row, reaching]))[:k]]
+    picked = np.asarray(picked, np.int64)
+    return merge_lists(np.take_along_axis(scores, picked, axis=1), picked, k)
 
 
 def rescore_candidates(shard, queries, candidates, k):
@@ -213,8 +288,8 @@ def rescore_candidates(shard, queries, candidates, k):
     candidates = np.asarray(candidates, np.int64)
     scores = np.full(candidates.shape, -np.inf, np.float32)
     # In blocks of queries: a block's gathered rows are [queries, candidates, D] floats.
-    for start in range(0, len(queries), _RESCORE_QUERIES):
-        block = candidates[start:start + _RESCORE_QUERIES]
+    for start in range(0, len(queries), _QUERY_BLOCK):
+        block = candidates[start:start + _QUERY_BLOCK]
         valid = block >= 0
         unique, inverse = np.unique(np.where(valid, block, 0), return_inverse=True)
         rows = shard.unit_rows(unique)  # each row decoded once however many queries shortlist it

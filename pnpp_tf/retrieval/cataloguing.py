@@ -108,8 +108,7 @@ def update_catalogue(embedder, images_root, directory, dtype="auto", backend="au
         keys = {relative: _key(relative, path) for relative, path in found.items()}
         report = UpdateReport(catalogue=None)
         wanted = set(keys.values())
-        _rewrite_shards(directory, manifest, wanted, approximate, report)
-        held = {key for entry in manifest["shards"] for key in _shard_keys(directory, entry)}
+        held = _rewrite_shards(directory, manifest, wanted, approximate, report)
         # Unreadable files stay skipped until they change: reading them again would fail again. Under
         # another pixel budget, those it refused may pass: all are tried again.
         if manifest.get("max_pixels") != max_pixels:
@@ -158,11 +157,9 @@ def write_catalogue(directory, embeddings, keys, images_root, model="embeddings"
         raise UserError(f"{len(embeddings)} embeddings but {len(keys)} keys.")
     approximate = _approximate(backend, params)
     with RunLock(directory, flag="--index", file_name=LOCK_FILE, holder="pnpp_tf.index"):
-        manifest = {"format": catalogue_lib.FORMAT, "format_version": catalogue_lib.FORMAT_VERSION,
-                    "model": model, "model_kind": "embeddings", "image_size": image_size,
-                    "embedding_dim": int(embeddings.shape[1]), "model_stamp": None, "dtype": dtype,
-                    "distance": "cosine", "images_root": os.path.abspath(images_root), "approximate": approximate,
-                    "shards": [], "next_shard": 0, "skipped": [], "created": _now()}
+        identity = {"model": model, "model_kind": "embeddings", "image_size": image_size,
+                    "embedding_dim": int(embeddings.shape[1]), "model_stamp": None}
+        manifest = _new_manifest(identity, dtype, os.path.abspath(images_root), approximate)
         manifest.update(extra or {})
         for start in range(0, len(keys), shard_size):
             rows = np.asarray(embeddings[start:start + shard_size], np.float32)
@@ -196,9 +193,7 @@ def _opened_manifest(directory, embedder, root, dtype):
         if others:
             raise UserError(f"--index={directory} is not a catalogue index but holds other files (e.g. "
                             f"{others[0]}); give a new or empty directory.")
-        return {"format": catalogue_lib.FORMAT, "format_version": catalogue_lib.FORMAT_VERSION,
-                **identity, "dtype": dtype, "distance": "cosine", "images_root": root, "approximate": None,
-                "shards": [], "next_shard": 0, "skipped": [], "created": _now()}
+        return _new_manifest(identity, dtype, root, None)
     manifest = catalogue_lib.read_manifest(directory)
     dims = (manifest["embedding_dim"], identity["embedding_dim"])
     if (None not in dims and dims[0] != dims[1]) or manifest["image_size"] != identity["image_size"]:
@@ -219,6 +214,13 @@ def _opened_manifest(directory, embedder, root, dtype):
     return manifest
 
 
+def _new_manifest(identity, dtype, images_root, approximate):
+    """The manifest of a catalogue with no shard yet: `identity` as `_model_identity` gives it."""
+    return {"format": catalogue_lib.FORMAT, "format_version": catalogue_lib.FORMAT_VERSION, **identity,
+            "dtype": dtype, "distance": "cosine", "images_root": images_root, "approximate": approximate,
+            "shards": [], "next_shard": 0, "skipped": [], "created": _now()}
+
+
 def _model_identity(embedder):
     """What the manifest records of the model: source, crop size, width and the file's stamp."""
     source = embedder.source
@@ -237,8 +239,13 @@ def _rewrite_shards(directory, manifest, wanted, approximate, report):
 
     Each shard's entry records the structure it was built with, so that a run killed halfway
     through rebuilding them leaves the rest to the next run rather than without a structure.
+    Each shard is opened once, here.
+
+    Returns:
+        The set of keys the catalogue's shards hold afterwards (a damaged shard's are not).
     """
     manifest["approximate"] = approximate
+    held = set()
     for entry in list(manifest["shards"]):
         try:
             shard = Shard.open(os.path.join(directory, entry["name"]))
@@ -249,15 +256,17 @@ def _rewrite_shards(directory, manifest, wanted, approximate, report):
             continue
         keys = shard.keys()
         rows = [row for row, key in enumerate(keys) if key in wanted]
+        held.update(keys[row] for row in rows)  # what the shard keeps, rewritten or not
         if len(rows) == len(keys) and entry.get("approximate") == approximate:
             continue
         report.removed += len(keys) - len(rows)
         report.rewritten += 1
         new_entry = None
         if rows:
-            new_entry = _write_shard(directory, manifest, shard.decoded(rows), [keys[row] for row in rows],
-                                     approximate)
+            new_entry = _write_shard(directory, manifest, shard.unit_rows(rows), [keys[row] for row in rows],
+                                     approximate, as_decoded=shard.dtype == manifest["dtype"])
         _replace_shard(directory, manifest, entry, new_entry)
+    return held
 
 
 def _add_shard(directory, manifest, embedder, root, chunk, approximate, batch_size, max_pixels, verbose, report):
@@ -278,16 +287,17 @@ def _add_shard(directory, manifest, embedder, root, chunk, approximate, batch_si
     _commit(directory, manifest)
 
 
-def _write_shard(directory, manifest, rows, keys, approximate):
-    """Writes a new shard of `rows` (float32, as embedded or decoded) and returns its manifest entry."""
+def _write_shard(directory, manifest, rows, keys, approximate, as_decoded=False):
+    """Writes a new shard of `rows` (float32, as embedded, or with `as_decoded` another shard's
+    `unit_rows` of the same dtype, kept bit for bit) and returns its manifest entry."""
     name = f"{_SHARD_PREFIX}{manifest['next_shard']:06d}"
     manifest["embedding_dim"] = manifest["embedding_dim"] or int(rows.shape[1])  # a SavedModel may not say
     manifest["next_shard"] += 1
     structure = None
     if approximate:
-            structure = ann.build(approximate["backend"], neighbours.unit_rows(rows),
+        structure = ann.build(approximate["backend"], rows if as_decoded else neighbours.unit_rows(rows),
                               ann.AnnParams.from_json(approximate["params"]), manifest["dtype"])
-    Shard.write(os.path.join(directory, name), rows, keys, manifest["dtype"], structure)
+    Shard.write(os.path.join(directory, name), rows, keys, manifest["dtype"], structure, as_decoded)
     return {"name": name, "count": len(keys), "approximate": approximate}
 
 
@@ -318,10 +328,6 @@ def _remove_unlisted(directory, manifest):
             logging.info("Removing %s, left by an interrupted pnpp_tf.index", os.path.join(directory, name))
             path = os.path.join(directory, name)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-
-
-def _shard_keys(directory, entry):
-    return Shard.open(os.path.join(directory, entry["name"])).keys()
 
 
 def _relative(path, root):

@@ -20,10 +20,13 @@ holds only the pages it touches, and a catalogue larger than memory can still be
 are one byte string with offsets rather than a fixed-width string array, whose width would be the
 longest path's for every item (hundreds of bytes per item at a million items).
 
-int8 stores each row scaled by its own largest magnitude to +-127, so every row keeps 8 bits of
-precision; float16 is the embedding rounded. A row is decoded to float32 and scaled to unit
-length (`neighbours.unit_rows`), as the exact engine prepares any gallery: what a shard's rows
-score is what the exact engine would score for the same stored values.
+Rows are scaled to unit length (`neighbours.unit_rows`, as the exact engine prepares any gallery)
+and then stored so that they decode to unit length again: float32 and float16 rows are the unit
+row rounded; int8 rows are codes (each row scaled by its own largest magnitude to +-127, so every
+row keeps 8 bits of precision) and a per-row scale of 1 / ||codes||. Every row is scored as it
+decodes, with no second normalisation: an exact search multiplies a float32 shard's mapped file
+itself, and a float16/int8 block costs one conversion. (Shards written before this, whose
+shard.json lacks "unit_rows", are scaled to unit length when read, as they were then.)
 """
 
 import json
@@ -49,33 +52,43 @@ class Shard:
     Use `Shard.open` or `Shard.write`; the constructor takes the opened parts.
     """
 
-    def __init__(self, directory, embeddings, scales, paths_blob, path_offsets, sizes, mtimes):
+    def __init__(self, directory, embeddings, scales, paths_blob, path_offsets, sizes, mtimes,
+                 stored_unit=False):
         self.directory = directory
+        # Rows stored to decode to unit length are scored as decoded (see the module).
+        self._stored_unit = bool(stored_unit)
         self.embeddings = embeddings
         self.scales = scales
+        # Plain arrays over the same mapped pages: np.memmap's Python-level indexing costs a
+        # tenth of a millisecond per call, which a search makes for every shard and query block.
+        self._stored = embeddings.view(np.ndarray)
+        self._scales = None if scales is None else scales.view(np.ndarray)
         self._paths_blob = paths_blob
         self._path_offsets = path_offsets
         self.sizes = sizes
         self.mtimes = mtimes
 
     @classmethod
-    def write(cls, directory, embeddings, items, dtype, structure=None):
+    def write(cls, directory, embeddings, items, dtype, structure=None, as_decoded=False):
         """Writes a shard to `directory` (which must not exist) whole or not at all, and opens it.
 
         Args:
             directory: the shard's directory; created through a temporary sibling and renamed,
                 so a kill leaves either no shard or a complete one.
-            embeddings: float32 [n, D], n >= 1, finite.
+            embeddings: float32 [n, D], n >= 1, finite; stored scaled to unit length.
             items: n (relative path, size, mtime_ns) of the files the rows embed.
             dtype: one of `DTYPES`, how the rows are stored.
             structure: optional `pnpp_tf.retrieval.ann.Structure` built over these rows; saved
                 under its backend's file name.
+            as_decoded: the rows are another shard's `unit_rows` of the same dtype, stored as
+                they are so that a rewritten shard scores its rows exactly as before.
 
         Raises:
             UserError: a bad dtype, or rows and items of different lengths.
             OutOfSpaceError: the disk filled up (nothing is left behind).
         """
-        embeddings = neighbours.check_rows(embeddings, "shard embeddings")
+        name = f"embeddings of shard {directory}"
+        embeddings = neighbours.check_rows(embeddings, name) if as_decoded else neighbours.unit_rows(embeddings, name)
         if len(items) != len(embeddings):
             raise UserError(f"{directory}: {len(embeddings)} embeddings but {len(items)} items.")
         stored, scales = encode(embeddings, dtype)
@@ -97,7 +110,7 @@ class Shard:
                 structure.save(os.path.join(partial, ann.structure_file(structure.backend)))
             with open(os.path.join(partial, "shard.json"), "w", encoding="utf-8") as file:
                 json.dump({"format_version": SHARD_FORMAT_VERSION, "count": len(items),
-                           "embedding_dim": int(embeddings.shape[1]), "dtype": dtype}, file)
+                           "embedding_dim": int(embeddings.shape[1]), "dtype": dtype, "unit_rows": True}, file)
         return cls.open(directory)
 
     @classmethod
@@ -127,7 +140,7 @@ class Shard:
         if problem:
             raise UserError(f"shard {directory} is damaged ({problem}); run python -m pnpp_tf.index "
                             "again to embed its images anew.")
-        return cls(directory, embeddings, scales, blob, offsets, sizes, mtimes)
+        return cls(directory, embeddings, scales, blob, offsets, sizes, mtimes, info.get("unit_rows", False))
 
     def __len__(self):
         return len(self.sizes)
@@ -156,16 +169,32 @@ class Shard:
         if rows is None:
             out = np.empty(self.embeddings.shape, np.float32)
             for start in range(0, len(self), _DECODE_ROWS):
-                out[start:start + _DECODE_ROWS] = decode(self.embeddings[start:start + _DECODE_ROWS],
-                                                         None if self.scales is None else
-                                                         self.scales[start:start + _DECODE_ROWS])
+                out[start:start + _DECODE_ROWS] = self._decode_block(start, start + _DECODE_ROWS)
             return out
         rows = np.asarray(rows, np.int64)
-        return decode(self.embeddings[rows], None if self.scales is None else self.scales[rows])
+        return decode(self._stored[rows], None if self._scales is None else self._scales[rows])
 
     def unit_rows(self, rows=None):
-        """`decoded` scaled to unit length, as the exact engine prepares a gallery."""
-        return neighbours.unit_rows(self.decoded(rows), f"embeddings of shard {self.directory}")
+        """float32 rows as they are scored: all rows, or those of the int array `rows`.
+
+        The decoded rows, which are unit length (see the module); for a float32 shard and all
+        rows, the mapped file itself.
+        """
+        if not self._stored_unit:
+            return neighbours.unit_rows(self.decoded(rows), f"embeddings of shard {self.directory}")
+        if rows is None and self._scales is None and self._stored.dtype == np.float32:
+            return self._stored
+        return self.decoded(rows)
+
+    def unit_block(self, start, stop):
+        """`unit_rows` of rows start:stop; for a float32 shard a view of the mapped file."""
+        rows = self._decode_block(start, stop)
+        if not self._stored_unit:
+            rows = neighbours.unit_rows(rows, f"embeddings of shard {self.directory}")
+        return rows
+
+    def _decode_block(self, start, stop):
+        return decode(self._stored[start:stop], None if self._scales is None else self._scales[start:stop])
 
     def structure_path(self, backend):
         """Where this shard's structure for `backend` is (it may not exist)."""
@@ -173,14 +202,20 @@ class Shard:
 
 
 def encode(embeddings, dtype):
-    """float32 [n, D] -> (stored array in `dtype`, float32 [n] scales for int8 or None)."""
+    """float32 unit rows [n, D] -> (stored array in `dtype`, float32 [n] scales for int8 or None).
+
+    int8: codes = rint(row * 127 / max |row|), and scale = 1 / ||codes||, so that the decoded
+    row codes * scale is unit length (a zero row: zero codes, scale 1).
+    """
     if dtype not in DTYPES:
         raise UserError(f"--index_dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     if dtype != "int8":
         return embeddings.astype(dtype), None
     largest = np.abs(embeddings).max(axis=1)
-    scales = np.where(largest > 0, largest / _INT8_MAX, 1.0).astype(np.float32)
-    stored = np.clip(np.rint(embeddings / scales[:, None]), -_INT8_MAX, _INT8_MAX).astype(np.int8)
+    step = np.where(largest > 0, largest / _INT8_MAX, 1.0).astype(np.float32)
+    stored = np.clip(np.rint(embeddings / step[:, None]), -_INT8_MAX, _INT8_MAX).astype(np.int8)
+    norms = np.sqrt(np.einsum("ij,ij->i", stored, stored, dtype=np.float64))
+    scales = np.where(norms > 0, 1.0 / np.maximum(norms, 1.0), 1.0).astype(np.float32)
     return stored, scales
 
 

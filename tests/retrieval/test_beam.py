@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import keras
 import numpy as np
 import pytest
 
@@ -18,7 +17,6 @@ from cli_helpers import REPO  # noqa: E402
 from conftest import make_folder_dataset  # noqa: E402
 from pnpp_tf.artifacts import load_embedder  # noqa: E402
 from pnpp_tf.errors import UserError  # noqa: E402
-from pnpp_tf.modeling.model import build_embedder  # noqa: E402
 from pnpp_tf.retrieval import beam as beam_lib  # noqa: E402
 from pnpp_tf.retrieval import catalogue as catalogue_lib  # noqa: E402
 from pnpp_tf.retrieval.cataloguing import update_catalogue  # noqa: E402
@@ -29,22 +27,18 @@ MULTI_PROCESS = ["--direct_running_mode=multi_processing", "--direct_num_workers
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny model_dir, a folder of 12 images plus one unreadable file, and its in-process catalogue."""
+def setup(tiny_model, tmp_path_factory):
+    """Conftest's tiny model, a folder of 12 images plus one unreadable file, and its in-process catalogue."""
     root = tmp_path_factory.mktemp("beam")
-    keras.utils.set_random_seed(0)
-    model_dir = root / "run"
-    model_dir.mkdir()
-    build_embedder("small_cnn", 32, 16).save(model_dir / "embedder.keras")
     photos = make_folder_dataset(root / "photos", train_classes=2, test_classes=1, images_per_class=4)
     with open(os.path.join(photos, "test", "broken.jpg"), "wb") as file:
         file.write(b"not a JPEG at all")
     with open(os.path.join(photos, "notes.txt"), "w") as file:  # not an image: not matched
         file.write("hello")
-    embedder = load_embedder(str(model_dir))
     reference = str(root / "reference.index")
-    update_catalogue(embedder, photos, reference, shard_size=5, batch_size=4, verbose=0)
-    return {"root": root, "model": str(model_dir), "photos": photos, "embedder": embedder, "reference": reference}
+    update_catalogue(tiny_model["embedder"], photos, reference, shard_size=5, batch_size=4, verbose=0)
+    return {"root": root, "model": tiny_model["model_dir"], "photos": photos, "embedder": tiny_model["embedder"],
+            "reference": reference}
 
 
 def contents(index):
@@ -68,6 +62,20 @@ def assert_same_catalogue(index, reference):
     assert skipped == want_skipped and len(skipped) == 1 and skipped[0][0] == os.path.join("test", "broken.jpg")
 
 
+def pipeline_then_ingest(setup, images, tmp_path, pipeline_args=IN_MEMORY):
+    """Runs the pipeline on `images` into tmp_path/out.beam (4 files a call, batches of 4), which must
+    embed the 12 images and skip the broken one, then ingests that into the new catalogue
+    tmp_path/beam.index, which must equal the in-process one. Returns (the summary, the index)."""
+    output = str(tmp_path / "out.beam")
+    summary = beam_lib.embed_catalogue_pipeline(images, output, setup["model"], pipeline_args=pipeline_args,
+                                                batch_size=4, files_per_call=4)
+    assert (summary["embedded"], summary["skipped"]) == (12, 1)
+    index = str(tmp_path / "beam.index")
+    beam_lib.ingest_embeddings(output, index, embedder=setup["embedder"], verbose=0)
+    assert_same_catalogue(index, setup["reference"])
+    return summary, index
+
+
 def test_handler_embeds_and_skips_as_embed_files(setup):
     handler = beam_lib.EmbedderModelHandler(setup["model"], batch_size=4)
     model = handler.load_model()
@@ -83,14 +91,9 @@ def test_handler_embeds_and_skips_as_embed_files(setup):
 
 
 def test_pipeline_then_ingest_equals_the_in_process_index(setup, tmp_path, monkeypatch):
-    output = str(tmp_path / "out.beam")
     monkeypatch.chdir(setup["root"])  # a relative --images: keys relative to the folder all the same
-    summary = beam_lib.embed_catalogue_pipeline("photos", output, setup["model"], pipeline_args=IN_MEMORY,
-                                                batch_size=4, files_per_call=4)
-    assert (summary["embedded"], summary["skipped"]) == (12, 1)
-    index = str(tmp_path / "beam.index")
-    beam_lib.ingest_embeddings(output, index, embedder=setup["embedder"], verbose=0)
-    assert_same_catalogue(index, setup["reference"])
+    _, index = pipeline_then_ingest(setup, "photos", tmp_path)
+    output = str(tmp_path / "out.beam")
     # The ingested catalogue is one update_catalogue knows: nothing is embedded again.
     report = update_catalogue(setup["embedder"], setup["photos"], index, verbose=0)
     assert (report.added, report.removed, report.kept) == (0, 0, 12)
@@ -115,12 +118,7 @@ def test_killed_and_restarted_pipeline_is_complete_without_duplicates(setup, tmp
     shutil.copy(parts[1], os.path.join(output, "part-0000retried.npz"))
     embedded, skipped = beam_lib.read_output(output)
     assert len(embedded) + len(skipped) < 13  # incomplete, yet each file once
-    summary = beam_lib.embed_catalogue_pipeline(setup["photos"], output, setup["model"], pipeline_args=IN_MEMORY,
-                                                batch_size=4, files_per_call=4)
-    assert (summary["embedded"], summary["skipped"]) == (12, 1)
-    index = str(tmp_path / "beam.index")
-    beam_lib.ingest_embeddings(output, index, embedder=setup["embedder"], verbose=0)
-    assert_same_catalogue(index, setup["reference"])
+    pipeline_then_ingest(setup, setup["photos"], tmp_path)
 
 
 def test_changed_during_run_is_the_embed_reason():
@@ -167,24 +165,13 @@ def test_sigkilled_pipeline_resumes_complete(setup, tmp_path):
         child.wait()
     embedded, skipped = beam_lib.read_output(output)
     assert 0 < len(embedded) + len(skipped) < 13, "the kill came after the pipeline had finished"
-    summary = beam_lib.embed_catalogue_pipeline(setup["photos"], output, setup["model"], pipeline_args=IN_MEMORY,
-                                                batch_size=4, files_per_call=4)
-    assert (summary["embedded"], summary["skipped"]) == (12, 1)
+    summary, _ = pipeline_then_ingest(setup, setup["photos"], tmp_path)
     assert summary["new"] == 12 - len(embedded)
-    index = str(tmp_path / "beam.index")
-    beam_lib.ingest_embeddings(output, index, embedder=setup["embedder"], verbose=0)
-    assert_same_catalogue(index, setup["reference"])
 
 
 @pytest.mark.slow
 def test_two_worker_processes_give_the_in_process_index(setup, tmp_path):
-    output = str(tmp_path / "out.beam")
-    summary = beam_lib.embed_catalogue_pipeline(setup["photos"], output, setup["model"],
-                                                pipeline_args=MULTI_PROCESS, batch_size=4, files_per_call=4)
-    assert (summary["embedded"], summary["skipped"]) == (12, 1)
-    index = str(tmp_path / "beam.index")
-    beam_lib.ingest_embeddings(output, index, embedder=setup["embedder"], verbose=0)
-    assert_same_catalogue(index, setup["reference"])
+    pipeline_then_ingest(setup, setup["photos"], tmp_path, pipeline_args=MULTI_PROCESS)
 
 
 @pytest.mark.slow

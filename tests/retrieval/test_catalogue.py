@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 
@@ -27,31 +26,20 @@ from pnpp_tf.retrieval.cataloguing import update_catalogue
 from pnpp_tf.retrieval.shards import DTYPES, Shard
 from pnpp_tf.run_lock import RunLock
 
-IMAGE_SIZE = 32
-EMBEDDING_DIM = 16
+IMAGE_SIZE = 32  # as conftest.tiny_model
+EMBEDDING_DIM = 16  # as conftest.tiny_model
 CHILD = str(REPO / "tests" / "catalogue_child.py")
-# int8 decoding: |x - q s| <= s / 2, plus float32 rounding of x / s (at most 127 units of 2^-24,
-# in units of s) and of q * s (as much again).
+# int8 codes q of a row x quantised in steps s = max|x| / 127: |x / s - q| <= 1/2, plus the float32
+# rounding of s and of x / s (each at most 127 units of 2^-24, in units of s).
 INT8_SLACK = 2 * 127 * 2.0 ** -24
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny model_dir (small_cnn, 32 px, 16-d) and its loaded embedder."""
-    root = tmp_path_factory.mktemp("catalogue")
-    keras.utils.set_random_seed(0)
-    model_dir = root / "run"
-    model_dir.mkdir()
-    build_embedder("small_cnn", IMAGE_SIZE, EMBEDDING_DIM).save(model_dir / "embedder.keras")
-    return {"root": root, "model_dir": str(model_dir), "embedder": load_embedder(str(model_dir))}
-
-
-@pytest.fixture(scope="module")
-def built(setup, tmp_path_factory):
+def built(tiny_model, tmp_path_factory):
     """A float32 catalogue of 12 images in 3 shards, built once; tests copy it before damaging it."""
     root = tmp_path_factory.mktemp("built")
     photos = photos_folder(root / "photos", seed=5)
-    update_catalogue(setup["embedder"], photos, str(root / "photos.index"), shard_size=5, verbose=0)
+    update_catalogue(tiny_model["embedder"], photos, str(root / "photos.index"), shard_size=5, verbose=0)
     return {"photos": photos, "index": str(root / "photos.index")}
 
 
@@ -182,17 +170,27 @@ def test_a_shard_round_trips_its_rows_and_paths(tmp_path, dtype):
         assert [opened.relative_path(i) for i in range(7)] == [path for path, _, _ in items]
         decoded = opened.decoded()
         assert decoded.dtype == np.float32 and decoded.shape == rows.shape
+        unit = neighbours.unit_rows(rows)  # what is stored, in the stored dtype
         if dtype == "float32":
-            np.testing.assert_array_equal(decoded, rows)
+            np.testing.assert_array_equal(decoded, unit)
         elif dtype == "float16":
-            np.testing.assert_array_equal(decoded, rows.astype(np.float16).astype(np.float32))
+            np.testing.assert_array_equal(decoded, unit.astype(np.float16).astype(np.float32))
         else:
-            scales = np.asarray(opened.scales)[:, None]
+            codes, scales = np.asarray(opened.embeddings), np.asarray(opened.scales)
             assert scales[3] == 1.0 and not decoded[3].any()
-            assert np.all(np.abs(rows - decoded) <= scales * (0.5 + INT8_SLACK))
-            assert np.all(np.abs(np.asarray(opened.embeddings)).max(axis=1)[[0, 1, 2, 4, 5, 6]] == 127)
+            # codes: each unit row quantised to +-127 over its largest magnitude; the scale makes
+            # the decoded row unit length again.
+            step = np.abs(unit).max(axis=1, keepdims=True) / 127
+            assert np.all(np.abs(unit / np.where(step > 0, step, 1) - codes) <= 0.5 + INT8_SLACK)
+            assert np.all(np.abs(codes).max(axis=1)[[0, 1, 2, 4, 5, 6]] == 127)
+            np.testing.assert_array_equal(decoded, codes.astype(np.float32) * scales[:, None])
         np.testing.assert_array_equal(opened.decoded([5, 0, 5]), decoded[[5, 0, 5]])
-        np.testing.assert_array_equal(opened.unit_rows([6, 1]), neighbours.unit_rows(decoded[[6, 1]]))
+        # Rows decode to unit length (to the dtype's rounding) and are scored as decoded.
+        norms = np.linalg.norm(decoded[[0, 1, 2, 4, 5, 6]].astype(np.float64), axis=1)
+        np.testing.assert_allclose(norms, 1.0, atol={"float32": 1e-6, "float16": 2e-3, "int8": 1e-6}[dtype])
+        np.testing.assert_array_equal(opened.unit_rows([6, 1]), decoded[[6, 1]])
+        np.testing.assert_array_equal(opened.unit_rows(), decoded)
+        np.testing.assert_array_equal(opened.unit_block(2, 5), decoded[2:5])
 
 
 def test_a_shard_is_written_whole_or_not_at_all(tmp_path):
@@ -295,13 +293,13 @@ def test_search_rejects_a_bad_k_backend_or_width(tmp_path):
 # 3. Incremental update
 
 
-def test_an_update_embeds_only_new_and_changed_files(setup, tmp_path):
+def test_an_update_embeds_only_new_and_changed_files(tiny_model, tmp_path):
     photos = photos_folder(tmp_path / "photos")
     broken = os.path.join(photos, "broken.jpg")
     with open(broken, "wb") as file:
         file.write(b"this is not a JPEG")
     index = str(tmp_path / "photos.index")
-    spy = EmbedSpy(setup["embedder"])
+    spy = EmbedSpy(tiny_model["embedder"])
 
     first = update_catalogue(spy, photos, index, dtype="float16", shard_size=4, verbose=0)
     good = readable_images(photos)
@@ -353,19 +351,19 @@ def test_an_update_embeds_only_new_and_changed_files(setup, tmp_path):
     assert sorted(fourth.catalogue.relative_paths()) == sorted(good + ["broken.jpg"])
 
     # What an update stores is what the model gives (float16-rounded), and each image finds itself.
-    found = setup["embedder"].embed_files([fourth.catalogue.path(i) for i in range(13)])
+    found = tiny_model["embedder"].embed_files([fourth.catalogue.path(i) for i in range(13)])
     np.testing.assert_allclose(fourth.catalogue.unit_rows(), found.embeddings, atol=2e-3)
     distances, items, _ = fourth.catalogue.search(found.embeddings, k=1)
     np.testing.assert_array_equal(items[:, 0], np.arange(13))
     assert distances.max() < 1e-3
 
 
-def test_files_over_the_pixel_budget_are_tried_again_under_a_larger_one(setup, tmp_path):
+def test_files_over_the_pixel_budget_are_tried_again_under_a_larger_one(tiny_model, tmp_path):
     photos = photos_folder(tmp_path / "photos")
     large = os.path.join(photos, "large.png")
     write_image(large, np.random.default_rng(1), size=(64, 64))  # 4096 pixels; the others 1440
     index = str(tmp_path / "photos.index")
-    spy = EmbedSpy(setup["embedder"])
+    spy = EmbedSpy(tiny_model["embedder"])
     first = update_catalogue(spy, photos, index, max_pixels=2000, verbose=0)
     assert [path for path, _ in first.skipped] == [large] and len(first.catalogue) == 12
     assert [entry[0] for entry in first.catalogue.manifest["skipped"]] == ["large.png"]
@@ -377,7 +375,7 @@ def test_files_over_the_pixel_budget_are_tried_again_under_a_larger_one(setup, t
     assert larger.catalogue.manifest["skipped"] == [] and len(larger.catalogue) == 13
 
 
-def test_a_file_that_decodes_when_checked_again_is_not_recorded_as_unreadable(setup, tmp_path):
+def test_a_file_that_decodes_when_checked_again_is_not_recorded_as_unreadable(tiny_model, tmp_path):
     from pnpp_tf.retrieval import embed  # pylint: disable=import-outside-toplevel
 
     photos = photos_folder(tmp_path / "photos")
@@ -391,10 +389,10 @@ def test_a_file_that_decodes_when_checked_again_is_not_recorded_as_unreadable(se
                 found.skipped.append((flaky, embed.CHANGED_DURING_RUN))
             return found
 
-    first = update_catalogue(Flaky(setup["embedder"]), photos, index, verbose=0)
+    first = update_catalogue(Flaky(tiny_model["embedder"]), photos, index, verbose=0)
     assert first.skipped == [(flaky, embed.CHANGED_DURING_RUN)] and len(first.catalogue) == 11
     assert first.catalogue.manifest["skipped"] == []
-    spy = EmbedSpy(setup["embedder"])
+    spy = EmbedSpy(tiny_model["embedder"])
     second = update_catalogue(spy, photos, index, verbose=0)
     assert spy.embedded(photos) == ["test/test_class_00/img_0.png"] and len(second.catalogue) == 12
 
@@ -403,11 +401,11 @@ def test_a_file_that_decodes_when_checked_again_is_not_recorded_as_unreadable(se
 
 
 @pytest.mark.parametrize("stop", ["before_publish", "before_commit"])
-def test_an_update_killed_mid_build_resumes_where_it_stopped(setup, tmp_path, stop):
+def test_an_update_killed_mid_build_resumes_where_it_stopped(tiny_model, tmp_path, stop):
     photos = photos_folder(tmp_path / "photos", seed=3)
     index = str(tmp_path / "photos.index")
     env = child_env()
-    child = subprocess.run([sys.executable, CHILD, "build", stop, setup["model_dir"], photos, index, "3"],
+    child = subprocess.run([sys.executable, CHILD, "build", stop, tiny_model["model_dir"], photos, index, "3"],
                            env=env, capture_output=True, text=True, timeout=300, check=False)
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     manifest = json.loads(open(os.path.join(index, "manifest.json"), encoding="utf-8").read())
@@ -421,7 +419,7 @@ def test_an_update_killed_mid_build_resumes_where_it_stopped(setup, tmp_path, st
     assert len(committed) == 6
     before = rows_by_path(committed)
 
-    spy = EmbedSpy(setup["embedder"])
+    spy = EmbedSpy(tiny_model["embedder"])
     report = update_catalogue(spy, photos, index, shard_size=3, verbose=0)
     good = readable_images(photos)
     assert spy.embedded(photos) == sorted(set(good) - set(before))  # the committed 6 are not embedded again
@@ -434,25 +432,25 @@ def test_an_update_killed_mid_build_resumes_where_it_stopped(setup, tmp_path, st
     assert sorted(os.listdir(index)) == sorted(names + ["index.lock", "manifest.json"])  # no orphan left
 
 
-def test_an_update_removes_only_what_an_interrupted_update_left(setup, built, tmp_path):
+def test_an_update_removes_only_what_an_interrupted_update_left(tiny_model, built, tmp_path):
     index = tmp_path / "photos.index"
     index.mkdir()
     (index / "shard-000007.partial-host-12-0123abcd").mkdir()  # a first shard being written when killed
     (index / "manifest.json.partial-host-12-89abcdef").write_text("{")
-    update_catalogue(setup["embedder"], built["photos"], str(index), shard_size=5, verbose=0)
+    update_catalogue(tiny_model["embedder"], built["photos"], str(index), shard_size=5, verbose=0)
     assert sorted(os.listdir(index)) == ["index.lock", "manifest.json", "shard-000000", "shard-000001",
                                          "shard-000002"]
     (index / "shard-000003").mkdir()  # a shard written, never listed
     (index / "shard-000003.partial-host-12-0123abcd").mkdir()
     (index / "shard-notes.txt").write_text("the user's own")  # names no update writes: not removed
     (index / "shard-1").mkdir()
-    assert update_catalogue(setup["embedder"], built["photos"], str(index), shard_size=5, verbose=0).kept == 12
+    assert update_catalogue(tiny_model["embedder"], built["photos"], str(index), shard_size=5, verbose=0).kept == 12
     assert sorted(os.listdir(index)) == ["index.lock", "manifest.json", "shard-000000", "shard-000001",
                                          "shard-000002", "shard-1", "shard-notes.txt"]
 
     # A directory of other files is not made into a catalogue (here, the folder of images itself).
     with pytest.raises(UserError) as raised:
-        update_catalogue(setup["embedder"], built["photos"], built["photos"], verbose=0)
+        update_catalogue(tiny_model["embedder"], built["photos"], built["photos"], verbose=0)
     one_line(raised, r"^--index={photos} is not a catalogue index but holds other files \(e.g. test\); give a new "
                      r"or empty directory.$", photos=built["photos"])
     assert sorted(os.listdir(built["photos"])) == ["index.lock", "test", "train"]
@@ -462,7 +460,7 @@ def test_an_update_removes_only_what_an_interrupted_update_left(setup, built, tm
 # 5. One-line errors
 
 
-def test_an_update_with_another_model_folder_or_dtype_is_refused(setup, built, tmp_path):
+def test_an_update_with_another_model_folder_or_dtype_is_refused(tiny_model, built, tmp_path):
     index = copied(built, tmp_path)
     manifest = open(os.path.join(index, "manifest.json"), encoding="utf-8").read()
     for size, dim in ((IMAGE_SIZE, 8), (48, EMBEDDING_DIM)):
@@ -475,19 +473,19 @@ def test_an_update_with_another_model_folder_or_dtype_is_refused(setup, built, t
                          r"embeddings of {size} px crops: it was built by another model; choose a new --index.$",
                  index=index, dim=dim, size=size)
     with pytest.raises(UserError) as raised:
-        update_catalogue(setup["embedder"], built["photos"], index, dtype="int8", verbose=0)
+        update_catalogue(tiny_model["embedder"], built["photos"], index, dtype="int8", verbose=0)
     one_line(raised, r"^--index_dtype=int8 but --index=.* stores float32; pass --index_dtype=float32")
     other = photos_folder(tmp_path / "other photos")
     with pytest.raises(UserError) as raised:
-        update_catalogue(setup["embedder"], other, index, verbose=0)
+        update_catalogue(tiny_model["embedder"], other, index, verbose=0)
     one_line(raised, r"^--index={index} indexes {photos}, not --images={other}; choose a new --index.$",
              index=index, photos=built["photos"], other=other)
     assert open(os.path.join(index, "manifest.json"), encoding="utf-8").read() == manifest  # untouched
 
 
-def test_an_update_with_a_changed_model_file_is_refused(setup, tmp_path):
+def test_an_update_with_a_changed_model_file_is_refused(tiny_model, tmp_path):
     model_dir = tmp_path / "run"
-    shutil.copytree(setup["model_dir"], model_dir)
+    shutil.copytree(tiny_model["model_dir"], model_dir)
     embedder = load_embedder(str(model_dir))
     photos = str(tmp_path / "photos")
     write_image(os.path.join(photos, "a.png"), np.random.default_rng(0))
@@ -501,12 +499,12 @@ def test_an_update_with_a_changed_model_file_is_refused(setup, tmp_path):
     one_line(raised, r"^--index={index} was built with the model {model} as it was on .*; {model} is another "
                      r"model or has changed since.*choose a new --index.$", index=index, model=model_file)
     with pytest.raises(UserError) as raised:
-        update_catalogue(setup["embedder"], photos, index, verbose=0)
+        update_catalogue(tiny_model["embedder"], photos, index, verbose=0)
     one_line(raised, r"was built with the model {model} .*; {other} is another model", model=model_file,
-             other=os.path.join(setup["model_dir"], "embedder.keras"))
+             other=os.path.join(tiny_model["model_dir"], "embedder.keras"))
 
 
-def test_a_damaged_shard_is_left_out_of_searches_and_embedded_again(setup, built, tmp_path, caplog):
+def test_a_damaged_shard_is_left_out_of_searches_and_embedded_again(tiny_model, built, tmp_path, caplog):
     index = copied(built, tmp_path)
     whole = Catalogue.open(index)
     assert len(whole.shards) == 3 and len(whole) == 12
@@ -524,7 +522,7 @@ def test_a_damaged_shard_is_left_out_of_searches_and_embedded_again(setup, built
     np.testing.assert_array_equal(items[:, 0], np.arange(len(rows)))
     assert not set(catalogue.relative_paths()) & set(lost)
 
-    spy = EmbedSpy(setup["embedder"])
+    spy = EmbedSpy(tiny_model["embedder"])
     report = update_catalogue(spy, built["photos"], index, shard_size=5, verbose=0)
     assert spy.embedded(built["photos"]) == sorted(lost)
     assert (report.added, report.removed, report.kept) == (len(lost), len(lost), 12 - len(lost))
@@ -539,7 +537,7 @@ def test_a_damaged_shard_is_left_out_of_searches_and_embedded_again(setup, built
     one_line(raised, r"^--index={index}: every shard is damaged, e.g. shard .* is damaged", index=index)
 
 
-def test_a_manifest_of_a_newer_format_or_no_catalogue_is_refused(setup, built, tmp_path):
+def test_a_manifest_of_a_newer_format_or_no_catalogue_is_refused(tiny_model, built, tmp_path):
     index = copied(built, tmp_path)
     manifest_path = os.path.join(index, "manifest.json")
     manifest = json.loads(open(manifest_path, encoding="utf-8").read())
@@ -549,7 +547,7 @@ def test_a_manifest_of_a_newer_format_or_no_catalogue_is_refused(setup, built, t
         Catalogue.open(index)
     one_line(raised, newer)
     with pytest.raises(UserError) as raised:
-        update_catalogue(setup["embedder"], built["photos"], index, verbose=0)
+        update_catalogue(tiny_model["embedder"], built["photos"], index, verbose=0)
     one_line(raised, newer)
     write_json(manifest_path, {**manifest, "format": "something else"})
     with pytest.raises(UserError) as raised:
@@ -570,27 +568,27 @@ def test_a_manifest_of_a_newer_format_or_no_catalogue_is_refused(setup, built, t
     assert not catalogue_lib.is_catalogue(built["photos"]) and catalogue_lib.is_catalogue(built["index"])
 
 
-def test_a_catalogue_in_use_is_refused(setup, built, tmp_path):
+def test_a_catalogue_in_use_is_refused(tiny_model, built, tmp_path):
     index = copied(built, tmp_path)
     with RunLock(index, flag="--index", file_name=cataloguing.LOCK_FILE, holder="pnpp_tf.index"):
         with pytest.raises(UserError) as raised:
-            update_catalogue(setup["embedder"], built["photos"], index, verbose=0)
+            update_catalogue(tiny_model["embedder"], built["photos"], index, verbose=0)
     one_line(raised, r"^--index={index} is in use by another pnpp_tf.index \(pid {pid} ", index=index, pid=os.getpid())
-    assert update_catalogue(setup["embedder"], built["photos"], index, verbose=0).kept == 12  # free again
+    assert update_catalogue(tiny_model["embedder"], built["photos"], index, verbose=0).kept == 12  # free again
 
 
-def test_bad_update_options_are_refused(setup, built, tmp_path):
+def test_bad_update_options_are_refused(tiny_model, built, tmp_path):
     index = str(tmp_path / "new.index")
     with pytest.raises(UserError, match="^--shard_size must be at least 1, got 0"):
-        update_catalogue(setup["embedder"], built["photos"], index, shard_size=0, verbose=0)
+        update_catalogue(tiny_model["embedder"], built["photos"], index, shard_size=0, verbose=0)
     with pytest.raises(UserError, match="^--index_dtype='float64' is not one of float32, float16, int8"):
-        update_catalogue(setup["embedder"], built["photos"], index, dtype="float64", verbose=0)
+        update_catalogue(tiny_model["embedder"], built["photos"], index, dtype="float64", verbose=0)
     with pytest.raises(UserError, match="is not a directory"):
-        update_catalogue(setup["embedder"], str(tmp_path / "missing"), index, verbose=0)
+        update_catalogue(tiny_model["embedder"], str(tmp_path / "missing"), index, verbose=0)
     assert not catalogue_lib.is_catalogue(index)
 
 
-def test_a_folder_of_unreadable_files_is_refused_in_one_line(setup, tmp_path):
+def test_a_folder_of_unreadable_files_is_refused_in_one_line(tiny_model, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "a.jpg").write_bytes(b"not a JPEG")
@@ -598,7 +596,7 @@ def test_a_folder_of_unreadable_files_is_refused_in_one_line(setup, tmp_path):
     index = str(tmp_path / "photos.index")
     for _ in range(2):  # the second time, nothing is read again: they are listed unreadable
         with pytest.raises(UserError) as raised:
-            update_catalogue(setup["embedder"], str(photos), index, verbose=0)
+            update_catalogue(tiny_model["embedder"], str(photos), index, verbose=0)
         one_line(raised, r"^None of the 2 images under --images={photos} could be read, e.g. a.jpg \(.+\).$",
                  photos=photos)
 
@@ -689,13 +687,13 @@ def test_an_approximate_search_rescores_its_shortlists_exactly(tmp_path, backend
         catalogue.search(queries, k=1, backend=other)
 
 
-def test_an_update_builds_structures_and_rebuilds_them_when_asked_for_another(setup, built, tmp_path):
+def test_an_update_builds_structures_and_rebuilds_them_when_asked_for_another(tiny_model, built, tmp_path):
     ann = import_ann("hnsw")
     index = copied(built, tmp_path)
     exact = Catalogue.open(index)
     queries = exact.unit_rows()
     exact_distances, _, _ = exact.search(queries, k=5)
-    spy = EmbedSpy(setup["embedder"])
+    spy = EmbedSpy(tiny_model["embedder"])
     report = update_catalogue(spy, built["photos"], index, backend="hnsw", shard_size=5, verbose=0)
     assert spy.calls == [] and (report.added, report.removed, report.kept, report.rewritten) == (0, 0, 12, 3)
     catalogue = report.catalogue
@@ -722,7 +720,7 @@ def test_an_update_builds_structures_and_rebuilds_them_when_asked_for_another(se
     assert dropped.catalogue.search(queries, k=1)[2] == "exact"
 
 
-def test_an_update_stopped_while_rebuilding_structures_rebuilds_the_rest(setup, built, tmp_path, monkeypatch):
+def test_an_update_stopped_while_rebuilding_structures_rebuilds_the_rest(tiny_model, built, tmp_path, monkeypatch):
     ann = import_ann("hnsw")
     index = copied(built, tmp_path)
     build = ann.build
@@ -736,9 +734,9 @@ def test_an_update_stopped_while_rebuilding_structures_rebuilds_the_rest(setup, 
 
     monkeypatch.setattr(ann, "build", build_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        update_catalogue(setup["embedder"], built["photos"], index, backend="hnsw", shard_size=5, verbose=0)
+        update_catalogue(tiny_model["embedder"], built["photos"], index, backend="hnsw", shard_size=5, verbose=0)
     monkeypatch.setattr(ann, "build", build)
-    report = update_catalogue(setup["embedder"], built["photos"], index, backend="hnsw", shard_size=5, verbose=0)
+    report = update_catalogue(tiny_model["embedder"], built["photos"], index, backend="hnsw", shard_size=5, verbose=0)
     assert report.rewritten == 2 and report.added == 0
     assert all(os.path.isfile(shard.structure_path("hnsw")) for shard in report.catalogue.shards)
     _, items, used = report.catalogue.search(report.catalogue.unit_rows(), k=1)

@@ -7,7 +7,6 @@ random-weight small_cnn embeds the images; one SavedModel (module fixture) serve
 the saved signatures.
 """
 
-import concurrent.futures
 import io
 import os
 import re
@@ -24,7 +23,7 @@ from pnpp_tf.modeling.model import build_embedder
 from pnpp_tf.retrieval import neighbours
 from pnpp_tf.retrieval.search_index import SearchIndex, cosine_distance
 from pnpp_tf.serving import retrieve, signatures
-from test_export import _saved_model_cli  # pylint: disable=wrong-import-order
+from tf_serving_stand_in import predict_request, prediction_service, saved_model_cli
 
 IMAGE_SIZE = 32
 DIM = 16
@@ -218,7 +217,7 @@ def test_bad_arguments_are_named(embedder, change, message):
 
 def test_saved_model_cli_lists_the_four_signatures(saved):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    shown = subprocess.run([*_saved_model_cli(), "show", "--dir", saved["path"], "--all"],
+    shown = subprocess.run([*saved_model_cli(), "show", "--dir", saved["path"], "--all"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert shown.returncode == 0, shown.stderr[-2000:]
     chunks = re.split(r"signature_def\['(\w+)'\]:", shown.stdout)
@@ -237,41 +236,16 @@ def test_saved_model_cli_lists_the_four_signatures(saved):
 
 
 def test_predict_request_carries_image_bytes_and_k(saved, images):
-    pytest.importorskip("tensorflow_serving.apis.predict_pb2")
-    import grpc  # pylint: disable=import-outside-toplevel
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # pylint: disable=import-outside-toplevel
-
     signatures_ = saved["loaded"].signatures
-
-    class StandIn(prediction_service_pb2_grpc.PredictionServiceServicer):
-        """What TF Serving does with a PredictRequest: the signature by name, its inputs by key."""
-
-        def Predict(self, request, context):  # pylint: disable=invalid-name
-            inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
-            response = predict_pb2.PredictResponse()
-            for name, value in signatures_[request.model_spec.signature_name](**inputs).items():
-                response.outputs[name].CopyFrom(tf.make_tensor_proto(value))
-            return response
-
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(1))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(StandIn(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = "catalogue"
-        request.model_spec.signature_name = "retrieve"
-        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(images[:3]))
-        request.inputs["k"].CopyFrom(tf.make_tensor_proto(4, tf.int32))
+    with prediction_service(signatures_) as stub:
+        request = predict_request("catalogue", "retrieve", {"image_bytes": images[:3], "k": np.int32(4)})
+        assert request.inputs["k"].dtype == tf.int32.as_datatype_enum
         assert not request.inputs["k"].tensor_shape.dim  # a scalar, as the signature takes it
         response = stub.Predict(request, timeout=60.0)
         direct = signatures_["retrieve"](image_bytes=tf.constant(images[:3]), k=tf.constant(4))
         for name in retrieve.OUTPUTS:
             np.testing.assert_array_equal(tf.make_ndarray(response.outputs[name]), direct[name].numpy())
         assert tf.make_ndarray(response.outputs["ids"]).shape == (3, 4)
-    finally:
-        server.stop(None)
 
 
 def test_session_loader_runs_retrieve(saved, images):

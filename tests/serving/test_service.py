@@ -13,7 +13,6 @@ import sys
 import time
 
 import httpx
-import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,8 +20,6 @@ from PIL import Image
 from cli_helpers import REPO
 from conftest import make_folder_dataset, write_image
 from pixel_bombs import write_png
-from pnpp_tf.artifacts import load_embedder
-from pnpp_tf.modeling.model import build_embedder
 from pnpp_tf.retrieval.catalogue import Catalogue
 from pnpp_tf.retrieval.cataloguing import update_catalogue
 
@@ -31,20 +28,16 @@ MAX_K = 6
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A tiny model and a catalogue of a labelled split (2 classes x 3 images) plus one file that
-    is a symbolic link to an image outside the indexed folder."""
+def built(tiny_model, tmp_path_factory):
+    """A catalogue, by conftest's tiny model, of a labelled split (2 classes x 3 images) plus one file
+    that is a symbolic link to an image outside the indexed folder."""
     root = tmp_path_factory.mktemp("serve")
-    keras.utils.set_random_seed(0)
-    model_dir = root / "run"
-    model_dir.mkdir()
-    build_embedder("small_cnn", 32, 16).save(model_dir / "embedder.keras")
     photos = make_folder_dataset(root / "photos", train_classes=2, test_classes=2, images_per_class=3)
     split = os.path.join(photos, "test")
     secret = write_image(str(root / "outside" / "secret.png"), np.random.default_rng(1))
     os.symlink(secret, os.path.join(split, "test_class_01", "link.png"))
     index = str(root / "photos.index")
-    update_catalogue(load_embedder(str(model_dir)), split, index, verbose=0)
+    update_catalogue(tiny_model["embedder"], split, index, verbose=0)
     catalogue = Catalogue.open(index)
     return {"root": root, "split": split, "index": index, "catalogue": catalogue,
             "paths": catalogue.relative_paths()}
