@@ -81,6 +81,14 @@ class CatalogueSearchConfig(Config):
                           choices=lambda: _SEARCH_CHOICES)
     rescore: int = option(0, "Approximate backends: candidates per query and shard re-scored exactly "
                           "(0: max(100, 10 k)).", lower=0)
+    hnsw_expansion_search: int = option(0, "HNSW: candidates kept while searching (efSearch) for these "
+                                        "searches; 0: as the index was built.", lower=0)
+    ivf_probes: int = option(0, "IVF-PQ: lists searched per query for these searches; 0: as the index was "
+                             "built.", lower=0)
+
+    def search_settings(self):
+        """The approximate search settings given, as `Catalogue.open` takes them."""
+        return {"expansion_search": self.hnsw_expansion_search, "probes": self.ivf_probes}
 
 
 @dataclasses.dataclass(frozen=True)

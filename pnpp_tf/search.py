@@ -46,10 +46,11 @@ class Searcher:
         model: the model to embed queries with; None: the one the index records.
         backend: as --backend.
         rescore: candidates re-scored per query and shard (0: the catalogue's default).
+        search_settings: a catalogue's approximate search settings, as `Catalogue.open` takes them.
     """
 
-    def __init__(self, index_path, model=None, backend="auto", rescore=0):
-        self.index = open_index(index_path)
+    def __init__(self, index_path, model=None, backend="auto", rescore=0, search_settings=None):
+        self.index = open_index(index_path, search_settings)
         meta = self.index.manifest
         source = model or meta.get("model")
         if not model and not (source and os.path.exists(source)):
@@ -64,6 +65,14 @@ class Searcher:
                             f"with {meta['image_size']} px crops: it is another model.")
         self.backend = backend
         self._options = {"rescore": rescore or None} if isinstance(self.index, Catalogue) else {}
+
+    @classmethod
+    def from_config(cls, config):
+        """The searcher a `CatalogueSearchConfig` (of pnpp_tf.search or pnpp_tf.serve) describes."""
+        if not config.index:
+            raise UserError("--index is required.")
+        return cls(os.path.expanduser(config.index), os.path.expanduser(config.model) if config.model else None,
+                   config.backend, config.rescore, config.search_settings())
 
     def search(self, paths, k, batch_size=64):
         """Yields, for each query file in order, (path, distances [k], items [k], None) or
@@ -86,10 +95,10 @@ class Searcher:
                     yield path, None, None, failed.get(path, "not embedded")
 
 
-def open_index(path):
-    """A `Catalogue` (a directory) or an earlier `SearchIndex` (.npz file) at `path`."""
+def open_index(path, search_settings=None):
+    """A `Catalogue` (a directory, with `search_settings`) or an earlier `SearchIndex` (.npz file) at `path`."""
     if os.path.isdir(path) or is_catalogue(path):
-        return Catalogue.open(path)
+        return Catalogue.open(path, search_settings=search_settings)
     return SearchIndex.load(path)
 
 
@@ -125,12 +134,10 @@ def run(config, out=None):
     """
     if not config.index or not config.query:
         raise UserError("--index and --query are both required.")
-    index_path, query = os.path.expanduser(config.index), os.path.expanduser(config.query)
-    paths, single = query_files(query)
+    paths, single = query_files(os.path.expanduser(config.query))
     if config.grid and not single:
         raise UserError("--grid draws one query: give --query an image, not a folder or a list.")
-    searcher = Searcher(index_path, os.path.expanduser(config.model) if config.model else None, config.backend,
-                        config.rescore)
+    searcher = Searcher.from_config(config)
     if single:
         path, distances, items, why = next(searcher.search(paths, config.k, config.batch_size))
         if why:

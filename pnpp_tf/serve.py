@@ -10,7 +10,6 @@ on Ctrl+C (SIGINT) or SIGTERM: requests under way are answered, then it exits wi
 Needs the `serve` extra: pip install "pnpp_tf[serve]".
 """
 
-import os
 import signal
 import socket
 
@@ -26,10 +25,7 @@ def main(config):
     except ImportError as error:
         raise UserError(f"pnpp_tf.serve needs the serve extra ({error}): pip install 'pnpp_tf[serve]'.") from error
     from pnpp_tf.search import Searcher  # pylint: disable=import-outside-toplevel
-    if not config.index:
-        raise UserError("--index is required.")
-    searcher = Searcher(os.path.expanduser(config.index), os.path.expanduser(config.model) if config.model else None,
-                        config.backend, config.rescore)
+    searcher = Searcher.from_config(config)
     app = make_app(searcher, max_upload_bytes=config.max_upload_bytes, max_pixels=config.max_pixels,
                    max_k=config.max_k, max_failure_queries=config.max_failure_queries)
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET

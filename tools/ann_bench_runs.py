@@ -135,11 +135,10 @@ def _serve_task(spec):
     k, batch, backend, rescore = spec["k"], spec["batch_size"], spec["backend"], spec["rescore"]
     before = _memory_status(reset=True)
     with Stopwatch() as open_clock:
-        catalogue = Catalogue.open(spec["catalogue"])
-        if backend != "exact":  # the search settings, in the opened manifest only
-            catalogue.manifest["approximate"]["params"].update(spec["search_params"])
+        catalogue = Catalogue.open(spec["catalogue"],
+                                   search_settings=spec["search_params"] if backend != "exact" else None)
         if spec["mode"] == "loaded":
-            _load_into_memory(catalogue, backend)
+            catalogue.read_into_memory(backend)
 
     def search(rows, depth=k):
         return catalogue.search(rows, depth, backend, None if rescore is None else max(rescore, depth))[1]
@@ -192,23 +191,6 @@ def _rate(count, clock, latencies=None):
         rate["median_ms"] = 1e3 * float(np.median(latencies))
         rate["p95_ms"] = 1e3 * float(np.percentile(latencies, 95))
     return rate
-
-
-def _load_into_memory(catalogue, backend):
-    """"loaded": each shard's stored rows (and int8 scales) read into memory, and the structures
-    read whole (not mapped) into the catalogue's structure cache before its first search."""
-    from pnpp_tf.retrieval import ann  # pylint: disable=import-outside-toplevel
-
-    for shard in catalogue.shards:
-        shard.embeddings = np.array(shard.embeddings)
-        if shard.scales is not None:
-            shard.scales = np.array(shard.scales)
-    if backend == "exact":
-        return
-    params = ann.AnnParams.from_json(catalogue.manifest["approximate"]["params"])
-    cache = catalogue.__dict__.setdefault("_structures", {})  # what Catalogue._structure fills
-    for shard in catalogue.shards:
-        cache[shard.directory] = ann.Structure.load(backend, shard.structure_path(backend), mmap=False, params=params)
 
 
 def _structure_kind(catalogue, backend):

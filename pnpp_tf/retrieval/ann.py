@@ -21,15 +21,19 @@ whole file is memory-mapped on load (Index.restore(view=True)).
 "ivfpq": a faiss IndexIVFPQ over inner products with 8-bit codes. `AnnParams.lists` = 0 picks
 `auto_lists(n)` = round(4 sqrt(n)) lists, and any value is capped at n // 39 (faiss' k-means wants
 39 training points per centroid); `pq_bytes` = 0 picks the largest divisor of D at most D // 8.
-Shards of fewer than `IVFPQ_MIN_ROWS` rows (too few to train 256 PQ centroids per sub-vector)
-get an exact faiss IndexFlatIP instead, at most 20 MB for D = 512. Loaded memory-mapped with
-faiss' IO_FLAG_MMAP_IFC.
+The shards of a catalogue share one trained quantiser (`build(trained=)`, and
+`pnpp_tf.retrieval.ivf`), so a query is assigned to lists once. Before a shard of `IVFPQ_MIN_ROWS`
+rows has trained one (too few rows to train 256 PQ centroids per sub-vector), a shard gets an
+exact faiss IndexFlatIP instead, at most 20 MB for D = 512. Loaded memory-mapped with faiss'
+IO_FLAG_MMAP_IFC.
 
 Defaults, measured on 200,000 x 512 clustered unit rows: with HNSW M 32, efConstruction 128 and
 efSearch 64 its own top 10 hold 0.99 of the exact one at f32/f16 (efSearch 32: 0.97; M 16 or
 efConstruction 64: 0.94-0.98) and 100 candidates 0.997+ at every dtype; IVF-PQ's 100 hold 0.999
-(50 only 0.94, hence `RESCORE_DEPTH`), 16 probes being 4x where that stopped rising. usearch over
-faiss' HNSW: as fast at f16/i8 (faiss 2x at f32), and f16/i8 without training a quantiser.
+(50 only 0.94, hence `RESCORE_DEPTH`). usearch over faiss' HNSW: as fast at f16/i8 (faiss 2x at
+f32), and f16/i8 without training a quantiser. IVF probes: 128 of the 1,024 lists a 65,536-row
+first shard trains; at 1,000,000 x 512 rows with class structure (tools/bench_ann.py, local
+intrinsic dimension 16) 16 probes held 0.68 of the exact top 10, 64 0.91, 128 0.97 and 256 0.997.
 
 Threads: the libraries' own, `threads()` of them (`set_threads`; default os.cpu_count()), but
 never more than a call has queries (both share out queries, not one query's work), and HNSW
@@ -38,18 +42,17 @@ calling thread only, and put back afterwards. usearch searches of one structure 
 (a lock), so threads may share structures, and search different shards side by side.
 """
 
-import contextlib
 import dataclasses
 import math
 import operator
 import os
-import struct
 import threading
 
 import numpy as np
 from absl import logging
 
 from pnpp_tf.errors import UserError
+from pnpp_tf.retrieval import ivf
 
 APPROXIMATE = ("hnsw", "ivfpq")
 DTYPES = ("float32", "float16", "int8")
@@ -60,20 +63,14 @@ _USEARCH_ADD_THREADS = 1
 FLAGS = {"connectivity": "--hnsw_connectivity", "expansion_add": "--hnsw_expansion_add",
          "expansion_search": "--hnsw_expansion_search", "lists": "--ivf_lists",
          "probes": "--ivf_probes", "pq_bytes": "--pq_bytes"}
-# faiss' k-means warns below 39 training points per centroid (and fails below 1).
-MIN_POINTS_PER_LIST = 39
-_PQ_BITS = 8  # 8-bit PQ codes: 256 centroids per sub-vector, trained on the shard itself
-IVFPQ_MIN_ROWS = MIN_POINTS_PER_LIST * (1 << _PQ_BITS)  # 9,984
-_PQ_DIMS_PER_BYTE = 8  # auto pq_bytes: the largest divisor of D at most D // 8
+MIN_POINTS_PER_LIST = ivf.MIN_POINTS_PER_LIST
+IVFPQ_MIN_ROWS = ivf.MIN_TRAINING_ROWS  # 9,984: a first shard smaller gets an exact flat index
 # The catalogue re-scores rescore_depth(k) = max(RESCORE_FACTOR * k, RESCORE_DEPTH) candidates.
 RESCORE_DEPTH = 100
 RESCORE_FACTOR = 10
-# faiss ignores bytes after an index, so ivfpq files end with this and the faiss part's length:
-# a file cut short is then caught before faiss maps it (measured: with IO_FLAG_MMAP_IFC, faiss
-# 1.15 reads an IVF-PQ file one byte short without an error).
-_TRAILER = struct.Struct("<8sQ")
-_MAGIC = b"PNPPIVF1"
 _threads = None
+# The settings a search may change without rebuilding a structure.
+SEARCH_SETTINGS = ("expansion_search", "probes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +92,7 @@ class AnnParams:
     expansion_add: int = 128
     expansion_search: int = 64
     lists: int = 0
-    probes: int = 16
+    probes: int = 128
     pq_bytes: int = 0
 
     def __post_init__(self):
@@ -130,6 +127,21 @@ class AnnParams:
         return cls(**d)
 
 
+def search_settings(settings):
+    """The given search-time settings (`SEARCH_SETTINGS`) of {name: value}, 0s and Nones left out.
+
+    Raises:
+        ValueError: an unknown name.
+        UserError: a value that is not a positive integer (naming its flag).
+    """
+    given = {name: value for name, value in (settings or {}).items() if value not in (0, None)}
+    unknown = sorted(set(given) - set(SEARCH_SETTINGS))
+    if unknown:
+        raise ValueError(f"search settings {unknown} are not among {SEARCH_SETTINGS}.")
+    AnnParams(**given)  # checks the values, naming the flags
+    return given
+
+
 def set_threads(count=None):
     """Sets the threads every later build and search uses; None: os.cpu_count()."""
     global _threads  # pylint: disable=global-statement - one setting per process
@@ -153,12 +165,10 @@ def rescore_depth(k):
     return max(RESCORE_FACTOR * int(k), RESCORE_DEPTH)
 
 
-def auto_lists(n):
-    """IVF lists for a shard of `n` rows when --ivf_lists=0: round(4 sqrt(n)), at most n // 39."""
-    return max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
+auto_lists = ivf.auto_lists
 
 
-def build(backend, embeddings, params=None, dtype="float32"):
+def build(backend, embeddings, params=None, dtype="float32", trained=None):
     """Builds `backend`'s structure over one shard; an HNSW graph on one thread (reproducible).
 
     Args:
@@ -167,6 +177,9 @@ def build(backend, embeddings, params=None, dtype="float32"):
         params: an `AnnParams`; None: the defaults.
         dtype: the catalogue's storage dtype, one of `DTYPES`: the precision of the HNSW graph's
             vectors (ivfpq stores PQ codes whatever it is).
+        trained: optional ivfpq `Structure` of another shard of the same catalogue whose trained
+            quantiser the new one copies rather than training its own (see `pnpp_tf.retrieval.ivf`);
+            ignored for hnsw, and unless it is an IVF-PQ index.
 
     Returns:
         A `Structure`.
@@ -193,32 +206,9 @@ def build(backend, embeddings, params=None, dtype="float32"):
         # time. Cost measured at 200,000 x 512 f16 on 2 busy cores: 108 s instead of 94 s.
         index.add(np.arange(len(x), dtype=np.uint64), x, threads=_USEARCH_ADD_THREADS)
     else:
-        index = _build_ivfpq(_import_faiss(), x, params)
+        template = trained._index if trained is not None and trained.quantizer_key else None
+        index = ivf.build(x, params, threads(), template)
     return Structure(backend, index, params)
-
-
-def _build_ivfpq(faiss, x, params):
-    n, dim = x.shape
-    pq_bytes = params.pq_bytes or max(m for m in range(1, max(1, dim // _PQ_DIMS_PER_BYTE) + 1)
-                                      if dim % m == 0)
-    # Checked on every shard, the small ones too, so that a bad flag fails on the first.
-    if dim % pq_bytes:
-        raise UserError(f"--pq_bytes={pq_bytes} does not divide the embedding dimension {dim}: "
-                        f"pick a divisor of {dim} (e.g. {dim // _PQ_DIMS_PER_BYTE or 1} if it "
-                        "is one), or 0 for automatic.")
-    with _faiss_threads(faiss):
-        if n < IVFPQ_MIN_ROWS:
-            index = faiss.IndexFlatIP(dim)
-        else:
-            lists = min(params.lists or auto_lists(n), n // MIN_POINTS_PER_LIST)
-            if params.lists > lists:
-                logging.info("--ivf_lists=%d lowered to %d on a shard of %d rows (%d per list)",
-                             params.lists, lists, n, MIN_POINTS_PER_LIST)
-            index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, lists, pq_bytes, _PQ_BITS,
-                                     faiss.METRIC_INNER_PRODUCT)
-            index.train(x)
-        index.add(x)
-    return index
 
 
 class Structure:
@@ -237,33 +227,39 @@ class Structure:
         self._index = index
         # usearch's search reserves per-thread contexts in the index: one search at a time.
         self._lock = threading.Lock()
-        self._search_params = None
+        self._quantizer_key = None
         if backend == "hnsw":
             index.expansion_search = params.expansion_search
             self.dim = int(index.ndim)
             self.kind = f"usearch HNSW, {index.dtype.name.lower()}, M {index.connectivity}"
             return
-        faiss = _import_faiss()
         self.dim = int(index.d)
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is None:
-            self.kind = "faiss flat inner product (exact)"
-        else:
-            self.kind = f"faiss IVF-PQ, {ivf.nlist} lists, {index.pq.M}-byte codes"
-            self._search_params = faiss.SearchParametersIVF(nprobe=min(params.probes, ivf.nlist))
+        self.kind = ivf.describe(index)
+        if ivf.is_ivf(index):
+            index.nprobe = min(params.probes, index.nlist)
+        self._quantizer_key = ivf.quantizer_key(index)
 
     def __len__(self):
         return int(len(self._index) if self.backend == "hnsw" else self._index.ntotal)
+
+    @property
+    def quantizer_key(self):
+        """For an IVF-PQ structure, what identifies its coarse quantiser: structures with equal
+        keys take one `assign`ment; None for HNSW and flat structures."""
+        return self._quantizer_key
+
+    def assign(self, queries):
+        """The lists an IVF-PQ structure probes for float32 unit `queries` [Q, D]: an opaque
+        value for `candidates(assigned=)` of structures with the same `quantizer_key`."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        return ivf.assign(self._index, q, min(threads(), max(1, len(q))))
 
     def save(self, path):
         """Writes the structure to the one file `path` (not atomically: the catalogue stages)."""
         if self.backend == "hnsw":
             self._index.save(os.fspath(path))
             return
-        _import_faiss().write_index(self._index, os.fspath(path))
-        size = os.path.getsize(path)
-        with open(path, "ab") as file:
-            file.write(_TRAILER.pack(_MAGIC, size))
+        ivf.write(self._index, path)
 
     @classmethod
     def load(cls, backend, path, mmap=True, params=None):
@@ -301,37 +297,17 @@ class Structure:
             if index is None:
                 raise UserError(f"{path} is not a usearch HNSW index; {again}.")
             return cls(backend, index, params)
-        faiss = _import_faiss()
-        size = os.path.getsize(path)
-        with open(path, "rb") as file:
-            file.seek(max(0, size - _TRAILER.size))
-            magic, length = _TRAILER.unpack(file.read().rjust(_TRAILER.size, b"\0"))
-        if magic != _MAGIC or length != size - _TRAILER.size:
-            raise UserError(f"{path} is not a whole ivfpq structure (its {size} bytes do not end "
-                            f"with pnpp_tf's length mark); {again}.")
-        # IO_FLAG_MMAP_IFC (faiss >= 1.11) maps the file and points the lists and codes into it;
-        # IO_FLAG_MMAP would copy the coarse centroids to the heap. Older faiss: read in memory.
-        mapped = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
-        flags = mapped | faiss.IO_FLAG_READ_ONLY if mmap and mapped else 0
-        try:
-            with _faiss_threads(faiss):
-                index = faiss.read_index(path, flags)
-        except RuntimeError as error:
-            # faiss' message starts with the C++ function and source line: keep what failed.
-            reason = str(error).strip().rsplit("Error: ", 1)[-1][:200]
-            raise UserError(f"{path} is not a whole faiss index ({reason}); {again}.") from error
-        if not isinstance(index, (faiss.IndexIVFPQ, faiss.IndexFlatIP)):
-            raise UserError(f"{path} holds a faiss {type(index).__name__}, not an ivfpq "
-                            f"structure; {again}.")
-        return cls(backend, index, params)
+        return cls(backend, ivf.read(path, mmap, threads()), params)
 
-    def candidates(self, queries, depth, num_threads=None):
+    def candidates(self, queries, depth, num_threads=None, assigned=None):
         """Each query's shortlist of local row ids, best first by the approximate score.
 
         Args:
             queries: float32 [Q, D] unit rows.
             depth: candidates per query (>= 1); see `rescore_depth`.
             num_threads: threads for this call; None: `threads()`.
+            assigned: IVF-PQ only, optional: `assign(queries)` of a structure with the same
+                `quantizer_key`, so that shards sharing a quantiser assign a query once.
 
         Returns:
             int64 [Q, depth] row ids in 0..n-1; -1 fills the end of a row where fewer were found:
@@ -362,25 +338,8 @@ class Structure:
             counts = np.asarray(getattr(matches, "counts", keys.shape[1])).reshape(-1, 1)
             found[:, :keys.shape[1]] = np.where(np.arange(keys.shape[1]) < counts, keys, -1)
             return found
-        with _faiss_threads(_import_faiss(), num_threads):
-            _, ids = self._index.search(q, count, params=self._search_params)
-        found[:, :count] = ids
+        found[:, :count] = ivf.search(self._index, q, count, num_threads, assigned)
         return found
-
-
-@contextlib.contextmanager
-def _faiss_threads(faiss, count=None):
-    """faiss' OpenMP threads set to `count` (None: `threads()`) inside, and put back after.
-
-    OpenMP keeps the thread count per calling thread (its nthreads-var is a data-environment
-    ICV), so threads searching different shards at once each set their own without a lock.
-    """
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(count or threads())
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
 
 
 def _integer(value):
@@ -404,12 +363,3 @@ def _import_usearch():
         raise UserError("--backend=hnsw needs usearch: pip install 'pnpp_tf[ann]' "
                         "(or usearch).") from error
     return Index
-
-
-def _import_faiss():
-    try:
-        import faiss  # pylint: disable=import-outside-toplevel
-    except ImportError as error:
-        raise UserError("--backend=ivfpq needs faiss: pip install 'pnpp_tf[ann]' "
-                        "(or faiss-cpu).") from error
-    return faiss

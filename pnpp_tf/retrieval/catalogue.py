@@ -25,6 +25,7 @@ only difference from "exact" is an item the shortlist missed.
 import concurrent.futures
 import dataclasses
 import os
+import typing
 
 import numpy as np
 from absl import logging
@@ -61,26 +62,38 @@ class Catalogue:
         shards: the opened `Shard`s, in manifest order.
         damaged: [(shard name, why)] of the shards that could not be opened; the rest are
             searched, and their items numbered as if the damaged ones were empty.
+        search_settings: approximate search settings (`ann.SEARCH_SETTINGS`) that replace the
+            ones the catalogue was built with; a setting of 0 or None keeps the built one.
     """
 
     directory: str
     manifest: dict
     shards: list
     damaged: list
+    search_settings: dict = dataclasses.field(default_factory=dict)
     _structures: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _pool: typing.Any = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self._offsets = np.concatenate([[0], np.cumsum([len(shard) for shard in self.shards])]).astype(np.int64)
 
     @classmethod
-    def open(cls, directory, flag="--index"):
+    def open(cls, directory, flag="--index", search_settings=None):
         """Opens the catalogue at `directory`, each shard memory-mapped.
 
         A damaged shard is logged and left out (`damaged`); if every shard is damaged, the
         catalogue cannot be searched.
 
+        Args:
+            directory: the catalogue's directory.
+            flag: how messages name it.
+            search_settings: optional {"expansion_search": int, "probes": int}, search-time
+                settings of the approximate backends (`ann.AnnParams`) to use instead of the
+                built ones (a structure need not be rebuilt for them); 0 or None keeps one.
+
         Raises:
-            UserError: not a catalogue, a newer format, or no shard could be opened.
+            UserError: not a catalogue, a newer format, no shard could be opened, or a bad
+                search setting.
         """
         manifest = read_manifest(directory, flag)
         shards, damaged = [], []
@@ -92,7 +105,7 @@ class Catalogue:
                 damaged.append((entry["name"], str(error)))
         if manifest["shards"] and not shards:
             raise UserError(f"{flag}={directory}: every shard is damaged, e.g. {damaged[0][1]}")
-        return cls(directory, manifest, shards, damaged)
+        return cls(directory, manifest, shards, damaged, ann.search_settings(search_settings))
 
     def __len__(self):
         return int(self._offsets[-1])
@@ -168,7 +181,8 @@ class Catalogue:
         depth = ann.rescore_depth(k) if rescore is None else int(rescore)
         if depth < k:
             raise UserError(f"--rescore={rescore} must be at least --k={k}.")
-        lists = self._each_shard(lambda shard: self._search_shard(shard, queries, k, used, depth),
+        assigned = self._assign(queries, used)
+        lists = self._each_shard(lambda shard: self._search_shard(shard, queries, k, used, depth, assigned),
                                  parallel=used != "exact" and len(queries) < ann.threads())
         scores = np.concatenate([scores for scores, _ in lists], axis=1)
         items = np.concatenate([np.where(ids >= 0, ids + offset, -1)
@@ -189,13 +203,25 @@ class Catalogue:
                             f"index it again with python -m pnpp_tf.index --backend={backend}.")
         return backend
 
-    def _search_shard(self, shard, queries, k, backend, depth):
+    def _assign(self, queries, backend):
+        """{quantizer key: the queries' IVF lists}: one assignment for all shards sharing a quantiser."""
+        assigned = {}
+        if backend == "ivfpq":
+            for shard in self.shards:
+                structure = self._structure(shard, backend)
+                key = structure.quantizer_key
+                if key and key not in assigned:
+                    assigned[key] = structure.assign(queries)
+        return assigned
+
+    def _search_shard(self, shard, queries, k, backend, depth, assigned):
         """One shard's (similarities [Q, <=k], local rows [Q, <=k]) in the one order."""
         k = min(k, len(shard))
         if backend == "exact":
             return exact_shard(shard, queries, k)
         structure = self._structure(shard, backend)
-        candidates = structure.candidates(queries, min(depth, len(shard)))
+        candidates = structure.candidates(queries, min(depth, len(shard)),
+                                          assigned=assigned.get(structure.quantizer_key))
         return rescore_candidates(shard, queries, candidates, k)
 
     def _each_shard(self, search, parallel):
@@ -208,16 +234,33 @@ class Catalogue:
         workers = min(ann.threads(), len(self.shards))
         if not parallel or workers < 2:
             return [search(shard) for shard in self.shards]
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(search, self.shards))
+        if self._pool is None or self._pool[0] != workers:
+            # Kept for the catalogue's life: starting threads for every query would cost more
+            # than a small shard's search. Its threads are idle between searches and end with it.
+            self._pool = (workers, concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="catalogue"))
+        return list(self._pool[1].map(search, self.shards))
+
+    def read_into_memory(self, backend="auto"):
+        """Reads every shard's rows, and its structure for `backend`, into memory.
+
+        For a process that would rather hold the catalogue in its own memory than in the page
+        cache (which the kernel may evict under pressure); searches return the same lists.
+        """
+        used = self.resolve_backend(backend)
+        for shard in self.shards:
+            shard.read_into_memory()
+            if used != "exact":
+                self._structures[shard.directory] = self._load_structure(shard, used, mmap=False)
 
     def _structure(self, shard, backend):
         """The shard's approximate structure, loaded (memory-mapped) once per opened catalogue."""
         if shard.directory not in self._structures:
-            params = ann.AnnParams.from_json(self.manifest["approximate"]["params"])
-            self._structures[shard.directory] = ann.Structure.load(
-                backend, shard.structure_path(backend), mmap=True, params=params)
+            self._structures[shard.directory] = self._load_structure(shard, backend, mmap=True)
         return self._structures[shard.directory]
+
+    def _load_structure(self, shard, backend, mmap):
+        params = ann.AnnParams.from_json({**self.manifest["approximate"]["params"], **self.search_settings})
+        return ann.Structure.load(backend, shard.structure_path(backend), mmap=mmap, params=params)
 
 
 def exact_shard(shard, queries, k):

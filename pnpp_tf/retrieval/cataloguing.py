@@ -287,6 +287,24 @@ def _add_shard(directory, manifest, embedder, root, chunk, approximate, batch_si
     _commit(directory, manifest)
 
 
+def _trained_structure(directory, manifest, approximate, params):
+    """The first ivfpq structure of the catalogue's shards built with `approximate`, read into
+    memory, whose trained quantiser a new shard copies (`ann.build(trained=)`); None if there is none."""
+    if approximate["backend"] != "ivfpq":
+        return None
+    for entry in manifest["shards"]:
+        if entry.get("approximate") == approximate:
+            path = os.path.join(directory, entry["name"], ann.structure_file("ivfpq"))
+            try:
+                structure = ann.Structure.load("ivfpq", path, mmap=False, params=params)
+            except UserError as error:  # a damaged shard: the next one may do
+                logging.warning("%s", error)
+                continue
+            if structure.quantizer_key:
+                return structure
+    return None
+
+
 def _write_shard(directory, manifest, rows, keys, approximate, as_decoded=False):
     """Writes a new shard of `rows` (float32, as embedded, or with `as_decoded` another shard's
     `unit_rows` of the same dtype, kept bit for bit) and returns its manifest entry."""
@@ -295,8 +313,9 @@ def _write_shard(directory, manifest, rows, keys, approximate, as_decoded=False)
     manifest["next_shard"] += 1
     structure = None
     if approximate:
-        structure = ann.build(approximate["backend"], rows if as_decoded else neighbours.unit_rows(rows),
-                              ann.AnnParams.from_json(approximate["params"]), manifest["dtype"])
+        params = ann.AnnParams.from_json(approximate["params"])
+        structure = ann.build(approximate["backend"], rows if as_decoded else neighbours.unit_rows(rows), params,
+                              manifest["dtype"], trained=_trained_structure(directory, manifest, approximate, params))
     Shard.write(os.path.join(directory, name), rows, keys, manifest["dtype"], structure, as_decoded)
     return {"name": name, "count": len(keys), "approximate": approximate}
 

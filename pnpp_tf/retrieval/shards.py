@@ -142,6 +142,12 @@ class Shard:
                             "again to embed its images anew.")
         return cls(directory, embeddings, scales, blob, offsets, sizes, mtimes, info.get("unit_rows", False))
 
+    def read_into_memory(self):
+        """Reads the stored rows (and int8 scales) into memory instead of mapping them."""
+        self.embeddings = self._stored = np.array(self._stored)
+        if self.scales is not None:
+            self.scales = self._scales = np.array(self._scales)
+
     def __len__(self):
         return len(self.sizes)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pnpp_tf.errors import UserError
-from pnpp_tf.retrieval import ann
+from pnpp_tf.retrieval import ann, ivf
 from pnpp_tf.retrieval.ann import AnnParams
 
 # Every (backend, dtype) the catalogue can ask for; ivfpq stores PQ codes whatever the dtype.
@@ -171,10 +171,10 @@ def test_a_cut_short_or_foreign_file_is_named(tmp_path, backend, mmap, cut):
 @pytest.mark.parametrize("mmap", [True, False])
 def test_a_damaged_ivf_pq_behind_a_good_length_mark_is_named_with_faiss_reason(ivf_pq, tmp_path, mmap):
     _, _, whole_path = ivf_pq
-    faiss_part = whole_path.read_bytes()[:-ann._TRAILER.size]  # pylint: disable=protected-access
+    faiss_part = whole_path.read_bytes()[:-ivf._TRAILER.size]  # pylint: disable=protected-access
     half = len(faiss_part) // 2
     path = tmp_path / "ivfpq.faiss"
-    path.write_bytes(faiss_part[:half] + ann._TRAILER.pack(ann._MAGIC, half))  # pylint: disable=protected-access
+    path.write_bytes(faiss_part[:half] + ivf._TRAILER.pack(ivf._MAGIC, half))  # pylint: disable=protected-access
     with pytest.raises(UserError, match=rf"^{path} is not a whole faiss index \('.*read error"):
         ann.Structure.load("ivfpq", path, mmap=mmap)
 
