@@ -289,15 +289,27 @@ def _drop_self(row, item, depth):
 # ------------------------------------------------------------------------------------- helpers
 
 def build_params(args):
-    return {field: getattr(args, flag) for field, flag in BUILD_PARAMS.items() if getattr(args, flag) is not None}
+    """The build settings: the flags given, and `AnnParams`' defaults for the rest (so that a
+    catalogue built under other defaults is not taken for one of today's)."""
+    return _with_defaults(args, BUILD_PARAMS)
 
 
 def search_params(args):
-    return {field: getattr(args, flag) for field, flag in SEARCH_PARAMS.items() if getattr(args, flag) is not None}
+    """The search settings: the flags given, and `AnnParams`' defaults for the rest."""
+    return _with_defaults(args, SEARCH_PARAMS)
+
+
+def _with_defaults(args, fields):
+    from pnpp_tf.retrieval import ann  # pylint: disable=import-outside-toplevel
+
+    defaults = ann.AnnParams().to_json()
+    return {field: defaults[field] if getattr(args, flag) is None else getattr(args, flag)
+            for field, flag in fields.items()}
 
 
 def _catalogue_dir(args, data, backend, dtype, params):
-    settings = {"params": params if backend != "exact" else {}, "shard_size": args.shard_size}
+    # layout 2: IVF-PQ shards share the first shard's trained quantiser.
+    settings = {"params": params if backend != "exact" else {}, "shard_size": args.shard_size, "layout": 2}
     return os.path.join(args.work_dir, "catalogues", data["key"], f"{backend}-{dtype}-{_digest(settings)}")
 
 
