@@ -45,7 +45,7 @@ class Searcher:
         index_path: a catalogue directory, or an earlier single-file .npz index.
         model: the model to embed queries with; None: the one the index records.
         backend: as --backend.
-        rescore: candidates re-scored per query and shard (0: the catalogue's default).
+        rescore: candidates re-scored per query (0: the catalogue's default).
         search_settings: a catalogue's approximate search settings, as `Catalogue.open` takes them.
     """
 

@@ -299,7 +299,7 @@ class Structure:
             return cls(backend, index, params)
         return cls(backend, ivf.read(path, mmap, threads()), params)
 
-    def candidates(self, queries, depth, num_threads=None, assigned=None):
+    def candidates(self, queries, depth, num_threads=None, assigned=None, with_scores=False):
         """Each query's shortlist of local row ids, best first by the approximate score.
 
         Args:
@@ -309,9 +309,14 @@ class Structure:
             assigned: IVF-PQ only, optional: `assign(queries)` of a structure with the same
                 `quantizer_key`, so that shards sharing a quantiser assign a query once.
 
+            with_scores: also return the approximate scores, which rank candidates of shards of
+                one catalogue against one another (same library, storage and, for IVF-PQ, a
+                shared quantiser; estimates of one inner product otherwise).
+
         Returns:
             int64 [Q, depth] row ids in 0..n-1; -1 fills the end of a row where fewer were found:
-            past n, and for IVF-PQ where the probed lists hold fewer than `depth` rows.
+            past n, and for IVF-PQ where the probed lists hold fewer than `depth` rows. With
+            `with_scores`, (ids, float32 [Q, depth] scores, higher better, -inf where no id).
 
         Raises:
             UserError: `queries` are not finite [Q, D] rows of this structure's D.
@@ -324,22 +329,28 @@ class Structure:
         if depth < 1:
             raise ValueError(f"depth={depth} must be positive.")
         found = np.full((len(q), depth), -1, dtype=np.int64)
+        scores = np.full((len(q), depth), -np.inf, dtype=np.float32)
         count = min(depth, len(self))
-        if not len(q):
-            return found
-        # Both libraries share out queries, not one query's work: more threads than queries idle.
-        num_threads = min(num_threads or threads(), len(q))
+        if len(q):  # both libraries share out queries, not one query's work: no more threads than queries
+            self._search(q, count, min(num_threads or threads(), len(q)), assigned, found, scores)
+        return (found, scores) if with_scores else found
+
+    def _search(self, q, count, num_threads, assigned, found, scores):
+        """Fills `found` and `scores` with `candidates`' answer on `num_threads` threads."""
         if self.backend == "hnsw":
             with self._lock:
                 matches = self._index.search(q, count, threads=num_threads)
             keys = np.asarray(matches.keys, dtype=np.int64).reshape(len(q), -1)
+            distances = np.asarray(matches.distances, dtype=np.float32).reshape(len(q), -1)
             # One query gets a usearch Matches, whose keys are only those found; several a
             # BatchMatches, whose rows are padded with key 0 past their `counts`.
             counts = np.asarray(getattr(matches, "counts", keys.shape[1])).reshape(-1, 1)
-            found[:, :keys.shape[1]] = np.where(np.arange(keys.shape[1]) < counts, keys, -1)
-            return found
-        found[:, :count] = ivf.search(self._index, q, count, num_threads, assigned)
-        return found
+            held = np.arange(keys.shape[1]) < counts
+            found[:, :keys.shape[1]] = np.where(held, keys, -1)
+            scores[:, :keys.shape[1]] = np.where(held, -distances, -np.inf)  # a distance: lower is nearer
+            return
+        scores[:, :count], found[:, :count] = ivf.search(self._index, q, count, num_threads, assigned)
+        scores[found < 0] = -np.inf
 
 
 def _integer(value):

@@ -153,16 +153,22 @@ def assign(index, queries, threads):
 
 
 def search(index, queries, count, threads, assigned=None):
-    """int64 [Q, count] ids of each query's `count` best rows by the index's own score (-1: none).
+    """Each query's `count` best rows by the index's own estimate of the inner product.
 
     Args:
         assigned: optional `assign` of an index with the same `quantizer_key`; None: its own.
+
+    Returns:
+        (float32 [Q, count] estimated inner products, -inf where none; int64 [Q, count] ids, -1
+        where none).
     """
     with omp_threads(import_faiss(), threads):
         if assigned is None or not is_ivf(index):
-            return index.search(queries, count)[1]
-        centroid_scores, lists = assigned
-        return index.search_preassigned(queries, count, lists, centroid_scores)[1]
+            scores, ids = index.search(queries, count)
+        else:
+            centroid_scores, lists = assigned
+            scores, ids = index.search_preassigned(queries, count, lists, centroid_scores)
+    return scores.astype("float32", copy=False), ids
 
 
 @contextlib.contextmanager

@@ -113,6 +113,10 @@ def test_ivfpq_shards_share_the_first_ones_quantiser(tmp_path, monkeypatch):
     queries = np.random.default_rng(9).standard_normal((30, 16)).astype(np.float32)
     shared = catalogue.search(queries, k=10)
     assert shared[2] == "ivfpq"
+    # Every list probed and every item re-scored: the exact lists, from one shortlist per query
+    # drawn from the three shards by their PQ scores.
+    whole = Catalogue.open(directory, search_settings={"probes": 10_000}).search(queries, k=10, rescore=len(rows))
+    np.testing.assert_array_equal(whole[1], catalogue.search(queries, k=10, backend="exact")[1])
     # One assignment for the three equals each shard assigning the queries itself.
     monkeypatch.setattr(Catalogue, "_assign", lambda self, queries, backend: {})
     alone = Catalogue.open(directory).search(queries, k=10)
