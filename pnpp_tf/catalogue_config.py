@@ -80,7 +80,8 @@ class CatalogueSearchConfig(Config):
                           "hnsw or ivfpq (as built); faiss (IndexFlatIP, exact; .npz indexes only).",
                           choices=lambda: _SEARCH_CHOICES)
     rescore: int = option(0, "Approximate backends: candidates per query, the best by the structure's own "
-                          "score over all shards, re-scored exactly (0: max(100, 10 k)).", lower=0)
+                          "score over all shards, re-scored exactly (0: HNSW max(100, 10 k), IVF-PQ max(300, 30 k)).",
+                          lower=0)
     hnsw_expansion_search: int = option(0, "HNSW: candidates kept while searching (efSearch) for these "
                                         "searches; 0: as the index was built.", lower=0)
     ivf_probes: int = option(0, "IVF-PQ: lists searched per query for these searches; 0: as the index was "

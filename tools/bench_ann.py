@@ -108,7 +108,7 @@ def main(argv=None):
     for field, flag in {**BUILD_PARAMS, **SEARCH_PARAMS}.items():
         parser.add_argument(f"--{flag}", type=int, default=None, help=f"AnnParams.{field}; default: AnnParams'.")
     parser.add_argument("--rescore", type=int, default=None,
-                        help="Candidates re-scored per query; default: the catalogue's max(10 k, 100).")
+                        help="Candidates re-scored per query; default: the catalogue's (ann.rescore_depth).")
     parser.add_argument("--memory", choices=("both", "mmap", "none"), default="both",
                         help="Fresh processes measuring memory: mmap and loaded, mmap only, or none (everything "
                              "in this process, no memory figures: for smoke tests).")

@@ -30,7 +30,7 @@ IO_FLAG_MMAP_IFC.
 Defaults, measured on 200,000 x 512 clustered unit rows: with HNSW M 32, efConstruction 128 and
 efSearch 64 its own top 10 hold 0.99 of the exact one at f32/f16 (efSearch 32: 0.97; M 16 or
 efConstruction 64: 0.94-0.98) and 100 candidates 0.997+ at every dtype; IVF-PQ's 100 hold 0.999
-(50 only 0.94, hence `RESCORE_DEPTH`). usearch over faiss' HNSW: as fast at f16/i8 (faiss 2x at
+(50 only 0.94, hence `RESCORE`). usearch over faiss' HNSW: as fast at f16/i8 (faiss 2x at
 f32), and f16/i8 without training a quantiser. IVF probes: 128 of the 1,024 lists a 65,536-row
 first shard trains; at 1,000,000 x 512 rows with class structure (tools/bench_ann.py, local
 intrinsic dimension 16) 16 probes held 0.68 of the exact top 10, 64 0.91, 128 0.97 and 256 0.997.
@@ -65,9 +65,11 @@ FLAGS = {"connectivity": "--hnsw_connectivity", "expansion_add": "--hnsw_expansi
          "probes": "--ivf_probes", "pq_bytes": "--pq_bytes"}
 MIN_POINTS_PER_LIST = ivf.MIN_POINTS_PER_LIST
 IVFPQ_MIN_ROWS = ivf.MIN_TRAINING_ROWS  # 9,984: a first shard smaller gets an exact flat index
-# The catalogue re-scores rescore_depth(k) = max(RESCORE_FACTOR * k, RESCORE_DEPTH) candidates.
-RESCORE_DEPTH = 100
-RESCORE_FACTOR = 10
+# The catalogue re-scores rescore_depth(k, backend) = max(factor * k, depth) candidates per query.
+# HNSW shortlists by the stored vectors themselves; IVF-PQ by 64-byte codes, whose order over a
+# million rows needs 3x the depth (tools/bench_ann.py, 1M x 512, 128 probes: recall@10 0.914 at
+# 100, 0.952 at 300).
+RESCORE = {"hnsw": (10, 100), "ivfpq": (30, 300)}
 _threads = None
 # The settings a search may change without rebuilding a structure.
 SEARCH_SETTINGS = ("expansion_search", "probes")
@@ -160,9 +162,11 @@ def structure_file(backend):
     return _FILES[_check_backend(backend)]
 
 
-def rescore_depth(k):
-    """How many candidates to re-score exactly for the top `k`: max(10 k, 100)."""
-    return max(RESCORE_FACTOR * int(k), RESCORE_DEPTH)
+def rescore_depth(k, backend="hnsw"):
+    """How many candidates to re-score exactly for the top `k`: max(10 k, 100) for HNSW,
+    max(30 k, 300) for IVF-PQ (`RESCORE`)."""
+    factor, least = RESCORE[_check_backend(backend)]
+    return max(factor * int(k), least)
 
 
 auto_lists = ivf.auto_lists

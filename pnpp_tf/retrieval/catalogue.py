@@ -160,7 +160,7 @@ class Catalogue:
                 it was built with one, "exact" otherwise.
             rescore: for an approximate backend, how many candidates of each query, the best
                 by the structures' own scores over all shards, are re-scored exactly; None:
-                `ann.rescore_depth(k)`.
+                `ann.rescore_depth(k, backend)`.
 
         Returns:
             (cosine distances float32 [Q, k], int64 item numbers [Q, k], the backend used). An
@@ -180,13 +180,13 @@ class Catalogue:
         if not 1 <= int(k) <= len(self):
             raise UserError(f"--k={k} must be between 1 and the {len(self)} items of {self.directory}.")
         k = int(k)
-        depth = ann.rescore_depth(k) if rescore is None else int(rescore)
-        if depth < k:
+        if rescore is not None and int(rescore) < k:
             raise UserError(f"--rescore={rescore} must be at least --k={k}.")
         if used == "exact":
             lists = [exact_shard(shard, queries, min(k, len(shard))) for shard in self.shards]
             scores, items = self._in_items(lists)
         else:
+            depth = ann.rescore_depth(k, used) if rescore is None else int(rescore)
             items = self._shortlist(queries, used, depth)
             scores = self._rescore(queries, items)
         scores, items = merge_lists(scores, items, k)

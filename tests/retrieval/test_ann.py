@@ -209,3 +209,4 @@ def test_faiss_threads_are_put_back_and_queries_are_checked(ivf_pq):
     with pytest.raises(UserError, match=r"^queries must be finite rows of 32 values"):
         structure.candidates(queries[:, :8], 10)
     assert ann.rescore_depth(5) == 100 and ann.rescore_depth(20) == 200
+    assert ann.rescore_depth(5, "ivfpq") == 300 and ann.rescore_depth(20, "ivfpq") == 600
