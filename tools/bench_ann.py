@@ -282,7 +282,7 @@ def format_report(report):
             f"{_same_class(m, k)} "
             f"| {m['recall@1']:.4f} ({d['recall@1']:+.4f}) | {m['map@r']:.4f} ({d['map@r']:+.4f}) |")
     lines += ["", f"ANN settings: {json.dumps(report['settings']['ann'])}; defaults {json.dumps(report['ann_defaults'])}; "
-              f"rescore {report['settings']['rescore'] or 'default max(10 k, 100)'}; shards of "
+              f"rescore {report['settings']['rescore'] or 'default (HNSW max(10 k, 100), IVF-PQ max(30 k, 300))'}; shards of "
               f"{report['settings']['shard_size'] or 'the default'} rows.",
               f"Load average (1 min) before {report['load_average']['before']:.1f}, after "
               f"{report['load_average']['after']:.1f} on {report['machine']['cores']} cores (other jobs share the "
