@@ -16,11 +16,12 @@ being written, and the next `pnpp_tf.index` removes it).
 
 Items are numbered in manifest order: shard by shard, row by row. Every backend ranks by the exact
 engine's rule (`pnpp_tf.retrieval.neighbours`): descending cosine similarity of the stored rows
-decoded to unit float32, ties by ascending item number. "exact" scores every row of each shard (the
-mapped float32 rows themselves, or blocks decoded from float16/int8) and merges the lists; "hnsw" and "ivfpq" ask each shard's approximate structure for
-candidates (`pnpp_tf.retrieval.ann`), keep each query's best by the structures' own scores over all
-shards (its shortlist), score the shortlist exactly and rank it the same way, so the only
-difference from "exact" is an item the shortlist missed.
+decoded to unit float32, ties by ascending item number. "exact" scores every row of each shard
+(the mapped float32 rows themselves, or blocks decoded from float16/int8) and merges the lists;
+"hnsw" and "ivfpq" ask each shard's approximate structure for candidates
+(`pnpp_tf.retrieval.ann`), keep each query's best by the structures' own scores over all shards
+(its shortlist), score the shortlist exactly and rank it the same way, so the only difference
+from "exact" is an item the shortlist missed.
 """
 
 import concurrent.futures
@@ -40,10 +41,12 @@ FORMAT = "pnpp_tf catalogue index"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SEARCH_BACKENDS = ("auto", "exact", "hnsw", "ivfpq")
-# Queries scored together: 256 x 100 candidates x 512 floats is 52 MB when re-scoring, and
-# 256 x 65,536 rows of scores is 64 MB in an exact search.
+# Queries scored together by an exact search: 256 x 65,536 rows of scores is 64 MB.
 _QUERY_BLOCK = 256
 _EXACT_SCORES = 1 << 24
+# Shortlisted rows gathered at a time to be re-scored: 2**24 floats is 64 MB (e.g. 109 queries x
+# 300 candidates x 512).
+_RESCORE_FLOATS = 1 << 24
 # Rows decoded at a time from float16/int8 by an exact search: 16,384 x 512 floats is 32 MB.
 _DECODE_BLOCK = 1 << 14
 
@@ -238,8 +241,9 @@ class Catalogue:
         scores = np.full(items.shape, -np.inf, np.float32)
         shard_of = np.searchsorted(self._offsets, items, side="right") - 1
         # In blocks of queries: a block's gathered rows are [queries, candidates, D] floats.
-        for start in range(0, len(queries), _QUERY_BLOCK):
-            block, owner = items[start:start + _QUERY_BLOCK], shard_of[start:start + _QUERY_BLOCK]
+        per_block = max(1, _RESCORE_FLOATS // max(1, items.shape[1] * queries.shape[1]))
+        for start in range(0, len(queries), per_block):
+            block, owner = items[start:start + per_block], shard_of[start:start + per_block]
             rows = np.zeros((*block.shape, queries.shape[1]), np.float32)
             for number in np.unique(owner[block >= 0]):
                 held = (owner == number) & (block >= 0)
