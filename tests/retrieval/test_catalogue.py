@@ -1,6 +1,5 @@
-"""pnpp_tf.retrieval.shards, catalogue and cataloguing: a sharded catalogue index, its exact (and
-approximate) search, its incremental update, its resumption after a kill, its one-line errors and
-its memory."""
+"""pnpp_tf.retrieval.cataloguing: a catalogue index's incremental update, its resumption after a
+kill, its structures, and its one-line errors (the shards and search: test_catalogue_search.py)."""
 
 import json
 import os
@@ -13,25 +12,19 @@ import sys
 import numpy as np
 import pytest
 
-from cli_helpers import REPO
-from conftest import make_folder_dataset, write_image
+from catalogue_testing import (CHILD, EMBEDDING_DIM, IMAGE_SIZE, child_env, import_ann, one_line, photos_folder,
+                               readable_images, rows_by_path)
+from conftest import write_image
 from pnpp_tf.artifacts import load_embedder
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import write_json
 from pnpp_tf.modeling.model import build_embedder
 from pnpp_tf.retrieval import catalogue as catalogue_lib
-from pnpp_tf.retrieval import cataloguing, neighbours
+from pnpp_tf.retrieval import cataloguing
 from pnpp_tf.retrieval.catalogue import Catalogue
 from pnpp_tf.retrieval.cataloguing import update_catalogue
-from pnpp_tf.retrieval.shards import DTYPES, Shard
 from pnpp_tf.run_lock import RunLock
 
-IMAGE_SIZE = 32  # as conftest.tiny_model
-EMBEDDING_DIM = 16  # as conftest.tiny_model
-CHILD = str(REPO / "tests" / "catalogue_child.py")
-# int8 codes q of a row x quantised in steps s = max|x| / 127: |x / s - q| <= 1/2, plus the float32
-# rounding of s and of x / s (each at most 127 units of 2^-24, in units of s).
-INT8_SLACK = 2 * 127 * 2.0 ** -24
 
 
 @pytest.fixture(scope="module")
@@ -48,60 +41,6 @@ def copied(source, tmp_path):
     index = str(tmp_path / "photos.index")
     shutil.copytree(source["index"], index)
     return index
-
-
-def photos_folder(root, seed=0):
-    """12 images: train/ 2 classes x 4, test/ 1 class x 4 (PNG, JPEG, greyscale, alpha)."""
-    return make_folder_dataset(root, train_classes=2, test_classes=1, images_per_class=4, seed=seed)
-
-
-def exact_rows(count, dim=8, seed=0):
-    """float32 rows whose unit rows and dot products are exact in float32: each has 1 or 4
-    non-zero entries of +-1 (norm 1 or 2), so unit entries are 0, +-1/2 or +-1 and every dot
-    product is a sum of a few multiples of 1/4. Scores tie often, as the order must settle."""
-    rng = np.random.default_rng(seed)
-    rows = np.zeros((count, dim), np.float32)
-    for row in rows:
-        chosen = rng.choice(dim, size=rng.choice([1, 4]), replace=False)
-        row[chosen] = rng.choice([-1.0, 1.0], size=len(chosen))
-    return rows
-
-
-def write_catalogue(directory, rows, shard_size, dtype="float32", approximate=None, params=None):
-    """A catalogue written directly (no images, no model): shards of `shard_size` rows and a manifest
-    as `update_catalogue` writes them; item i is img_<i>.png. With `approximate` (a backend), each
-    shard gets its structure."""
-    os.makedirs(directory)
-    entries = []
-    for number, start in enumerate(range(0, len(rows), shard_size)):
-        part = rows[start:start + shard_size]
-        structure = None
-        if approximate:
-            from pnpp_tf.retrieval import ann  # pylint: disable=import-outside-toplevel
-
-            structure = ann.build(approximate, neighbours.unit_rows(part), params, dtype)
-        name = f"shard-{number:06d}"
-        Shard.write(os.path.join(directory, name), part,
-                    [(f"img_{start + i}.png", 1000 + start + i, 7) for i in range(len(part))], dtype, structure)
-        entries.append({"name": name, "count": len(part)})
-    write_json(os.path.join(directory, catalogue_lib.MANIFEST), {
-        "format": catalogue_lib.FORMAT, "format_version": catalogue_lib.FORMAT_VERSION, "model": "hand-written",
-        "model_kind": "keras", "model_stamp": None, "image_size": IMAGE_SIZE, "embedding_dim": int(rows.shape[1]),
-        "dtype": dtype, "distance": "cosine", "images_root": "/nowhere", "shards": entries,
-        "approximate": {"backend": approximate, "params": params.to_json()} if approximate else None,
-        "next_shard": len(entries), "skipped": [], "created": "today"})
-    return str(directory)
-
-
-def child_env():
-    """This process' environment, the repository importable and TensorFlow's C++ log quiet."""
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, PYTHONPATH=python_path, TF_CPP_MIN_LOG_LEVEL="2")
-
-
-def directory_bytes(directory):
-    return sum(os.path.getsize(os.path.join(folder, name))
-               for folder, _, names in os.walk(directory) for name in names)
 
 
 class EmbedSpy:
@@ -123,171 +62,6 @@ class EmbedSpy:
         paths = sorted(os.path.relpath(path, root) for call in self.calls for path in call)
         self.calls.clear()
         return paths
-
-
-def rows_by_path(catalogue):
-    """{relative path: the bytes of its stored row (and scale)} of an opened catalogue."""
-    rows = {}
-    for shard in catalogue.shards:
-        for row, path in enumerate(shard.relative_paths()):
-            scale = b"" if shard.scales is None else np.asarray(shard.scales[row]).tobytes()
-            rows[path] = np.asarray(shard.embeddings[row]).tobytes() + scale
-    return rows
-
-
-def one_line(raised, pattern, **paths):
-    """Asserts that the error of `raised` is one line matching `pattern`, whose {name} fields are
-    the `paths` given by name (matched literally)."""
-    message = str(raised.value)
-    assert "\n" not in message, message
-    pattern = pattern.format(**{name: re.escape(str(path)) for name, path in paths.items()})
-    assert re.search(pattern, message), message
-
-
-def readable_images(photos):
-    return sorted(os.path.relpath(os.path.join(folder, name), photos)
-                  for folder, _, names in os.walk(photos) for name in names if name.startswith("img_"))
-
-
-# 1. Shards
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_a_shard_round_trips_its_rows_and_paths(tmp_path, dtype):
-    rng = np.random.default_rng(1)
-    rows = rng.normal(size=(7, 12)).astype(np.float32) * rng.uniform(1e-3, 10, size=(7, 1)).astype(np.float32)
-    rows[3] = 0.0  # a zero row stays zero (its scale is 1)
-    items = [(f"dir {i}/ünïcødé café {i}.jpg", 10 * i, 1_700_000_000_123_456_789 + i) for i in range(7)]
-    items[5] = ("日本/写真 5.png", 50, 5)
-    items[6] = (os.fsdecode(b"latin-1 caf\xe9.jpg"), 60, 6)  # not UTF-8: a surrogate escape, as os.walk gives it
-    shard = Shard.write(str(tmp_path / "shard-000000"), rows, items, dtype)
-    assert sorted(os.listdir(tmp_path)) == ["shard-000000"]  # no temporary left
-    for opened in (shard, Shard.open(str(tmp_path / "shard-000000"))):
-        assert len(opened) == 7 and opened.dtype == dtype
-        assert isinstance(opened.embeddings, np.memmap)
-        assert opened.keys() == items
-        assert opened.relative_paths() == [path for path, _, _ in items]
-        assert [opened.relative_path(i) for i in range(7)] == [path for path, _, _ in items]
-        decoded = opened.decoded()
-        assert decoded.dtype == np.float32 and decoded.shape == rows.shape
-        unit = neighbours.unit_rows(rows)  # what is stored, in the stored dtype
-        if dtype == "float32":
-            np.testing.assert_array_equal(decoded, unit)
-        elif dtype == "float16":
-            np.testing.assert_array_equal(decoded, unit.astype(np.float16).astype(np.float32))
-        else:
-            codes, scales = np.asarray(opened.embeddings), np.asarray(opened.scales)
-            assert scales[3] == 1.0 and not decoded[3].any()
-            # codes: each unit row quantised to +-127 over its largest magnitude; the scale makes
-            # the decoded row unit length again.
-            step = np.abs(unit).max(axis=1, keepdims=True) / 127
-            assert np.all(np.abs(unit / np.where(step > 0, step, 1) - codes) <= 0.5 + INT8_SLACK)
-            assert np.all(np.abs(codes).max(axis=1)[[0, 1, 2, 4, 5, 6]] == 127)
-            np.testing.assert_array_equal(decoded, codes.astype(np.float32) * scales[:, None])
-        np.testing.assert_array_equal(opened.decoded([5, 0, 5]), decoded[[5, 0, 5]])
-        # Rows decode to unit length (to the dtype's rounding) and are scored as decoded.
-        norms = np.linalg.norm(decoded[[0, 1, 2, 4, 5, 6]].astype(np.float64), axis=1)
-        np.testing.assert_allclose(norms, 1.0, atol={"float32": 1e-6, "float16": 2e-3, "int8": 1e-6}[dtype])
-        np.testing.assert_array_equal(opened.unit_rows([6, 1]), decoded[[6, 1]])
-        np.testing.assert_array_equal(opened.unit_rows(), decoded)
-        np.testing.assert_array_equal(opened.unit_block(2, 5), decoded[2:5])
-
-
-def test_a_shard_is_written_whole_or_not_at_all(tmp_path):
-    rows = np.eye(3, dtype=np.float32)
-    with pytest.raises(UserError, match="3 embeddings but 2 items"):
-        Shard.write(str(tmp_path / "a"), rows, [("x", 1, 1)] * 2, "float32")
-    with pytest.raises(UserError, match="--index_dtype='bfloat16' is not one of"):
-        Shard.write(str(tmp_path / "a"), rows, [("x", 1, 1)] * 3, "bfloat16")
-    with pytest.raises(UserError, match="NaN or infinite"):
-        Shard.write(str(tmp_path / "a"), rows * np.nan, [("x", 1, 1)] * 3, "float32")
-    assert os.listdir(tmp_path) == []
-    Shard.write(str(tmp_path / "a"), rows, [("x", 1, 1)] * 3, "float32")
-    with pytest.raises(OSError):  # never over an existing shard
-        Shard.write(str(tmp_path / "a"), rows, [("x", 1, 1)] * 3, "float32")
-    assert os.listdir(tmp_path) == ["a"]
-
-
-def _cut_short(path):
-    path.write_bytes(path.read_bytes()[:-5])
-
-
-def _grow(path):
-    path.write_bytes(path.read_bytes() + b"x")
-
-
-def _miscount(path):
-    path.write_text(json.dumps({**json.loads(path.read_text()), "count": 5}))
-
-
-def _drop_one(path):
-    np.save(path, np.asarray(np.load(path))[:-1])
-
-
-@pytest.mark.parametrize("name, damage, why", [
-    ("embeddings.npy", _cut_short, r"\(ValueError: mmap length is greater than file size\)"),
-    ("scales.npy", _cut_short, r"\(ValueError: mmap length is greater than file size\)"),
-    ("sizes.npy", os.remove, r"\(FileNotFoundError: .*sizes.npy'\)"),
-    ("shard.json", os.remove, r"\(FileNotFoundError: .*shard.json'\)"),
-    ("paths.bin", _grow, r"\(paths.bin holds \d+ bytes, not \d+\)"),
-    ("paths.bin", _cut_short, r"\(paths.bin holds \d+ bytes, not \d+\)"),
-    ("shard.json", _miscount, r"\(embeddings.npy is int8 \(4, 6\), not int8 \(5, 6\)\)"),
-    ("mtimes.npy", _drop_one, r"\(sizes, mtimes or path offsets do not hold one entry per item\)"),
-])
-def test_a_damaged_shard_is_named_in_one_line(tmp_path, name, damage, why):
-    directory = tmp_path / "shard-000003"
-    Shard.write(str(directory), np.arange(24, dtype=np.float32).reshape(4, 6) - 11,
-                [(f"photo {i}.jpg", i, i) for i in range(4)], "int8")
-    damage(directory / name)
-    with pytest.raises(UserError) as raised:
-        Shard.open(str(directory))
-    one_line(raised, r"^shard {directory} is damaged " + why + "; run python -m pnpp_tf.index again to embed its "
-                     r"images anew.$", directory=directory)
-
-
-# 2. Exact search across shards
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_search_across_shards_is_the_exact_engine_on_all_rows(tmp_path, dtype):
-    rows = exact_rows(40, seed=2)
-    rows[[7, 19, 33]] = rows[2]  # duplicates, in other shards: equal scores, listed by item
-    rows[25] = 2 * rows[2]  # the same direction, another norm
-    rows[11] = 0.0  # a zero row scores 0 against everything
-    queries = np.concatenate([exact_rows(6, seed=3), rows[[2, 11]], 3 * rows[[5]]])
-    catalogue = Catalogue.open(write_catalogue(tmp_path / "rows.index", rows, shard_size=6, dtype=dtype))
-    assert len(catalogue) == 40 and len(catalogue.shards) == 7 and catalogue.damaged == []
-    np.testing.assert_array_equal(catalogue.unit_rows(), neighbours.unit_rows(rows))
-    for k in (1, 5, 17, 40):
-        distances, items, backend = catalogue.search(queries, k=k)
-        similarities, expected = neighbours.nearest(queries, rows, k)
-        assert backend == "exact" and items.dtype == np.int64 and distances.dtype == np.float32
-        np.testing.assert_array_equal(items, expected)
-        np.testing.assert_array_equal(distances, np.maximum(1 - similarities, 0))
-    # The order is (score desc, item asc), ties included: the duplicates of row 2 in item order.
-    _, items, _ = catalogue.search(rows[2], k=5, backend="exact")
-    assert items.tolist() == [[2, 7, 19, 25, 33]]
-    assert [catalogue.relative_path(i) for i in items[0]] == [f"img_{i}.png" for i in items[0]]
-    assert catalogue.path(7) == os.path.join("/nowhere", "img_7.png")
-    assert catalogue.relative_paths() == [f"img_{i}.png" for i in range(40)]
-
-
-def test_search_rejects_a_bad_k_backend_or_width(tmp_path):
-    catalogue = Catalogue.open(write_catalogue(tmp_path / "rows.index", exact_rows(10), shard_size=3))
-    queries = exact_rows(2, seed=5)
-    for k in (0, -1, 11):
-        with pytest.raises(UserError, match=rf"^--k={k} must be between 1 and the 10 items of "):
-            catalogue.search(queries, k=k)
-    with pytest.raises(UserError, match="^The queries are 9-d embeddings but the catalogue .* holds 8-d ones"):
-        catalogue.search(np.ones((2, 9), np.float32), k=1)
-    with pytest.raises(UserError, match="NaN or infinite"):
-        catalogue.search(np.full((1, 8), np.inf, np.float32), k=1)
-    with pytest.raises(UserError, match="^--backend='faiss' is not one of auto, exact, hnsw, ivfpq"):
-        catalogue.search(queries, k=1, backend="faiss")
-    with pytest.raises(UserError, match="^--backend=hnsw: the catalogue .* was built without an approximate "):
-        catalogue.search(queries, k=1, backend="hnsw")
-    with pytest.raises(IndexError):
-        catalogue.locate(10)
 
 
 # 3. Incremental update
@@ -601,92 +375,6 @@ def test_a_folder_of_unreadable_files_is_refused_in_one_line(tiny_model, tmp_pat
                  photos=photos)
 
 
-# 6. Memory
-
-
-def measure(index, backend, queries, tmp_path, k=10, warm_rows=1):
-    """What the child reports after opening `index` and searching it: (peak RSS increase in KB, its
-    JSON report)."""
-    np.save(tmp_path / "queries.npy", queries)
-    env = child_env()
-    child = subprocess.run([sys.executable, CHILD, "memory", index, backend, str(tmp_path / "queries.npy"), str(k),
-                            str(warm_rows)], env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert child.returncode == 0, child.stderr[-3000:]
-    report = json.loads(child.stdout.strip().splitlines()[-1])
-    return report["peak_kb"] - report["before_kb"], report
-
-
-@pytest.fixture(scope="module")
-def large(tmp_path_factory):
-    """60,000 x 128 float32 rows (30 MB) in 16 shards of 3,750, written directly; 5 of them as
-    queries, each its own nearest (score 1), far ahead of the others (random rows)."""
-    root = tmp_path_factory.mktemp("large")
-    rows = np.random.default_rng(0).normal(size=(60_000, 128)).astype(np.float32)
-    mine = np.array([5, 3_749, 12_345, 40_000, 59_999])
-    return {"root": root, "rows": rows, "queries": rows[mine], "mine": mine, "shard_size": 3_750,
-            "exact": write_catalogue(root / "exact.index", rows, shard_size=3_750)}
-
-
-def allocated_kb(increase, report):
-    """The part of a peak RSS increase that is not mapped files' pages.
-
-    The shards and structures are memory-mapped, so every page a search touches (and those the
-    kernel maps around it: fault-around and readahead make that most of the pages of randomly
-    read rows) stays resident as a page of the file, which the kernel can drop at any time: up
-    to the index's size, however little the search reads. What is left is what the search
-    itself allocates.
-    """
-    return increase - (report["file_kb_after"] - report["file_kb_before"])
-
-
-def test_an_exact_search_holds_one_shard_at_a_time(large, tmp_path):
-    index = large["exact"]
-    increase, report = measure(index, "exact", large["queries"], tmp_path, warm_rows=large["shard_size"])
-    assert report["backend"] == "exact"
-    np.testing.assert_array_equal(np.asarray(report["items"])[:, 0], large["mine"])
-    # One shard's rows decoded at a time (and a few copies of them: 16 shards of 1.9 MB): all
-    # the rows decoded at once would be the index's size (float32), and its copies as much again.
-    index_kb = directory_bytes(index) / 1024
-    assert allocated_kb(increase, report) < index_kb / 2, report
-
-# 7. Approximate backends (pnpp_tf.retrieval.ann): shortlists re-scored exactly
-
-
-def import_ann(backend):
-    """`pnpp_tf.retrieval.ann`, skipping the test without it or without `backend`'s library."""
-    ann = pytest.importorskip("pnpp_tf.retrieval.ann")
-    pytest.importorskip({"hnsw": "usearch.index", "ivfpq": "faiss"}[backend])
-    return ann
-
-
-@pytest.mark.parametrize("backend", ["hnsw", "ivfpq"])
-def test_an_approximate_search_rescores_its_shortlists_exactly(tmp_path, backend):
-    ann = import_ann(backend)
-    rows = exact_rows(40, seed=4)
-    rows[[9, 30]] = rows[4]
-    queries = np.concatenate([exact_rows(5, seed=6), rows[[4]]])
-    index = write_catalogue(tmp_path / "rows.index", rows, shard_size=6, approximate=backend, params=ann.AnnParams())
-    catalogue = Catalogue.open(index)
-    assert all(os.path.isfile(shard.structure_path(backend)) for shard in catalogue.shards)
-    # Shards of 6 rows and shortlists of at least 100: every row is re-scored, so the lists are
-    # the exact ones, ties and all (the scores are exact in float32 on every path).
-    for k in (1, 7, 40):
-        distances, items, used = catalogue.search(queries, k=k)
-        exact_distances, exact_items, _ = catalogue.search(queries, k=k, backend="exact")
-        assert used == backend
-        np.testing.assert_array_equal(items, exact_items)
-        np.testing.assert_array_equal(distances, exact_distances)
-    assert catalogue.search(rows[4], k=3, backend=backend)[1].tolist() == [[4, 9, 30]]
-    # A shortlist shorter than the shard's rows: still k items, the best first.
-    distances, items, _ = catalogue.search(queries, k=2, rescore=2)
-    assert items.shape == (6, 2) and (items >= 0).all() and np.all(np.diff(distances, axis=1) >= 0)
-    with pytest.raises(UserError, match="^--rescore=1 must be at least --k=2"):
-        catalogue.search(queries, k=2, rescore=1)
-    other = "ivfpq" if backend == "hnsw" else "hnsw"
-    with pytest.raises(UserError, match=rf"^--backend={other}: the catalogue .* was built with {backend}; "):
-        catalogue.search(queries, k=1, backend=other)
-
-
 def test_an_update_builds_structures_and_rebuilds_them_when_asked_for_another(tiny_model, built, tmp_path):
     ann = import_ann("hnsw")
     index = copied(built, tmp_path)
@@ -743,15 +431,3 @@ def test_an_update_stopped_while_rebuilding_structures_rebuilds_the_rest(tiny_mo
     assert used == "hnsw"
     np.testing.assert_array_equal(items[:, 0], np.arange(12))
 
-
-def test_an_approximate_search_reads_little_of_a_mapped_catalogue(large, tmp_path):
-    ann = import_ann("hnsw")
-    params = ann.AnnParams(connectivity=8, expansion_add=32)
-    index = write_catalogue(large["root"] / "hnsw.index", large["rows"], shard_size=large["shard_size"],
-                            approximate="hnsw", params=params)
-    increase, report = measure(index, "hnsw", large["queries"], tmp_path, warm_rows=large["shard_size"])
-    assert report["backend"] == "hnsw"
-    np.testing.assert_array_equal(np.asarray(report["items"])[:, 0], large["mine"])
-    # Neither the rows nor the graphs are read into memory: the structures are mapped, and only
-    # the shortlisted rows are decoded (at most 100 per query and shard).
-    assert allocated_kb(increase, report) < directory_bytes(index) / 1024 / 4, report
