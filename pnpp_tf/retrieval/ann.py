@@ -44,13 +44,11 @@ calling thread only, and put back afterwards. usearch searches of one structure 
 """
 
 import dataclasses
-import math
 import operator
 import os
 import threading
 
 import numpy as np
-from absl import logging
 
 from pnpp_tf.errors import UserError
 from pnpp_tf.retrieval import ivf
