@@ -55,7 +55,7 @@ def tiny_model(tmp_path_factory):
     keras.utils.set_random_seed(0)
     model_dir = tmp_path_factory.mktemp("tiny_model") / "run"
     model_dir.mkdir()
-    build_embedder("small_cnn", 32, 16).save(model_dir / "embedder.keras")
+    build_embedder("small_cnn", 32, 16, weights="none").save(model_dir / "embedder.keras")
     return {"model_dir": str(model_dir), "embedder": load_embedder(str(model_dir))}
 
 

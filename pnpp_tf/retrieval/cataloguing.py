@@ -264,7 +264,7 @@ def _rewrite_shards(directory, manifest, wanted, approximate, report):
         new_entry = None
         if rows:
             new_entry = _write_shard(directory, manifest, shard.unit_rows(rows), [keys[row] for row in rows],
-                                     approximate, as_decoded=shard.dtype == manifest["dtype"])
+                                     approximate, already_unit=shard.dtype == manifest["dtype"])
         _replace_shard(directory, manifest, entry, new_entry)
     return held
 
@@ -305,18 +305,19 @@ def _trained_structure(directory, manifest, approximate, params):
     return None
 
 
-def _write_shard(directory, manifest, rows, keys, approximate, as_decoded=False):
-    """Writes a new shard of `rows` (float32, as embedded, or with `as_decoded` another shard's
+def _write_shard(directory, manifest, rows, keys, approximate, already_unit=False):
+    """Writes a new shard of `rows` (float32, as embedded, or with `already_unit` another shard's
     `unit_rows` of the same dtype, kept bit for bit) and returns its manifest entry."""
     name = f"{_SHARD_PREFIX}{manifest['next_shard']:06d}"
     manifest["embedding_dim"] = manifest["embedding_dim"] or int(rows.shape[1])  # a SavedModel may not say
     manifest["next_shard"] += 1
+    unit = rows if already_unit else neighbours.unit_rows(rows)  # once, for the structure and the shard
     structure = None
     if approximate:
         params = ann.AnnParams.from_json(approximate["params"])
-        structure = ann.build(approximate["backend"], rows if as_decoded else neighbours.unit_rows(rows), params,
-                              manifest["dtype"], trained=_trained_structure(directory, manifest, approximate, params))
-    Shard.write(os.path.join(directory, name), rows, keys, manifest["dtype"], structure, as_decoded)
+        structure = ann.build(approximate["backend"], unit, params, manifest["dtype"],
+                              trained=_trained_structure(directory, manifest, approximate, params))
+    Shard.write(os.path.join(directory, name), unit, keys, manifest["dtype"], structure, already_unit=True)
     return {"name": name, "count": len(keys), "approximate": approximate}
 
 

@@ -69,7 +69,7 @@ class Shard:
         self.mtimes = mtimes
 
     @classmethod
-    def write(cls, directory, embeddings, items, dtype, structure=None, as_decoded=False):
+    def write(cls, directory, embeddings, items, dtype, structure=None, already_unit=False):
         """Writes a shard to `directory` (which must not exist) whole or not at all, and opens it.
 
         Args:
@@ -80,15 +80,16 @@ class Shard:
             dtype: one of `DTYPES`, how the rows are stored.
             structure: optional `pnpp_tf.retrieval.ann.Structure` built over these rows; saved
                 under its backend's file name.
-            as_decoded: the rows are another shard's `unit_rows` of the same dtype, stored as
-                they are so that a rewritten shard scores its rows exactly as before.
+            already_unit: the rows are unit rows already (scaled by the caller, or another shard's
+                `unit_rows` of the same dtype): stored as they are, so that a rewritten shard
+                scores its rows exactly as before.
 
         Raises:
             UserError: a bad dtype, or rows and items of different lengths.
             OutOfSpaceError: the disk filled up (nothing is left behind).
         """
         name = f"embeddings of shard {directory}"
-        embeddings = neighbours.check_rows(embeddings, name) if as_decoded else neighbours.unit_rows(embeddings, name)
+        embeddings = neighbours.check_rows(embeddings, name) if already_unit else neighbours.unit_rows(embeddings, name)
         if len(items) != len(embeddings):
             raise UserError(f"{directory}: {len(embeddings)} embeddings but {len(items)} items.")
         stored, scales = encode(embeddings, dtype)
