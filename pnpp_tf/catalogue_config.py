@@ -102,6 +102,9 @@ class SearchConfig(CatalogueSearchConfig):
     grid: typing.Optional[str] = option(None, "Optional PNG: the query and its neighbours (one query only).")
     output: typing.Optional[str] = option(None, "Where the JSON lines of many queries go (default: stdout).")
     batch_size: int = option(64, "Query images embedded per batch.", lower=1)
+    threshold: typing.Optional[float] = option(None, "Also decide: a neighbour is a match when its cosine similarity "
+                                               "is at least this (distance at most 1 - threshold), e.g. a threshold "
+                                               "pnpp_tf.evaluate --calibrate chose.", lower=-1.0, upper=1.0)
 
 
 _SEARCH_CHOICES = tuple(dict.fromkeys((*SEARCH_BACKENDS, *neighbours.BACKENDS, *neighbours.ALIASES)))

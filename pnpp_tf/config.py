@@ -63,6 +63,21 @@ def positive_ints(name, values, sort=False):
     return tuple(sorted(set(ints))) if sort else tuple(ints)
 
 
+def _rates(name, values):
+    """The rates of a list option, each strictly between 0 and 1.
+
+    Raises:
+        UserError: an item is not such a number.
+    """
+    try:
+        rates = tuple(float(value) for value in values)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"--{name} must be numbers between 0 and 1, got {_joined(values)}.") from error
+    if not rates or any(not 0 < rate < 1 for rate in rates):
+        raise UserError(f"--{name} must be numbers between 0 and 1, got {_joined(values)}.")
+    return rates
+
+
 class Config:
     """The checks and conversions every config shares; subclasses are frozen dataclasses."""
 
@@ -270,6 +285,12 @@ class EvaluateConfig(DataConfig):
     block_size: int = option(0, "Query rows per block of the exact search (0: automatic, scores of at most "
                              "256 MB per block).", lower=0)
     verbose: int = option(1, "0: silent; 1: a progress bar while embedding.", lower=0, upper=1)
+    calibrate: bool = option(False, "Also choose match thresholds (cosine): the true-accept rate of pairs at each "
+                             "--false_accept_rates, the threshold of the best F1 of 'the nearest neighbour is a "
+                             "match', and their ROC in roc_<dataset>.png.")
+    false_accept_rates: tuple[float, ...] = option((1e-2, 1e-3, 1e-4), "With --calibrate: the false-accept rates "
+                                                   "at which to report the true-accept rate.",
+                                                   parse=lambda name, values: _rates(name, values))
 
 
 @dataclasses.dataclass(frozen=True)

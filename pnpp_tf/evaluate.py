@@ -10,6 +10,12 @@ the model; --image_size is the fallback for models that accept any size. Writes
 <output_dir or model_dir>/eval_<dataset>.json (the metrics, counts, timings and settings) and
 eval_<dataset>.md (the same metrics as a Markdown table).
 
+--calibrate also chooses match thresholds (`pnpp_tf.retrieval.calibration`): the true-accept rate of
+pairs at each --false_accept_rates with its cosine threshold, and the threshold of the best F1 of
+"the nearest neighbour is a match", under "calibration" in the JSON, in the Markdown, and drawn as
+roc_<dataset>.png. A threshold chosen there is what `pnpp_tf.search --threshold` and
+`pnpp_tf.export --match_threshold` take.
+
 --eval_distance=euclidean is the authors' protocol: Euclidean distance (and k-means for NMI) on
 the raw output of the embedding layer, which only embedder.keras gives (an export's `embedding`
 is L2-normalised); cosine, the default, ranks the L2-normalised embeddings.
@@ -22,13 +28,14 @@ import time
 import numpy as np
 from absl import logging
 
-from pnpp_tf import artifacts, flags
+from pnpp_tf import artifacts, flags, plots
 from pnpp_tf.retrieval.metrics import nmi, retrieval_metrics
 from pnpp_tf.config import EvaluateConfig
 from pnpp_tf.data import load_splits, protocol
 from pnpp_tf.data.image_check import without_bad
 from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import check_writable_dir, write_atomic
+from pnpp_tf.retrieval import calibration
 from pnpp_tf.retrieval.embed import ImageEmbedder
 from pnpp_tf.retrieval.evaluator import check_ks
 
@@ -83,6 +90,13 @@ def evaluate(config):
         labels = [query.labels] + ([gallery.labels] if gallery else [])
         metrics["nmi"] = nmi(np.concatenate(both), np.concatenate(labels), distance=distance)
         nmi_seconds = time.perf_counter() - start
+    calibrated, calibration_seconds = None, None
+    if config.calibrate:
+        start = time.perf_counter()
+        calibrated = calibration.calibrate(
+            query_embeddings, query.labels, gallery_embeddings, gallery.labels if gallery else None,
+            config.false_accept_rates, config.backend, config.block_size or None, verbose=bool(config.verbose))
+        calibration_seconds = time.perf_counter() - start
 
     num_images = len(query) + (len(gallery) if gallery else 0)
     results = {
@@ -105,11 +119,17 @@ def evaluate(config):
             "images_per_second": num_images / max(embed_seconds, 1e-9),
             "metrics_seconds": metrics_seconds,
             "nmi_seconds": nmi_seconds,
+            "calibration_seconds": calibration_seconds,
         },
     }
+    if calibrated is not None:
+        results["calibration"] = calibrated
+        results["roc_png"] = plots.save_roc(
+            calibrated, os.path.join(output_dir, f"roc_{config.dataset}.png"),
+            title=f"{config.dataset}: {embedder.source}")
     stem = os.path.join(output_dir, f"eval_{config.dataset}")
     write_atomic(stem + ".json", json.dumps(results, indent=2, sort_keys=True) + "\n")
-    write_atomic(stem + ".md", markdown_table(results))
+    write_atomic(stem + ".md", markdown_table(results) + _calibration_table(results))
     return results
 
 
@@ -205,6 +225,36 @@ def markdown_table(results):
     return "\n".join(lines)
 
 
+def _calibration_table(results):
+    """The --calibrate section of eval_<dataset>.md ("" without it)."""
+    found = results.get("calibration")
+    if not found:
+        return ""
+    lines = [
+        "",
+        "### Match thresholds (cosine similarity; accept a pair when it is at least the threshold)",
+        "",
+        f"{found['same_class_pairs']:,} same-class and {found['other_class_pairs']:,} other-class pairs.",
+        "",
+        "| false-accept rate | threshold | true-accept rate | measured FAR |",
+        "|---|---|---|---|",
+    ]
+    for row in found["false_accept_rates"]:
+        if row["threshold"] is None:
+            lines.append(f"| {row['false_accept_rate']:g} | n/a | n/a | n/a |")
+            continue
+        note = "" if row["resolved"] else " (too few other-class pairs to measure this rate)"
+        lines.append(f"| {row['false_accept_rate']:g} | {row['threshold']:.5f} | {_percent(row['true_accept_rate'])}% "
+                     f"| {row['measured_false_accept_rate']:.2e}{note} |")
+    best = found["best_f1"]
+    if best["threshold"] is not None:
+        lines += ["", f"The nearest neighbour is a match for {_percent(best['nearest_is_match'])}% of the queries; "
+                      f"accepting it when its similarity is at least {best['threshold']:.5f} gives the best F1, "
+                      f"{best['f1']:.4f} (precision {best['precision']:.4f}, recall {best['recall']:.4f}; it accepts "
+                      f"{best['accepted']:,} of {results['num_query_images']:,} nearest neighbours)."]
+    return "\n".join(lines + [""])
+
+
 _DISTANCE_WORDS = {"cosine": "cosine similarity", "euclidean": "Euclidean distance of the raw embeddings"}
 
 
@@ -214,7 +264,12 @@ def _percent(value):
 
 def main(config):
     results = evaluate(config)
-    print(json.dumps({"dataset": results["dataset"], "metrics": results["metrics"]}))
+    summary = {"dataset": results["dataset"], "metrics": results["metrics"]}
+    if "calibration" in results:
+        summary["thresholds"] = {**{f"far@{row['false_accept_rate']:g}": row["threshold"]
+                                    for row in results["calibration"]["false_accept_rates"]},
+                                 "best_f1": results["calibration"]["best_f1"]["threshold"]}
+    print(json.dumps(summary))
     return 0
 
 

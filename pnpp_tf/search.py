@@ -12,6 +12,10 @@ answered as JSON lines, one per query in order, to --output or stdout:
     {"query": "/q/a.jpg", "neighbours": ["/p/x.jpg", ...], "distances": [0.02, ...], "items": [17, ...]}
     {"query": "/q/broken.jpg", "error": "Unknown image file format ..."}
 
+--threshold=t also decides which neighbours are matches: those whose cosine similarity is at
+least t, i.e. whose distance is at most 1 - t (a threshold `pnpp_tf.evaluate --calibrate` chose
+on labelled data). The table gains a "match" column, each JSON line a "matches" list of booleans.
+
 --backend=auto searches with the index's approximate structure when it was built with one
 (pnpp_tf.index --backend=hnsw or ivfpq), re-scoring each shortlist exactly, and exactly otherwise.
 """
@@ -21,6 +25,7 @@ import os
 import sys
 import time
 
+import numpy as np
 from absl import logging
 
 from pnpp_tf import flags, plots
@@ -157,6 +162,8 @@ def _answer_many(searcher, paths, config, out):
             else:
                 line = {"query": path, "neighbours": [searcher.index.path(i) for i in items],
                         "distances": [round(float(d), 6) for d in distances], "items": [int(i) for i in items]}
+                if config.threshold is not None:
+                    line["matches"] = [bool(match) for match in is_match(distances, config.threshold)]
                 answered += 1
             target.write(json.dumps(line) + "\n")
     except OSError as error:
@@ -165,6 +172,12 @@ def _answer_many(searcher, paths, config, out):
         if target not in (out, sys.stdout):
             target.close()
     return answered, unreadable, getattr(searcher, "used", None)
+
+
+def is_match(distances, threshold):
+    """Whether each neighbour at these distances (1 - cosine) is a match at a cosine `threshold`,
+    decided on the distance as printed."""
+    return np.asarray(distances, np.float64) <= 1.0 - threshold
 
 
 def main(config):
@@ -187,9 +200,13 @@ def main(config):
     print(f"Query: {query}")
     print(f"The {len(items)} nearest of {len(searcher.index)} indexed images ({_HOW.get(backend, backend)} "
           f"search); distance = {DISTANCE}:")
-    print(f"{'rank':>4}  {'distance':>8}  image")
-    for rank, (distance, path) in enumerate(zip(distances, neighbours), start=1):
-        print(f"{rank:>4}  {distance:8.4f}  {path}")
+    decided = config.threshold is not None
+    if decided:
+        print(f"A match: cosine similarity at least {config.threshold:g} (distance at most {1 - config.threshold:g}).")
+    print(f"{'rank':>4}  {'distance':>8}  " + ("match  " if decided else "") + "image")
+    matches = is_match(distances, config.threshold) if decided else [None] * len(items)
+    for rank, (distance, match, path) in enumerate(zip(distances, matches, neighbours), start=1):
+        print(f"{rank:>4}  {distance:8.4f}  " + (f"{'yes' if match else 'no':<5}  " if decided else "") + path)
     if config.grid:
         print(f"Grid of the query and its neighbours: {config.grid}")
 

@@ -110,6 +110,35 @@ def test_saved_model_query_gallery(tmp_path, backend):
     assert "queries searched in a gallery of 12" in (tmp_path / "out" / "eval_folder.md").read_text()
 
 
+def test_calibrate_writes_thresholds_and_their_roc(tmp_path):
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    from pnpp_tf.plots import ROC_SIZE  # pylint: disable=import-outside-toplevel
+    from pnpp_tf.retrieval import calibration  # pylint: disable=import-outside-toplevel
+
+    data_dir = make_folder_dataset(tmp_path / "data", test_classes=4, images_per_class=5)
+    module = ColourStatistics(image_size=24)
+    tf.saved_model.save(module, str(tmp_path / "export"), signatures={"serving_default": module.serve})
+    results = evaluate.evaluate(config(saved_model=str(tmp_path / "export"), data_dir=data_dir,
+                                       output_dir=str(tmp_path / "out"), calibrate=True,
+                                       false_accept_rates=("0.1", "0.01")))
+    test = load_splits("folder", data_dir)["test"]
+    want = calibration.calibrate(embed(lambda x: module.serve(x)["embedding"], test, 24), test.labels,
+                                 false_accept_rates=(0.1, 0.01))
+    found = results["calibration"]
+    assert (found["same_class_pairs"], found["other_class_pairs"]) == (4 * 10, 190 - 40)
+    for row, expected in zip(found["false_accept_rates"], want["false_accept_rates"]):
+        assert row["false_accept_rate"] == expected["false_accept_rate"]
+        # Embedded in other batches, a similarity may move by rounding: by a bin at most.
+        assert row["threshold"] == pytest.approx(expected["threshold"], abs=2.0 / calibration.BINS_PER_UNIT)
+    on_disk = json.loads((tmp_path / "out" / "eval_folder.json").read_text())
+    assert on_disk["calibration"]["best_f1"] == pytest.approx(found["best_f1"])
+    with Image.open(on_disk["roc_png"]) as image:
+        assert image.size == ROC_SIZE
+    table = (tmp_path / "out" / "eval_folder.md").read_text()
+    assert "### Match thresholds" in table and f"| 0.1 | {found['false_accept_rates'][0]['threshold']:.5f} |" in table
+
+
 def saved_model_without_embedding(path):
     module = tf.Module()
     module.serve = tf.function(lambda images: {"features": tf.reduce_mean(images, [1, 2])},
@@ -126,6 +155,8 @@ def saved_model_without_embedding(path):
     (lambda tmp: dict(saved_model=str(tmp), output_dir=None), r"--output_dir .* is required"),
     (lambda tmp: dict(model_dir=str(tmp), eval_ks=["1", "x"]), r"--eval_ks .* got 1,x"),
     (lambda tmp: dict(model_dir=str(tmp), block_size=-1), r"--block_size=-1: must be at least 0"),
+    (lambda tmp: dict(model_dir=str(tmp), false_accept_rates=["0.01", "1"]),
+     r"--false_accept_rates must be numbers between 0 and 1, got 0.01,1"),
 ])
 def test_bad_settings_raise_a_named_value_error(tmp_path, settings, pattern):
     values = dict(output_dir=str(tmp_path / "out"), data_dir=str(tmp_path))

@@ -164,6 +164,35 @@ def test_many_queries_answer_as_one_query_each(setup, tmp_path):
         assert lines[query]["items"] == items.tolist()
         assert lines[query]["neighbours"] == [searcher.index.path(i) for i in items]
         np.testing.assert_allclose(lines[query]["distances"], distances, atol=1e-5)
+        assert "matches" not in lines[query]
+
+
+def test_threshold_decides_which_neighbours_match(setup, tmp_path, capsys):
+    from pnpp_tf import index, search  # pylint: disable=import-outside-toplevel
+
+    index_path = str(tmp_path / "photos.index")
+    index.run(IndexConfig(model=setup["model_dir"], images=setup["photos"], index=index_path, progress=False))
+    query = setup["good"][2]
+    _, distances, _, _ = search.run(SearchConfig(index=index_path, query=query, k=6))
+    # Midway across the widest gap after the query itself: a query embedded in another batch
+    # moves its distances by rounding only, far less than the gap.
+    cut = 1 + int(np.argmax(np.diff(distances[1:])))
+    assert distances[cut + 1] - distances[cut] > 1e-4, distances
+    threshold = 1.0 - float(distances[cut] + distances[cut + 1]) / 2
+    out = io.StringIO()
+    search.run(SearchConfig(index=index_path, query=setup["photos"], k=6, threshold=threshold), out=out)
+    line = next(json.loads(text) for text in out.getvalue().splitlines() if json.loads(text)["query"] == query)
+    assert line["matches"] == [bool(1.0 - d >= threshold) for d in distances]
+    assert line["matches"] == [True] * (cut + 1) + [False] * (5 - cut)
+
+    search.main(SearchConfig(index=index_path, query=query, k=6, threshold=threshold))
+    table = capsys.readouterr().out
+    assert f"A match: cosine similarity at least {threshold:g}" in table
+    rows = re.findall(r"^\s+(\d+)\s+([0-9.]+)\s+(yes|no)\s+(\S.*)$", table, re.MULTILINE)
+    assert [row[2] == "yes" for row in rows] == line["matches"]
+    assert search.is_match([0.25, 0.2500001], 0.75).tolist() == [True, False]  # on the threshold: a match
+    with pytest.raises(ValueError, match="--threshold=1.5: must be at most 1.0"):
+        SearchConfig(index=index_path, query=query, threshold=1.5)
 
 
 def test_command_line_errors_raise_value_errors(setup, tmp_path):
