@@ -37,6 +37,7 @@ setup(
         # tiny datasets with TFDS's own builders; the KerasHub tests build tiny presets offline.
         # tests/test_docs.py builds the documentation site with `mkdocs build --strict`.
         # tests/retrieval/test_ann.py builds, saves and memory-maps usearch HNSW graphs (and faiss IVF-PQ).
+        # tests/test_export_onnx.py converts every backbone family to ONNX and runs it (the onnx extra's pins).
         "test": ["pytest>=8.2", "pytest-xdist>=3.5", "ai-edge-litert>=2.0,<3", "tensorflow-serving-api>=2.20,<2.22", "faiss-cpu>=1.11",
                  "usearch>=2.12,<3", "tensorflow-datasets>=4.9,<5", "keras-hub>=0.32,<0.33", "tensorflow-text>=2.20.1,<2.22",
                  "mkdocs>=1.6", "mkdocs-material>=9.5",
@@ -44,13 +45,19 @@ setup(
                  "fastapi>=0.165,<1", "uvicorn>=0.55,<1", "python-multipart>=0.0.34,<0.1", "httpx>=0.28,<1",
                  "playwright>=1.50,<2",
                  # tests/retrieval/test_beam.py runs the Beam pipeline on the DirectRunner (2 processes).
-                 "apache-beam>=2.77,<3"],
+                 "apache-beam>=2.77,<3",
+                 "tf2onnx>=1.17,<2", "onnx>=1.17", "onnxruntime>=1.20"],
         # The documentation site under docs/ (mkdocs.yml): `mkdocs serve`, `mkdocs build --strict`.
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5"],
         # python -m pnpp_tf.serve: the HTTP search service (tested on fastapi 0.165 / starlette 1.10, uvicorn 0.55,
         # python-multipart 0.0.34, which FastAPI needs to read the multipart form).
         "serve": ["fastapi>=0.165,<1", "uvicorn>=0.55,<1", "python-multipart>=0.0.34,<0.1"],
         "tflite": ["ai-edge-litert>=2.0,<3"],
+        # --format=onnx (pnpp_tf.serving.onnx_export). Tested on tf2onnx 1.17.0, onnx 1.23.2, onnxruntime 1.32.0
+        # with protobuf 6.33.6 and numpy 2.4: `pip check` clean beside apache-beam 2.78 (protobuf<7) and
+        # TensorFlow 2.21 (protobuf>=6.31.1), the window onnx 1.23 (>=6.31.1) also needs. tf2onnx before
+        # 1.17 fails under numpy 2 (np.object, np.cast), hence the floor.
+        "onnx": ["tf2onnx>=1.17,<2", "onnx>=1.17", "onnxruntime>=1.20"],
         "serving": ["tensorflow-serving-api>=2.20,<2.22"],
         "faiss": ["faiss-cpu>=1.8"],
         # The catalogue index's approximate shard structures (pnpp_tf.retrieval.ann): --backend=hnsw is

@@ -299,7 +299,8 @@ class ExportConfig(Config):
 
     model_dir: typing.Optional[str] = option(None, "Training run directory: embedder.keras, results.json.")
     export_dir: typing.Optional[str] = option(None, "Output directory (TF Serving's --model_base_path).")
-    format: tuple[str, ...] = option(FORMATS, "What to export: saved_model, tflite or both.")
+    format: tuple[str, ...] = option(FORMATS, "What to export: any of saved_model, tflite, onnx (onnx needs "
+                                     "pip install 'pnpp_tf[onnx]').")
     version: typing.Optional[int] = option(None, "Version to write (default: the next after those present).")
     dataset: typing.Optional[str] = option(None, "Override the run's dataset (default: results.json).",
                                            choices=DATASETS)
@@ -311,7 +312,8 @@ class ExportConfig(Config):
     max_eval_images: int = option(0, "Compare on at most this many test images (0: all).")
     latency_images: int = option(50, "Single-image calls timed per variant.")
     eval_batch_size: int = option(64, "Images per batch for Keras and the SavedModel.")
-    tflite_threads: typing.Optional[int] = option(None, "TFLite interpreter threads (default: all cores).")
+    tflite_threads: typing.Optional[int] = option(None, "TFLite interpreter and ONNX Runtime threads (default: "
+                                                  "all cores).")
     publish_on_parity_failure: bool = option(False, "Publish a version even if a variant fails the parity "
                                              "check (default: its report goes to parity/<version>.rejected.md "
                                              "and nothing else of it stays).")
@@ -321,6 +323,10 @@ class ExportConfig(Config):
                                   lower=1)
     retrieval_dtype: str = option("float32", "How the SavedModel holds the index: float32, or float16 (half "
                                   "the size, scores of the float16-rounded rows).", choices=("float32", "float16"))
+    match_threshold: typing.Optional[float] = option(
+        None, "Cosine similarity in [-1, 1] from which two images match, as pnpp_tf.evaluate --calibrate chose it: "
+        "carried by the SavedModel (variable match_threshold), the ONNX metadata and the parity report.",
+        lower=-1.0, upper=1.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,15 +1,18 @@
-"""Exports a trained embedder for TF Serving and for phones, and measures that neither changes it.
+"""Exports a trained embedder for TF Serving, phones and ONNX runtimes, and measures that none changes it.
 
     python -m pnpp_tf.export --model_dir=runs/demo --export_dir=exports/demo
 
 Reads <model_dir>/embedder.keras and results.json (dataset, data_dir, image_size); writes
     <export_dir>/<version>/                      the SavedModel, in TF Serving's layout
     <export_dir>/tflite/<version>/embedder_{float32,float16,dynamic_int8,full_int8}.tflite
+    <export_dir>/onnx/<version>/embedder.onnx    with --format=onnx (pnpp_tf.serving.onnx_export)
     <export_dir>/parity/<version>.json and .md   per variant, against the Keras embedder: max abs
                                                  difference, cosine, Recall@1, size, CPU latency
                                                  (see pnpp_tf.serving.parity)
 <version> is the next integer after those present, unless --version says otherwise. The layout
-of both directories is `pnpp_tf.artifacts`'.
+of both directories is `pnpp_tf.artifacts`'. --match_threshold (a cosine similarity that
+`pnpp_tf.evaluate --calibrate` chose) travels with the version: the SavedModel's variable
+`match_threshold`, the ONNX model's metadata, the report's "match_threshold".
 
 A version appears whole or not at all: every part is written under a temporary name, parity is
 measured on those files, and only a version that passed (or --publish_on_parity_failure) is
@@ -28,9 +31,9 @@ import tensorflow as tf
 from absl import logging
 
 from pnpp_tf import flags
-from pnpp_tf.serving import parity, retrieve, signatures
+from pnpp_tf.serving import onnx_export, parity, retrieve, signatures
 from pnpp_tf.artifacts import ExportDir, ModelDir, load_model_dir_embedder
-from pnpp_tf.artifacts.export_dir import FORMATS, LOCK_FILE, TFLITE_VARIANTS
+from pnpp_tf.artifacts.export_dir import FORMAT_CHOICES, FORMATS, LOCK_FILE, ONNX_FILE, TFLITE_VARIANTS
 from pnpp_tf.config import ExportConfig
 from pnpp_tf.data import load_splits, pipeline
 from pnpp_tf.data.datasets import verify_images
@@ -43,14 +46,14 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
            tflite_variants=TFLITE_VARIANTS, max_pixels=signatures.DEFAULT_MAX_PIXELS,
            representative_images=100, max_eval_images=0, latency_images=50, batch_size=64,
            num_threads=None, publish_on_parity_failure=False, index=None,
-           retrieval_max_k=retrieve.DEFAULT_MAX_K, retrieval_dtype="float32"):
+           retrieval_max_k=retrieve.DEFAULT_MAX_K, retrieval_dtype="float32", match_threshold=None):
     """Exports the embedder of `model_dir` and writes the parity report beside the export.
 
     Args:
         model_dir: a training run's directory, holding embedder.keras and results.json.
         export_dir: where to write; the SavedModel goes to `<export_dir>/<version>`, so this is
             TF Serving's `--model_base_path`.
-        formats: a subset of `FORMATS`.
+        formats: a subset of `FORMAT_CHOICES` (default `FORMATS`: onnx needs the `onnx` extra).
         version: the integer version to write; None for the next one after those present.
         dataset, data_dir: override the training run's dataset (held-out test images for the
             parity report, training images for full-integer calibration).
@@ -60,13 +63,16 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
         max_eval_images: compare on at most this many test images (0: the whole test split).
         latency_images: single-image calls timed per variant (the median is reported).
         batch_size: images per batch when embedding with Keras and the SavedModel.
-        num_threads: CPU threads of the TFLite interpreter (None: all cores).
+        num_threads: CPU threads of the TFLite interpreter and ONNX Runtime (None: all cores).
         publish_on_parity_failure: publish the version even if a variant fails its threshold.
         index: an index written by `python -m pnpp_tf.index` with this model: the SavedModel then
             also answers searches of it, its `retrieve` and `retrieve_embeddings` signatures
             (`pnpp_tf.serving.retrieve`). None: the embedding signatures only.
         retrieval_max_k: the largest k those signatures answer (lowered to the index's size).
         retrieval_dtype: "float32" or "float16" (half the size): how the SavedModel holds the index.
+        match_threshold: None, or the cosine similarity in [-1, 1] from which two images are taken
+            for the same item (`pnpp_tf.evaluate --calibrate`): saved in the SavedModel (its
+            `match_threshold` variable), the ONNX model's metadata_props and the report.
 
     Returns:
         The report dict. Its "published" says whether the version was published; the report is
@@ -86,12 +92,17 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
                                ("eval_batch_size", batch_size, 1)):
         if int(value) < least:
             raise UserError(f"--{name} must be at least {least}, got {value}.")
+    if match_threshold is not None and not -1.0 <= float(match_threshold) <= 1.0:  # NaN too
+        raise UserError(f"--match_threshold must be a cosine similarity in [-1, 1], got {match_threshold}.")
     if index and "saved_model" not in formats:
         raise UserError(f"--index={index} is served by the SavedModel: add saved_model to --format.")
     check_writable_dir(export_dir, "--export_dir")
     litert = _import_litert() if "tflite" in formats else None
+    onnxruntime = onnx_export.import_onnx()[2] if "onnx" in formats else None
     run = ModelDir(model_dir)
     embedder = load_model_dir_embedder(model_dir)
+    if "onnx" in formats:
+        onnx_export.check_exportable(embedder.keras_model)
     results = run.read_results()
     if results is not None:
         results.check_image_size(embedder.image_size, run.embedder_path)
@@ -107,6 +118,8 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
         version = target.new_version(version, also_taken=removed)
         module = retrieve.serving_module(embedder.keras_model, max_pixels, index, retrieval_max_k,
                                          retrieval_dtype, image_size=embedder.image_size)
+        if match_threshold is not None:
+            module.carry_match_threshold(match_threshold)
         variants = [parity.KerasVariant(embedder, run.embedder_path)]
         with _StagedVersion(target, version) as staged:
             if "saved_model" in formats:
@@ -119,6 +132,10 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
                                                           representative_images)
                 _write_tflite(TFLiteExporter(module, calibration), staged.new_tflite(), tflite_variants,
                               litert, num_threads, variants)
+            if "onnx" in formats:
+                props = onnx_export.metadata(embedder.image_size, embedder.embedding_dim, match_threshold)
+                _write_onnx(onnx_export.OnnxExporter(module, props), staged.new_onnx(), onnxruntime,
+                            num_threads, variants)
             report = parity.measure_parity(variants, held_out, embedder.image_size, batch_size,
                                            latency_images)
             report.update(
@@ -127,6 +144,7 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
                 max_pixels=int(max_pixels), tflite_threads=num_threads or os.cpu_count(),
                 trained_recall_at_1=results.metrics.get("recall@1") if results else None,
                 formats=formats, index=index, published=bool(report["passed"] or publish_on_parity_failure),
+                match_threshold=None if match_threshold is None else float(match_threshold),
             )
             if report["published"]:
                 staged.publish(report)
@@ -137,13 +155,13 @@ def export(model_dir, export_dir, formats=FORMATS, version=None, dataset=None, d
 
 class _StagedVersion:
     """Version `version` of the `ExportDir` `target`, its parts written under temporary names and
-    then published together: the TFLite folder, the report, and last the SavedModel directory,
+    then published together: the TFLite and ONNX folders, the report, and last the SavedModel directory,
     which TF Serving loads as soon as it appears. Leaving the `with` block removes every part not
     published (after an error, or a rejected version)."""
 
     def __init__(self, target, version):
         self.target, self.version = target, version
-        self._saved_model = self._tflite = None
+        self._saved_model = self._tflite = self._onnx = None
         self._reports = []
 
     def new_saved_model(self, needed_bytes):
@@ -153,6 +171,10 @@ class _StagedVersion:
     def new_tflite(self):
         self._tflite = Staged(self.target.tflite_dir(self.version), directory=True)
         return self._tflite
+
+    def new_onnx(self):
+        self._onnx = Staged(self.target.onnx_dir(self.version), directory=True)
+        return self._onnx
 
     def publish(self, report):
         """Writes the report (naming the files where they will be), then publishes every part."""
@@ -174,7 +196,8 @@ class _StagedVersion:
         parity.write_report(report, self.target.rejected_stem(self.version))
 
     def _parts(self):
-        return [part for part in (self._tflite, *self._reports, self._saved_model) if part is not None]
+        return [part for part in (self._tflite, self._onnx, *self._reports, self._saved_model)
+                if part is not None]
 
     def _name_final_paths(self, report):
         """The variants' paths in `report` as they are once published, not the temporary ones."""
@@ -189,8 +212,9 @@ class _StagedVersion:
     def __exit__(self, *exc_info):
         for part in self._parts():
             part.discard()
-        with contextlib.suppress(OSError):  # an empty tflite/ folder, unless it holds other versions
-            os.rmdir(os.path.dirname(self.target.tflite_dir(self.version)))
+        for folder in (self.target.tflite_dir(self.version), self.target.onnx_dir(self.version)):
+            with contextlib.suppress(OSError):  # an empty tflite/ or onnx/, unless it holds other versions
+                os.rmdir(os.path.dirname(folder))
 
 
 def _write_saved_model(module, staged, variants):
@@ -216,6 +240,16 @@ def _write_tflite(converter, staged, tflite_variants, litert, num_threads, varia
             path = os.path.join(folder, f"embedder_{variant}.tflite")
             write_atomic(path, flatbuffer)
         variants.append(parity.TFLiteVariant(litert, path, variant, num_threads))
+
+
+def _write_onnx(converter, staged, onnxruntime, num_threads, variants):
+    """Writes the ONNX model into the folder `staged.temporary` and adds it to `variants`."""
+    logging.info("Converting to ONNX (opset %d)", onnx_export.OPSET)
+    model = converter.convert()  # outside `writing`: its errors are not a write's
+    with staged.writing() as folder:
+        path = os.path.join(folder, ONNX_FILE)
+        write_atomic(path, model)
+    variants.append(parity.OnnxVariant(onnxruntime, path, num_threads))
 
 
 class TFLiteExporter:
@@ -276,7 +310,7 @@ def _representative_images(train_split, image_size, count):
 
 def _check_choices(formats, tflite_variants):
     formats, tflite_variants = list(formats), list(tflite_variants)
-    for value, choices, flag in ((formats, FORMATS, "--format"),
+    for value, choices, flag in ((formats, FORMAT_CHOICES, "--format"),
                                  (tflite_variants, TFLITE_VARIANTS, "--tflite_variants")):
         unknown = [v for v in value if v not in choices]
         if unknown or not value:
@@ -302,6 +336,7 @@ def main(config):
         config.data_dir, config.tflite_variants, config.max_pixels, config.representative_images,
         config.max_eval_images, config.latency_images, config.eval_batch_size, config.tflite_threads,
         config.publish_on_parity_failure, config.index, config.retrieval_max_k, config.retrieval_dtype,
+        config.match_threshold,
     )
     print(parity.markdown_report(report))
     failed = [row for row in report["variants"] if row["passed"] is False]

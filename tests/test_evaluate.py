@@ -179,12 +179,15 @@ def test_missing_model_is_a_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_quick_prints_a_table():
-    result = run("tools/bench_eval.py", "--quick", "--configs=inshop_quick")
+    result = run("tools/bench_eval.py", "--quick", "--configs=inshop_quick", "--backends=tf,faiss,calibrate")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| In-Shop-like")]
-    assert [row.split("|")[3].strip() for row in rows] == ["tf", "faiss"]
+    assert [row.split("|")[3].strip() for row in rows] == ["tf", "faiss", "calibrate"]
     assert re.search(r"\| tf \| [\d.]+ \| [\d.e-]+ \(\d+ GFLOP/s\) \| [\d.]+ \| [\d.]+ \| \d+ MB", rows[0])
-    assert rows[1].endswith("| 0 |") or "faiss not installed" in rows[1]
+    assert rows[1].endswith("| 0 |  |") or "faiss not installed" in rows[1]
+    cells = [cell.strip() for cell in rows[2].split("|")]
+    # The nearest neighbour's share of matches is Recall@1; the TAR is a rate.
+    assert cells[10] == [cell.strip() for cell in rows[0].split("|")][10] and 0 < float(cells[13]) <= 1
 
 
 def test_euclidean_evaluates_the_raw_embedding_and_says_so(tmp_path):

@@ -295,8 +295,8 @@ def test_an_export_with_an_index_answers_retrieve_as_the_catalogue_does(exported
 
 def test_export_errors_name_the_offending_value(exported, tmp_path):
     model_dir, export_dir = str(exported["model_dir"]), str(exported["export_dir"])
-    with pytest.raises(ValueError, match=r"--format=onnx is not a non-empty subset of saved_model,tflite"):
-        export.export(model_dir, export_dir, formats=["onnx"])
+    with pytest.raises(ValueError, match=r"--format=tensorrt is not a non-empty subset of saved_model,tflite,onnx"):
+        export.export(model_dir, export_dir, formats=["tensorrt"])
     with pytest.raises(ValueError, match=r"--tflite_variants=int4 is not a non-empty subset"):
         export.export(model_dir, export_dir, tflite_variants=["int4"])
     with pytest.raises(ValueError, match=r"--data_dir=.*nowhere does not exist"):

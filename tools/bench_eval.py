@@ -3,6 +3,7 @@
     python tools/bench_eval.py                    # SOP x 512, SOP x 2048, In-Shop x 512
     python tools/bench_eval.py --configs=sop512   # one configuration
     python tools/bench_eval.py --quick            # tiny sizes, a few seconds per row
+    python tools/bench_eval.py --configs=sop512 --backends=calibrate   # match thresholds
 
 Each (configuration, backend) runs in a fresh subprocess, which makes synthetic embeddings with
 class structure (a random centre per class plus noise, so the metrics are neither 0 nor 1),
@@ -15,7 +16,10 @@ evaluates them with `pnpp_tf.retrieval.metrics.retrieval_metrics` and reports:
     square multiplies), i.e. the time the similarity matrix alone takes on this machine; and
     the same ratio in CPU seconds, which holds up better when other work shares the machine.
 The faiss rows give the largest difference of any of their metrics to the TensorFlow row's
-(0: identical).
+(0: identical). The "calibrate" rows time `pnpp_tf.retrieval.calibration.calibrate` (pnpp_tf.evaluate
+--calibrate: every pair counted into histograms, and each query's nearest neighbour) on the same
+embeddings; their R@1 is the share of queries whose nearest neighbour matches, and they add the
+true-accept rate at a false-accept rate of 0.001.
 """
 
 import argparse
@@ -42,7 +46,8 @@ QUICK_CONFIGS = {
     "sop_quick": Config("SOP-like", 3000, 0, 64, 560, (1, 10, 100, 1000), 1.0),
     "inshop_quick": Config("In-Shop-like", 700, 620, 64, 200, (1, 10, 20, 30, 40, 50), 1.0),
 }
-BACKENDS = ("tf", "faiss")
+BACKENDS = ("tf", "faiss", "calibrate")
+DEFAULT_BACKENDS = ("tf", "faiss")
 MAX_CLASS_SIZE = 12  # SOP's largest test class has 12 images
 SEED = 0
 
@@ -54,8 +59,8 @@ def main(argv=None):
     parser.add_argument("--configs", default="", help="Comma-separated configurations of "
                         f"{', '.join(CONFIGS)} (default: {', '.join(DEFAULT_CONFIGS)}), or with "
                         f"--quick of {', '.join(QUICK_CONFIGS)}.")
-    parser.add_argument("--backends", default=",".join(BACKENDS),
-                        help="Comma-separated backends to run (tf, faiss).")
+    parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                        help="Comma-separated backends to run (tf, faiss, calibrate).")
     parser.add_argument("--json", default="", help="Also write the rows to this JSON file.")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -93,8 +98,8 @@ def format_table(rows, configs):
     lines = [
         "| data | queries × gallery × dim | backend | seconds | matmul floor (s) | × floor "
         "| × floor, CPU time | peak RSS above embeddings | embeddings | R@1 | MAP@R "
-        "| largest metric difference to tf |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| largest metric difference to tf | TAR at FAR 0.001 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         config = configs[row["config"]]
@@ -102,18 +107,21 @@ def format_table(rows, configs):
         shape = f"{config.queries:,} × {gallery} × {config.dim}"
         if "error" in row:
             lines.append(f"| {config.name} | {shape} | {row['backend']} | {row['error']} "
-                         "| | | | | | | | |")
+                         "| | | | | | | | | |")
             continue
         floor = row["flops"] / (row["matmul_gflops"] * 1e9)
         cpu_floor = row["flops"] / (row["matmul_cpu_gflops"] * 1e9)
         delta = row.get("max_delta")
         same = "" if delta is None else "0" if delta == 0 else f"{delta:.1e}"
+        tar = row.get("tar_at_far_0.001")
+        map_r = row["metrics"].get("map@r")
         lines.append(
             f"| {config.name} | {shape} | {row['backend']} | {_seconds(row['seconds'])} | {_seconds(floor)} "
             f"({row['matmul_gflops']:.0f} GFLOP/s) | {row['seconds'] / floor:.2f} "
             f"| {row['cpu_seconds'] / cpu_floor:.2f} "
             f"| {_megabytes(row['peak_rss_bytes'])} | {_megabytes(row['embedding_bytes'])} "
-            f"| {row['metrics']['recall@1']:.4f} | {row['metrics']['map@r']:.4f} | {same} |")
+            f"| {row['metrics']['recall@1']:.4f} | {'–' if map_r is None else f'{map_r:.4f}'} | {same} "
+            f"| {'' if tar is None else f'{tar:.4f}'} |")
     return "\n".join(lines)
 
 
@@ -165,6 +173,7 @@ def _measure(config, backend):
     import numpy as np  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
+    from pnpp_tf.retrieval.calibration import calibrate  # pylint: disable=import-outside-toplevel
     from pnpp_tf.retrieval.metrics import retrieval_metrics  # pylint: disable=import-outside-toplevel
 
     if backend == "faiss":
@@ -175,9 +184,15 @@ def _measure(config, backend):
     queries, query_labels, gallery, gallery_labels = make_embeddings(config)
     embedding_bytes = queries.nbytes + (gallery.nbytes if gallery is not None else 0)
     baseline = _current_rss_bytes()
+    extra = {}
     with Stopwatch() as clock:
-        metrics = retrieval_metrics(queries, query_labels, gallery, gallery_labels,
-                                               ks=config.ks, backend=backend)
+        if backend == "calibrate":
+            found = calibrate(queries, query_labels, gallery, gallery_labels, false_accept_rates=(1e-3,))
+            metrics = {"recall@1": found["best_f1"]["nearest_is_match"]}
+            extra["tar_at_far_0.001"] = found["false_accept_rates"][0]["true_accept_rate"]
+        else:
+            metrics = retrieval_metrics(queries, query_labels, gallery, gallery_labels,
+                                        ks=config.ks, backend=backend)
     peak = _peak_rss_bytes()
     num_gallery = config.gallery or config.queries
     gflops, cpu_gflops = _matmul_gflops(tf, np, 1024 if config.queries < 10000 else 4096)
@@ -190,6 +205,7 @@ def _measure(config, backend):
         "matmul_gflops": gflops,
         "matmul_cpu_gflops": cpu_gflops,
         "metrics": metrics,
+        **extra,
     }
 
 
@@ -240,7 +256,7 @@ def _compare_to_tf(rows):
     reference = {row["config"]: row["metrics"] for row in rows
                  if row["backend"] == "tf" and "metrics" in row}
     for row in rows:
-        if row["backend"] != "tf" and "metrics" in row and row["config"] in reference:
+        if row["backend"] == "faiss" and "metrics" in row and row["config"] in reference:
             row["max_delta"] = max(abs(value - reference[row["config"]][name])
                                    for name, value in row["metrics"].items())
 

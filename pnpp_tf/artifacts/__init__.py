@@ -7,7 +7,7 @@ wrong is one error of `pnpp_tf.artifacts.errors` (each a `pnpp_tf.errors.UserErr
   (`load_keras_model`), results.json with its "flags", "metrics" and "history" (`ModelDir`,
   `RunResults`), curves.png.
 - `pnpp_tf.artifacts.export_dir`: an export directory: numbered SavedModel versions as TF Serving
-  picks them, tflite/<version>/, parity/<version>.json (`ExportDir`).
+  picks them, tflite/<version>/, onnx/<version>/, parity/<version>.json (`ExportDir`).
 - `pnpp_tf.artifacts.embedder`: either loaded to embed images (`load_embedder` and its
   narrower `load_model_dir_embedder`, `load_keras_embedder`, `load_saved_model_embedder`),
   one input-size rule for all (`image_size_of`).

@@ -2,6 +2,7 @@
 
     <export_dir>/<version>/                                 a SavedModel (TF Serving's layout)
     <export_dir>/tflite/<version>/embedder_<variant>.tflite the TFLite variants
+    <export_dir>/onnx/<version>/embedder.onnx               the ONNX model (--format=onnx)
     <export_dir>/parity/<version>.json and .md              their parity report
     <export_dir>/parity/<version>.rejected.json and .md     the report of a version that failed
                                                             parity and was not published
@@ -10,7 +11,7 @@
 Versions are positive integers. `pnpp_tf.export` writes every part of a version under a
 temporary name (`*.partial-<host>-<pid>-<hex>`, see `io_utils.is_temporary_name`), measures
 parity on those, and only then publishes them, renaming in this order: tflite/<version>/,
-parity/<version>.md, parity/<version>.json and last <version>/, the directory TF Serving watches.
+onnx/<version>/, parity/<version>.md, parity/<version>.json and last <version>/, the directory TF Serving watches.
 
 Which SavedModel versions are visible (`saved_model_versions`, `served_path`, so what
 `pnpp_tf.evaluate --saved_model` and `pnpp_tf.index --model` read from a base directory): version
@@ -22,8 +23,8 @@ before this layout could be, or a report deleted since). As TF Serving does, a r
 highest visible version. A version directory named directly is used as it is.
 
 Leftovers (`remove_leftovers`, which an export runs while it holds export.lock, so that no writer
-of them is alive): every temporary name; the passed-over SavedModels; tflite/N and parity/N.md
-without parity/N.json; parity/N.json and tflite/N of a version with a SavedModel whose N/ is
+of them is alive): every temporary name; the passed-over SavedModels; tflite/N, onnx/N and
+parity/N.md without parity/N.json; parity/N.json, tflite/N and onnx/N of a version with a SavedModel whose N/ is
 missing while a temporary N.partial-* is there (an export killed between publishing its report
 and its SavedModel). Published versions and rejected reports are never removed.
 """
@@ -39,9 +40,14 @@ from pnpp_tf.errors import UserError
 from pnpp_tf.io_utils import is_temporary_name
 
 SAVED_MODEL_FILE = "saved_model.pb"
+# What --format exports by default: what needs no extra beyond tflite's.
 FORMATS = ("saved_model", "tflite")
+# What --format accepts: onnx needs the `onnx` extra (tf2onnx, onnx, onnxruntime).
+FORMAT_CHOICES = FORMATS + ("onnx",)
 TFLITE_VARIANTS = ("float32", "float16", "dynamic_int8", "full_int8")
 TFLITE_DIR = "tflite"
+ONNX_DIR = "onnx"
+ONNX_FILE = "embedder.onnx"
 PARITY_DIR = "parity"
 LOCK_FILE = "export.lock"
 REJECTED = ".rejected"
@@ -72,6 +78,12 @@ class ExportDir:
 
     def tflite_path(self, version, variant):
         return os.path.join(self.tflite_dir(version), f"embedder_{variant}.tflite")
+
+    def onnx_dir(self, version):
+        return os.path.join(self.path, ONNX_DIR, str(version))
+
+    def onnx_path(self, version):
+        return os.path.join(self.onnx_dir(version), ONNX_FILE)
 
     def parity_stem(self, version):
         """`<export_dir>/parity/<version>`, to which the report adds .json and .md."""
@@ -128,13 +140,13 @@ class ExportDir:
         return self.version_path(visible[-1])
 
     def taken_versions(self):
-        """Every version number in use by a SavedModel folder (whole or not), a TFLite folder or
-        a parity report (a rejected one too)."""
+        """Every version number in use by a SavedModel folder (whole or not), a TFLite or ONNX
+        folder or a parity report (a rejected one too)."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UserError(f"{self.flag}={self.path} is a file, not a directory.")
         parity = os.path.join(self.path, PARITY_DIR)
         return (set(_numbered(self.path)) | set(_numbered(os.path.join(self.path, TFLITE_DIR)))
-                | set(_numbered(parity, ".json")) | set(_numbered(parity, REJECTED + ".json")))
+                | set(_numbered(os.path.join(self.path, ONNX_DIR))) | set(_numbered(parity, ".json")) | set(_numbered(parity, REJECTED + ".json")))
 
     def new_version(self, version=None, also_taken=()):
         """The version to write: `version` if it is free, else the next after those taken.
@@ -172,21 +184,22 @@ class ExportDir:
         for version, reason in self.passed_over().items():
             removed.add(version)
             self._remove(version, reason, self.version_path(version), self.tflite_dir(version),
-                         self.parity_stem(version) + ".md")
+                         self.onnx_dir(version), self.parity_stem(version) + ".md")
         for version in _numbered(parity, ".json"):
             if (str(version) in partial_saved_models and not os.path.isdir(self.version_path(version))
                     and "saved_model" in _report_formats(self.parity_stem(version) + ".json")):
                 removed.add(version)
                 self._remove(version, "its export was killed before publishing its SavedModel",
-                             self.tflite_dir(version), self.parity_stem(version) + ".md",
+                             self.tflite_dir(version), self.onnx_dir(version), self.parity_stem(version) + ".md",
                              self.parity_stem(version) + ".json")
-        for folder, suffix in ((os.path.join(self.path, TFLITE_DIR), ""), (parity, ".md")):
+        side_folders = [os.path.join(self.path, name) for name in (TFLITE_DIR, ONNX_DIR)]
+        for folder, suffix in [(folder, "") for folder in side_folders] + [(parity, ".md")]:
             for version in _numbered(folder, suffix):
                 if not self.has_report(version):
                     removed.add(version)
                     self._remove(version, f"it has no parity report {PARITY_DIR}/{version}.json",
                                  os.path.join(folder, f"{version}{suffix}"))
-        for folder in (self.path, os.path.join(self.path, TFLITE_DIR), parity):
+        for folder in (self.path, *side_folders, parity):
             for name in _names(folder):
                 if is_temporary_name(name):
                     _delete(os.path.join(folder, name))
@@ -246,4 +259,4 @@ def _report_formats(path):
         names = [row["name"] for row in report["variants"]]
     except (OSError, ValueError, TypeError, KeyError):
         return ()
-    return tuple(kind for kind in FORMATS if any(name.startswith(kind) for name in names))
+    return tuple(kind for kind in FORMAT_CHOICES if any(name.startswith(kind) for name in names))

@@ -1,6 +1,6 @@
 """Parity of exported embedders with the Keras one: embeddings, Recall@1, size and latency.
 
-Each exported form (SavedModel signatures, TFLite variants) is wrapped in a variant with an
+Each exported form (SavedModel signatures, TFLite variants, the ONNX model) is wrapped in a variant with an
 `embed(images, encoded)` method, embeds the held-out images, and is compared with the first
 variant (the Keras embedder), whose `Embedder.embed_files` reads and decodes the files once for all.
 """
@@ -21,7 +21,7 @@ from pnpp_tf.io_utils import write_atomic
 # The least mean cosine similarity to the Keras embedder each variant must reach; None: reported.
 MIN_MEAN_COSINE = {
     "saved_model": 0.9999, "saved_model_bytes": 0.9999, "tflite_float32": 0.9999,
-    "tflite_float16": 0.999, "tflite_dynamic_int8": 0.98, "tflite_full_int8": None,
+    "tflite_float16": 0.999, "tflite_dynamic_int8": 0.98, "tflite_full_int8": None, "onnx": 0.9999,
 }
 
 
@@ -117,7 +117,7 @@ def markdown_report(report):
         "",
         f"Compared with L2-normalise(Keras embedder) on {images} images of `{report['dataset']}` "
         f"({report['image_size']} px, {report['embedding_dim']}-d). Latency: median of "
-        f"{report['latency_images']} single-image calls on CPU (TFLite: "
+        f"{report['latency_images']} single-image calls on CPU (TFLite and ONNX Runtime: "
         f"{report['tflite_threads']} threads; bytes signature: decoding included). Images/s: the "
         "comparison's embedding calls (batches; TFLite one image a call).",
         "",
@@ -138,6 +138,8 @@ def markdown_report(report):
     elif report.get("published") and not report["passed"]:
         lines += ["", "**Published although a variant failed its parity threshold** "
                       "(--publish_on_parity_failure)."]
+    if report.get("match_threshold") is not None:
+        lines += ["", f"Match threshold carried by the export (cosine similarity): {report['match_threshold']}."]
     if report.get("trained_recall_at_1") is not None:
         lines += ["", "Recall@1 recorded by training, on the whole test split (results.json): "
                       f"{report['trained_recall_at_1']:.4f}."]
@@ -181,6 +183,21 @@ class TFLiteVariant:
         # One image per call, as on a phone (dynamic-range quantisation depends on the batch).
         return np.stack([self._run(**{signatures.IMAGES_INPUT: image[None]})[signatures.OUTPUT][0]
                          for image in images])
+
+
+class OnnxVariant:
+    """The ONNX model run by ONNX Runtime on the CPU, with `num_threads` threads as TFLite's."""
+
+    name = "onnx"
+
+    def __init__(self, onnxruntime, path, num_threads):
+        self.path, self.size_bytes = path, os.path.getsize(path)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = num_threads or os.cpu_count()
+        self._session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def embed(self, images, encoded):
+        return self._session.run([signatures.OUTPUT], {signatures.IMAGES_INPUT: np.asarray(images, np.float32)})[0]
 
 
 def _median_latency_ms(variant, samples):

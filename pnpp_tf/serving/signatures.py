@@ -35,6 +35,10 @@ class EmbedderServingModule(tf.Module):
     Attributes:
         image_size, embedding_dim, max_pixels: saved as variables, so a client of the loaded
             SavedModel can read them (`loaded.image_size.numpy()`).
+        match_threshold: only once `carry_match_threshold` was called (`--match_threshold`): the
+            cosine similarity from which two embeddings are taken for the same item, a float32
+            variable (`loaded.match_threshold.numpy()`; `hasattr(loaded, "match_threshold")` says
+            whether the export has one).
         serve_images, serve_image_bytes: the `tf.function`s behind the two signatures.
         model_variables: the embedder's weights, as the traced functions read them.
     """
@@ -65,6 +69,12 @@ class EmbedderServingModule(tf.Module):
             self._serve_image_bytes, input_signature=[tf.TensorSpec([None], tf.string, BYTES_INPUT)]
         )
         self.model_variables = list(self.tflite_function().variables)
+
+    def carry_match_threshold(self, threshold):
+        """Saves `threshold` (a cosine similarity in [-1, 1], as `pnpp_tf.evaluate --calibrate`
+        chooses one) with the model, as the variable `match_threshold`."""
+        self.match_threshold = tf.Variable(float(threshold), dtype=tf.float32, trainable=False,
+                                           name="match_threshold")
 
     def signatures(self):
         """The signatures to save: `{"serving_default": ..., "serve_image_bytes": ...}`."""
