@@ -92,6 +92,29 @@ def test_loss_is_float32_under_mixed_precision_inputs():
     assert loss.dtype == tf.float32 and np.isfinite(loss.numpy())
 
 
+@pytest.fixture
+def float64_policy():
+    import keras  # pylint: disable=import-outside-toplevel
+
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    yield
+    keras.config.set_dtype_policy(before)
+
+
+def test_loss_is_float64_under_a_float64_policy(float64_policy):  # pylint: disable=unused-argument,redefined-outer-name
+    """tools/parity_with_reference.py --dtype=float64: the loss, its proxies and logits in float64,
+    agreeing with the naive float64 loop to float64 rounding, far below float32's."""
+    rng = np.random.default_rng(3)
+    embeddings = rng.normal(size=(6, 5))
+    labels = np.array([0, 1, 2, 3, 0, 2])
+    layer = ProxyNCALoss(4, 5)
+    loss = layer(tf.constant(embeddings, tf.float64), labels)
+    assert layer.proxies.dtype == "float64" and loss.dtype == tf.float64
+    expected = naive_loss(embeddings, layer.proxies.numpy(), labels, 1.0 / 9.0, "proxynca_pp")
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-12)
+
+
 def test_zero_embedding_has_finite_gradient():
     layer = ProxyNCALoss(3, 4)
     x = tf.Variable(tf.zeros([2, 4]))

@@ -35,6 +35,19 @@ def test_matches_torch_update(eps):
         np.testing.assert_allclose(variable.numpy(), torch_adam_reference(w0, history, 0.1, eps), rtol=1e-4, atol=1e-5)
 
 
+def test_float64_variables_follow_the_update_to_float64_rounding():
+    """No float32 constant inside the update: tools/parity_with_reference.py --dtype=float64
+    relies on it (beta_2 rounded to float32 once put 5e-6 into the weights after one step)."""
+    rng = np.random.default_rng(1)
+    start = rng.normal(size=(4, 3))
+    gradients = [rng.normal(size=start.shape) for _ in range(3)]
+    variable = tf.Variable(start, dtype=tf.float64)
+    optimizer = TorchAdam(0.125, epsilon=1e-8)  # a learning rate float32 holds exactly
+    for gradient in gradients:
+        optimizer.apply_gradients([(tf.constant(gradient, tf.float64), variable)])
+    np.testing.assert_allclose(variable.numpy(), torch_adam_reference(start, gradients, 0.125, 1e-8), rtol=1e-12)
+
+
 def test_differs_from_keras_adam_with_large_epsilon():
     # With eps = 1 Keras' epsilon-hat form takes a ~30x smaller first step: the reason TorchAdam exists.
     g = tf.constant([0.01])

@@ -1,8 +1,9 @@
 """pnpp_tf's training loop beside the authors' (tools/torch_reference.py), step for step, on CPU.
 
-    pip install -e ".[convert]"     # torch, CPU build
+    pip install -e ".[convert]"     # torch, CPU or CUDA build (it runs in a child process)
     python tools/parity_with_reference.py --warmup_steps=1 --steps=10 --batch_size=8 --image_size=64 \
         --json=parity.json
+    python tools/parity_with_reference.py --dtype=float64 --warmup_steps=1 --steps=10 --image_size=64
 
 Both loops start from the same weights: the PyTorch ResNet-50's (torchvision's random init, seeded,
 or --weights=<a torchvision .pth/.safetensors>), converted for pnpp_tf's `resnet50_torchvision`
@@ -12,13 +13,25 @@ relative difference of the loss, of every gradient (before clipping), of every w
 running statistics and proxies included) and of every weight's change since the start, each as
 max |ours - theirs| / max |theirs| over one tensor, with the tensor where it is largest.
 
-The exit status is 1 if the loss or the weights differ by more than --loss_tolerance or
---weight_tolerance at any step.
+The PyTorch loop runs in a child process that never imports TensorFlow (tools/torch_process.py):
+with the CUDA build of torch, `torch.optim.Adam` crashes a process that has imported TensorFlow.
 
---control also steps a float64 copy of the PyTorch loop and reports how far it moves from the
-float32 one: the divergence that float32 rounding alone causes in the authors' own loop, the floor
-under which no float32 port can stay (from random weights at the recipe's learning rates the loop
-amplifies a 1e-7 difference to 1e-2 within three steps, PyTorch against itself included).
+The exit status is 1 if the loss or the weights differ by more than the tolerance at any step.
+float32: --loss_tolerance and --weight_tolerance (issue 17's 1e-3 and 1e-2). float64: at each step
+CONTROL_FACTOR times the control's difference at that step (at least FLOAT64_FLOOR), and the two
+flags too if given: float64's rounding drift grows about tenfold a step (the loop is chaotic), so
+no fixed number is both tight at step 1 and met at step 11, while the control grows with it.
+
+--dtype=float64 runs both loops in float64 end to end: pnpp_tf under Keras' "float64" dtype policy
+(network, loss, proxies, optimiser state and learning rates), PyTorch's model, proxies and loss
+in double. Both start from the same float32-representable weights.
+
+--control also steps a second PyTorch loop and reports how far it moves from the first: the
+drift that rounding alone causes in the authors' own loop, the floor under which no port can stay.
+In float32 the second loop is the same loop in float64 (from random weights at the recipe's
+learning rates the loop amplifies a 1e-7 difference to 1e-2 within three steps). In float64 it is
+the same float64 loop with NHWC (channels_last) tensors: other kernels, other summation orders,
+the same maths and precision, which is what any other correct float64 implementation differs by.
 """
 
 import argparse
@@ -29,9 +42,20 @@ from machine import describe_machine, machine_info, write_results  # also makes 
 import numpy as np
 
 RECIPE = {"lr": 4e-3, "proxy_lr": 4e2, "clip_value": 10.0, "temperature": 1.0 / 9.0}
+# Default (loss, weight) tolerances per --dtype. float32: issue 17's bars; float64: none absolute.
+TOLERANCES = {"float32": (1e-3, 1e-2), "float64": (None, None)}
+# float64: pnpp_tf may differ from PyTorch by 10x what PyTorch differs from itself with other
+# summation orders (--control), step by step. Measured (docs/fidelity.md) ours/control stays
+# within 0.06x-2.9x (loss) and 0.7x-1.35x (weights) over 11 steps; the float32 slip found (the
+# optimiser's betas cast to float32) was 2e6x at step 1.
+CONTROL_FACTOR = 10.0
+# ... but never below ~450 float64 ulps (2.2e-16): where the control's difference is a few ulps
+# (the loss at step 1, ~1e-14) a ratio of two roundings means nothing.
+FLOAT64_FLOOR = 1e-13
 
 
 def parse_args(argv):
+    """The command line (None: sys.argv), with --dtype's default tolerances filled in."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--warmup_steps", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10, help="main steps after the warm-up")
@@ -46,40 +70,47 @@ def parse_args(argv):
     parser.add_argument("--weights", default="", help="torchvision ResNet-50 .pth/.safetensors; empty: random")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
-                        help="of both networks (the loss stays float32); float64 shows what float32 rounding adds")
-    parser.add_argument("--loss_tolerance", type=float, default=1e-3)
-    parser.add_argument("--weight_tolerance", type=float, default=1e-2)
+                        help="of both loops, end to end; float64 is free of float32's rounding")
+    parser.add_argument("--loss_tolerance", type=float, default=None, help="default: TOLERANCES[--dtype]")
+    parser.add_argument("--weight_tolerance", type=float, default=None, help="default: TOLERANCES[--dtype]")
     parser.add_argument("--control", action="store_true",
-                        help="also compare the PyTorch loop in float32 with itself in float64")
+                        help="also step a second PyTorch loop (float32: in float64; float64, where it is "
+                        "always on: channels_last) and report its drift from the first")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args(argv)
+    loss_tolerance, weight_tolerance = TOLERANCES[args.dtype]
+    args.loss_tolerance = loss_tolerance if args.loss_tolerance is None else args.loss_tolerance
+    args.weight_tolerance = weight_tolerance if args.weight_tolerance is None else args.weight_tolerance
+    args.control = args.control or args.dtype == "float64"  # float64's tolerance is relative to it
     if args.batch_size % args.classes_per_batch or args.classes_per_batch > args.num_classes:
         parser.error("--batch_size must be a multiple of --classes_per_batch <= --num_classes.")
     return args
 
 
-def build_pair(args):
-    """The PyTorch reference and a compiled-later `ProxyNCAModel`, with the same weights.
+def build_pair(args, torch_side):
+    """The PyTorch reference (in the child) and a compiled-later `ProxyNCAModel`, with the same weights.
+
+    Args:
+        args: the parsed arguments.
+        torch_side: a `TorchProcess`; its loop "reference" is built here.
 
     Returns:
-        (reference, model, variables): `variables` maps each reference state name to
-        (the pnpp_tf variable, a function from its value to PyTorch's layout).
+        (model, variables, state): `variables` maps each reference state name to (the pnpp_tf
+        variable, a function from its value to PyTorch's layout); `state` is the reference's
+        initial state.
     """
     import keras
-    import torch_reference
     from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder
     from pnpp_tf.modeling.torchvision_resnet import expected_state_dict_shapes, load_torchvision_state_dict
 
-    state_dict = None
-    if args.weights:
-        from convert_torchvision_resnet50 import read_state_dict
-        state_dict = read_state_dict(args.weights)
-    reference = torch_reference.build_reference(args.num_classes, args.embedding_dim, args.lr, args.proxy_lr,
-                                                args.clip_value, RECIPE["temperature"], state_dict, args.seed,
-                                                args.dtype)
-    state = reference.state()
+    state = torch_side.build(num_classes=args.num_classes, embedding_dim=args.embedding_dim, lr=args.lr,
+                             proxy_lr=args.proxy_lr, clip_value=args.clip_value, temperature=RECIPE["temperature"],
+                             weights=args.weights, seed=args.seed, dtype=args.dtype)
     keras.utils.set_random_seed(args.seed)
     keras.config.set_dtype_policy(args.dtype)
+    # The optimisers' learning rates are floatx variables: 4e-3 rounded to float32 would differ
+    # from PyTorch's by 5e-8, far above float64's rounding.
+    keras.config.set_floatx(args.dtype)
     embedder = build_embedder("resnet50_torchvision", args.image_size, args.embedding_dim, "max", True, "none")
     trunk = embedder.get_layer("backbone")
     load_torchvision_state_dict(trunk, {k: v for k, v in state.items() if not k.startswith(("embedding.", "proxies"))})
@@ -95,7 +126,17 @@ def build_pair(args):
     missing = set(state) ^ set(variables)
     if missing:
         raise SystemExit(f"The two models' tensors do not correspond: {sorted(missing)}")
-    return reference, model, variables
+    wrong = sorted(k for k, (v, _) in variables.items() if v.dtype != args.dtype)
+    if wrong:
+        raise SystemExit(f"Not {args.dtype}: {wrong[:5]}")
+    return model, variables, state
+
+
+def build_control(args, torch_side, start):
+    """The control loop "control" in the child, from the reference's initial state `start`."""
+    torch_side.build("control", num_classes=args.num_classes, embedding_dim=args.embedding_dim, lr=args.lr,
+                     proxy_lr=args.proxy_lr, clip_value=args.clip_value, temperature=RECIPE["temperature"],
+                     state_dict=start, seed=args.seed, dtype="float64", channels_last=args.dtype == "float64")
 
 
 def _to_torch_layout(array):
@@ -132,6 +173,7 @@ def our_gradients(model, variables, images, labels):
 
 
 def compile_phase(model, args, warmup):
+    """Compiles `model` as pnpp_tf.train does for the warm-up (backbone frozen) or the main phase."""
     from pnpp_tf.modeling.optimizers import TorchAdam
 
     model.compile(optimizer=TorchAdam(args.lr), proxy_optimizer=TorchAdam(args.proxy_lr), freeze_backbone=warmup,
@@ -149,33 +191,37 @@ def largest(ours, theirs):
     return worst
 
 
-def run(args):
-    import torch_reference
+def run(args, torch_side):
+    """Steps both loops (and the control) through the batches; prints and returns one row per step.
 
-    reference, model, variables = build_pair(args)
-    control = None
+    Args:
+        args: the parsed arguments.
+        torch_side: a started `TorchProcess`.
+
+    Returns:
+        The rows (dicts), one per step.
+    """
+    model, variables, start = build_pair(args, torch_side)
+    loops = ("reference", "control") if args.control else ("reference",)
     if args.control:
-        control = torch_reference.build_reference(args.num_classes, args.embedding_dim, args.lr, args.proxy_lr,
-                                                  args.clip_value, RECIPE["temperature"], reference.state(),
-                                                  args.seed, "float64" if args.dtype == "float32" else "float32")
+        build_control(args, torch_side, start)
 
     def our_state():
         return {name: convert(v.numpy()) for name, (v, convert) in variables.items()}
 
-    start = reference.state()
     rows = []
     for step, (images, labels) in enumerate(batches(args)):
         warmup = step < args.warmup_steps
         if step in (0, args.warmup_steps):
-            for loop in filter(None, (reference, control)):
-                (loop.start_warmup if warmup else loop.start_main)()
+            for loop in loops:
+                torch_side.call("start_warmup" if warmup else "start_main", name=loop)
             compile_phase(model, args, warmup)
         tape_loss, gradients = our_gradients(model, variables, images, labels)
-        their_loss = reference.step(images, labels)
-        their_gradients = reference.last_gradients
+        their_loss = torch_side.call("step", images, labels)
+        their_gradients = torch_side.get("last_gradients")
         model.reset_metrics()  # the logged loss is then this step's, not a running mean
         our_loss = float(model.train_on_batch(images, labels, return_dict=True)["loss"])
-        ours, theirs = our_state(), reference.state()
+        ours, theirs = our_state(), torch_side.call("state")
         gradient = largest({k: variables[k][1](g) for k, g in gradients.items()}, their_gradients)
         weight = largest(ours, theirs)
         # A tensor that neither loop changed (the backbone's in the warm-up) differs by 0.
@@ -186,54 +232,91 @@ def run(args):
                      "gradient_rel_diff": gradient[0], "gradient_worst": gradient[1],
                      "weight_rel_diff": weight[0], "weight_worst": weight[1],
                      "update_rel_diff": update[0], "update_worst": update[1]})
-        if control is not None:
-            control_loss = control.step(images, labels)
-            rows[-1]["control_loss_rel_diff"] = abs(control_loss - their_loss) / abs(their_loss)
-            rows[-1]["control_weight_rel_diff"], rows[-1]["control_weight_worst"] = largest(control.state(), theirs)
-        print(table_row(rows[-1]) if rows[1:] else table_header(control is not None) + "\n" + table_row(rows[-1]),
+        if args.control:
+            rows[-1].update(control_row(torch_side, images, labels, their_loss, their_gradients, theirs, start))
+        print(table_row(rows[-1]) if rows[1:] else table_header(args.control) + "\n" + table_row(rows[-1]),
               flush=True)
     return rows
 
 
+def control_row(torch_side, images, labels, their_loss, their_gradients, theirs, start):
+    """Steps the control loop; returns its drift from the reference, in the columns of ours."""
+    control_loss = torch_side.call("step", images, labels, name="control")
+    gradient = largest(torch_side.get("last_gradients", name="control"), their_gradients)
+    control = torch_side.call("state", name="control")
+    weight = largest(control, theirs)
+    update = largest({k: control[k] - start[k] for k in control}, {k: theirs[k] - start[k] for k in theirs})
+    return {"control_loss_rel_diff": abs(control_loss - their_loss) / abs(their_loss),
+            "control_gradient_rel_diff": gradient[0], "control_gradient_worst": gradient[1],
+            "control_weight_rel_diff": weight[0], "control_weight_worst": weight[1],
+            "control_update_rel_diff": update[0], "control_update_worst": update[1]}
+
+
 def table_header(control=False):
-    extra = " control: loss | control: weights |" if control else ""
+    extra = " control: loss | control: gradients | control: weights | control: weight changes |" if control else ""
     return ("| phase | step | loss (PyTorch) | loss | gradients (largest: tensor) | weights (largest: tensor) | "
-            f"weight changes (largest: tensor) |{extra}\n|---|---|---|---|---|---|---|" + "---|" * (2 * control))
+            f"weight changes (largest: tensor) |{extra}\n|---|---|---|---|---|---|---|" + "---|" * (4 * control))
 
 
 def table_row(row):
     extra = ""
     if "control_loss_rel_diff" in row:
-        extra = (f" {row['control_loss_rel_diff']:.1e} | {row['control_weight_rel_diff']:.1e}: "
-                 f"{row['control_weight_worst']} |")
+        extra = "".join(f" {row[f'control_{key}_rel_diff']:.1e} |" for key in ("loss", "gradient", "weight", "update"))
     return (f"| {row['phase']} | {row['step']} | {row['loss_theirs']:.6f} | {row['loss_rel_diff']:.1e} | "
             f"{row['gradient_rel_diff']:.1e}: {row['gradient_worst']} | {row['weight_rel_diff']:.1e}: "
             f"{row['weight_worst']} | {row['update_rel_diff']:.1e}: {row['update_worst']} |{extra}")
+
+
+def summarise(rows, args):
+    """The largest difference of each kind over the steps, and whether the bars were met."""
+    keys = ["loss", "gradient", "weight", "update"]
+    if args.control:
+        keys += [f"control_{key}" for key in keys]
+    summary = {f"{key}_rel_diff": max(row[f"{key}_rel_diff"] for row in rows) for key in keys}
+    passed = all(tolerance is None or summary[f"{key}_rel_diff"] <= tolerance
+                 for key, tolerance in (("loss", args.loss_tolerance), ("weight", args.weight_tolerance)))
+    if args.dtype == "float64":
+        for key in ("loss", "weight"):
+            # The worst step's difference as a fraction of that step's tolerance.
+            summary[f"{key}_of_tolerance"] = max(row[f"{key}_rel_diff"] / float64_tolerance(row, key) for row in rows)
+            passed = passed and summary[f"{key}_of_tolerance"] <= 1.0
+    summary["passed"] = bool(passed)
+    return summary
+
+
+def float64_tolerance(row, key):
+    """float64's tolerance of a step's `key` ("loss", "weight"): CONTROL_FACTOR x the control's."""
+    return max(CONTROL_FACTOR * row[f"control_{key}_rel_diff"], FLOAT64_FLOOR)
+
+
+def verdict(summary, args):
+    """One line: the largest differences, the tolerances, PASS or FAIL."""
+    if args.dtype == "float64":
+        tolerance = (f"; at most {summary['loss_of_tolerance']:.2f} (loss) and {summary['weight_of_tolerance']:.2f} "
+                     f"(weights) of the tolerance, {CONTROL_FACTOR:g}x the control's difference at each step "
+                     f"(at least {FLOAT64_FLOOR:g})")
+        loss_bar = weight_bar = ""
+    else:
+        tolerance = ""
+        loss_bar, weight_bar = (f" (tolerance {args.loss_tolerance:g})", f" (tolerance {args.weight_tolerance:g})")
+    return (f"Largest ({args.dtype}): loss {summary['loss_rel_diff']:.1e}{loss_bar}, gradients "
+            f"{summary['gradient_rel_diff']:.1e}, weights {summary['weight_rel_diff']:.1e}{weight_bar}, weight "
+            f"changes {summary['update_rel_diff']:.1e}{tolerance}: {'PASS' if summary['passed'] else 'FAIL'}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     import tensorflow as tf
     import keras
-    import torch
+    from torch_process import TorchProcess
 
-    machine = machine_info(tensorflow=tf.__version__, keras=keras.__version__, torch=torch.__version__)
     print("Relative differences max |pnpp_tf - PyTorch| / max |PyTorch| per tensor; the largest per step.\n")
-    rows = run(args)
-    summary = {"loss_rel_diff": max(r["loss_rel_diff"] for r in rows),
-               "gradient_rel_diff": max(r["gradient_rel_diff"] for r in rows),
-               "weight_rel_diff": max(r["weight_rel_diff"] for r in rows),
-               "update_rel_diff": max(r["update_rel_diff"] for r in rows)}
-    if args.control:
-        summary["control_loss_rel_diff"] = max(r["control_loss_rel_diff"] for r in rows)
-        summary["control_weight_rel_diff"] = max(r["control_weight_rel_diff"] for r in rows)
-    summary["passed"] = bool(summary["loss_rel_diff"] <= args.loss_tolerance
-                             and summary["weight_rel_diff"] <= args.weight_tolerance)
+    with TorchProcess() as torch_side:
+        machine = machine_info(tensorflow=tf.__version__, keras=keras.__version__, torch=torch_side.torch_version)
+        rows = run(args, torch_side)
+    summary = summarise(rows, args)
     print(f"\nMachine: {describe_machine(machine)}.")
-    print(f"Largest: loss {summary['loss_rel_diff']:.1e} (tolerance {args.loss_tolerance:g}), gradients "
-          f"{summary['gradient_rel_diff']:.1e}, weights {summary['weight_rel_diff']:.1e} (tolerance "
-          f"{args.weight_tolerance:g}), weight changes {summary['update_rel_diff']:.1e}: "
-          f"{'PASS' if summary['passed'] else 'FAIL'}")
+    print(verdict(summary, args))
     if args.json:
         write_results(args.json, __file__, argv, machine, rows, settings=vars(args), summary=summary)
     return 0 if summary["passed"] else 1

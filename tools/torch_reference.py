@@ -15,7 +15,9 @@ pooling, LayerNorm without affine parameters (eps 1e-5) and a Linear layer. The 
 ProxyNCA++: softmax over -||3 x_hat - 3 p_hat||^2 (T = 1/9). Adam has eps = 1 and three parameter
 groups (backbone, embedding, proxies); backbone and embedding gradients are clipped by value.
 
-Kept free of TensorFlow so that tools/bench_train.py can time this step beside pnpp_tf's.
+Kept free of TensorFlow so that tools/bench_train.py can time this step beside pnpp_tf's, and so
+that tools/torch_process.py can run it in a child process that never imports TensorFlow (with the
+CUDA build of torch, `torch.optim.Adam` crashes a process that has imported TensorFlow).
 """
 
 import math
@@ -113,8 +115,9 @@ class ProxyNCAPlusPlus(nn.Module):
         self.scale = math.sqrt(1.0 / temperature)
 
     def forward(self, embeddings, labels):
-        # RECIPE: the loss in float32, whatever the network's dtype.
-        x = F.normalize(embeddings.float(), p=2, dim=-1) * self.scale
+        # In the proxies' dtype: float32 as in the recipe, float64 only when the whole loop is
+        # float64 (a comparison free of float32's rounding).
+        x = F.normalize(embeddings.to(self.proxies.dtype), p=2, dim=-1) * self.scale
         p = F.normalize(self.proxies, p=2, dim=-1) * self.scale
         distances = (x.pow(2).sum(1, keepdim=True) + p.pow(2).sum(1)[None, :] - 2.0 * x @ p.t()).clamp_min(0.0)
         return F.cross_entropy(-distances, labels)
@@ -130,6 +133,8 @@ class ReferenceLoop:
         proxy_lr: the proxies' learning rate.
         clip_value: backbone and embedding gradients are clipped to [-clip_value, clip_value].
         keep_gradients: copy each step's gradients to `last_gradients` (off when timing the step).
+        channels_last: feed the network NHWC images (the model should be in
+            `torch.channels_last`): the same maths with other kernels and summation orders.
 
     Attributes:
         optimizer: the current Adam (None before `start_warmup` or `start_main`).
@@ -137,13 +142,14 @@ class ReferenceLoop:
             the state dict's ("backbone." stripped: torchvision keys), "embedding.*", "proxies".
     """
 
-    def __init__(self, model, criterion, lr, proxy_lr, clip_value=10.0, keep_gradients=True):
+    def __init__(self, model, criterion, lr, proxy_lr, clip_value=10.0, keep_gradients=True, channels_last=False):
         self.model = model.train()  # BatchNorm in training mode throughout, as the authors' loop
         self.criterion = criterion
         self.lr = lr
         self.proxy_lr = proxy_lr
         self.clip_value = clip_value
         self.keep_gradients = keep_gradients
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.optimizer = None
         self.last_gradients = {}
 
@@ -172,7 +178,8 @@ class ReferenceLoop:
             The batch's loss, a Python float.
         """
         dtype = self.model.embedding.weight.dtype
-        images = torch.as_tensor(np.asarray(images, np.float32)).permute(0, 3, 1, 2).contiguous().to(dtype)
+        images = torch.as_tensor(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
+        images = images.to(dtype).contiguous(memory_format=self.memory_format)
         labels = torch.as_tensor(np.asarray(labels, np.int64))
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.criterion(self.model(images), labels)
@@ -205,7 +212,8 @@ def _public_name(name):
 
 
 def build_reference(num_classes, embedding_dim=2048, lr=4e-3, proxy_lr=4e2, clip_value=10.0,
-                    temperature=1.0 / 9.0, state_dict=None, seed=0, dtype="float32", keep_gradients=True):
+                    temperature=1.0 / 9.0, state_dict=None, seed=0, dtype="float32", keep_gradients=True,
+                    channels_last=False):
     """Builds the authors' loop, from torchvision's random init or from given weights.
 
     Args:
@@ -218,9 +226,12 @@ def build_reference(num_classes, embedding_dim=2048, lr=4e-3, proxy_lr=4e2, clip
             `fc.*` and `num_batches_tracked` are ignored), and optionally "embedding.weight",
             "embedding.bias" and "proxies"; whatever is absent keeps its seeded random init.
         seed: torch's seed for the random init.
-        dtype: "float32", or "float64" for the network (the loss and proxies stay float32): a
-            comparison in float64 is free of float32's rounding.
+        dtype: "float32" (the recipe), or "float64" for the network, the proxies and the loss:
+            a comparison in float64 is free of float32's rounding. The random init is drawn in
+            float32 either way (the same weights); `state_dict` is loaded in `dtype`, so float64
+            values given there stay float64.
         keep_gradients: as `ReferenceLoop`'s.
+        channels_last: as `ReferenceLoop`'s; the model is converted to `torch.channels_last`.
 
     Returns:
         A `ReferenceLoop`; call `start_warmup()` or `start_main()` before stepping.
@@ -228,19 +239,28 @@ def build_reference(num_classes, embedding_dim=2048, lr=4e-3, proxy_lr=4e2, clip
     torch.manual_seed(seed)
     model = Embedder(embedding_dim)
     criterion = ProxyNCAPlusPlus(num_classes, embedding_dim, temperature)
+    model.to(getattr(torch, dtype))
+    criterion.to(getattr(torch, dtype))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     if state_dict is not None:
-        backbone = {k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()
-                    if not k.startswith(("fc.", "embedding.")) and k != "proxies"
-                    and not k.endswith("num_batches_tracked")}
-        if backbone:
-            result = model.backbone.load_state_dict(backbone, strict=False)
-            missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-            if missing or result.unexpected_keys:
-                raise ValueError(f"Not a torchvision ResNet-50 state dict: missing {missing}, "
-                                 f"unexpected {result.unexpected_keys}.")
-        with torch.no_grad():
-            for key, target in (("embedding.weight", model.embedding.weight),
-                                ("embedding.bias", model.embedding.bias), ("proxies", criterion.proxies)):
-                if key in state_dict:
-                    target.copy_(torch.as_tensor(np.asarray(state_dict[key], np.float32)))
-    return ReferenceLoop(model.to(getattr(torch, dtype)), criterion, lr, proxy_lr, clip_value, keep_gradients)
+        _load(model, criterion, state_dict)
+    return ReferenceLoop(model, criterion, lr, proxy_lr, clip_value, keep_gradients, channels_last)
+
+
+def _load(model, criterion, state_dict):
+    """Copies the tensors of `state_dict` that it has into the model and criterion, in their dtype."""
+    backbone = {k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()
+                if not k.startswith(("fc.", "embedding.")) and k != "proxies"
+                and not k.endswith("num_batches_tracked")}
+    if backbone:
+        result = model.backbone.load_state_dict(backbone, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"Not a torchvision ResNet-50 state dict: missing {missing}, "
+                             f"unexpected {result.unexpected_keys}.")
+    with torch.no_grad():
+        for key, target in (("embedding.weight", model.embedding.weight),
+                            ("embedding.bias", model.embedding.bias), ("proxies", criterion.proxies)):
+            if key in state_dict:
+                target.copy_(torch.as_tensor(np.asarray(state_dict[key])))

@@ -23,7 +23,9 @@ class ProxyNCALoss(keras.layers.Layer):
     """ProxyNCA++ (or original ProxyNCA) loss, holding one proxy per training class.
 
     Calling the layer on `(embeddings, labels)` returns the scalar mean loss in float32, whatever
-    the dtype policy: the proxies, the logits and the softmax always run in float32.
+    the dtype policy: the proxies, the logits and the softmax always run in float32. The one
+    exception is a float64 policy (tools/parity_with_reference.py --dtype=float64), under which
+    they run in float64, so that the whole step is free of float32's rounding.
 
     Args:
         num_classes: number of training classes, i.e. of proxies.
@@ -37,7 +39,7 @@ class ProxyNCALoss(keras.layers.Layer):
     def __init__(
         self, num_classes, embedding_dim, temperature=1.0 / 9.0, variant="proxynca_pp", **kwargs
     ):
-        kwargs["dtype"] = "float32"
+        kwargs["dtype"] = _loss_dtype()
         super().__init__(**kwargs)
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
@@ -55,7 +57,7 @@ class ProxyNCALoss(keras.layers.Layer):
             name="proxies",
             shape=(self.num_classes, self.embedding_dim),
             initializer=keras.initializers.RandomNormal(stddev=PROXY_INIT_STDDEV),
-            dtype="float32",
+            dtype=kwargs["dtype"],
             trainable=True,
         )
         self.built = True
@@ -80,7 +82,7 @@ class ProxyNCALoss(keras.layers.Layer):
 
 
 def proxy_logits(embeddings, proxies, temperature):
-    """Logits -||x̂_i - p̂_c||² / T for every embedding i and proxy c, in float32.
+    """Logits -||x̂_i - p̂_c||² / T for every embedding i and proxy c, in float32 (or float64).
 
     Args:
         embeddings: [batch, dim] tensor, any float dtype.
@@ -88,10 +90,11 @@ def proxy_logits(embeddings, proxies, temperature):
         temperature: positive float.
 
     Returns:
-        [batch, num_classes] float32 logits.
+        [batch, num_classes] logits: float32, float64 for float64 proxies.
     """
-    x = l2_normalize(tf.cast(embeddings, tf.float32))
-    p = l2_normalize(tf.cast(proxies, tf.float32))
+    dtype = tf.float64 if proxies.dtype == tf.float64 else tf.float32
+    x = l2_normalize(tf.cast(embeddings, dtype))
+    p = l2_normalize(tf.cast(proxies, dtype))
     squared_distances = (
         tf.reduce_sum(tf.square(x), axis=1, keepdims=True)
         + tf.reduce_sum(tf.square(p), axis=1)[tf.newaxis, :]
@@ -141,6 +144,11 @@ def l2_normalize(x, axis=-1):
     """
     squared_norm = tf.reduce_sum(tf.square(x), axis=axis, keepdims=True)
     return x * tf.math.rsqrt(tf.maximum(squared_norm, _MIN_SQUARED_NORM))
+
+
+def _loss_dtype():
+    """float32, the recipe's, under every policy but float64 (whose loss is float64 too)."""
+    return "float64" if keras.config.dtype_policy().name == "float64" else "float32"
 
 
 def _check_labels(labels, num_classes):

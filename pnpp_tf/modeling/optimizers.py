@@ -57,8 +57,10 @@ class TorchAdam(keras.optimizers.Optimizer):
         lr = ops.cast(learning_rate, dtype)
         gradient = ops.cast(gradient, dtype)
         step = ops.cast(self.iterations + 1, dtype)
-        bias_correction_1 = 1 - ops.power(ops.cast(self.beta_1, dtype), step)
-        bias_correction_2 = 1 - ops.power(ops.cast(self.beta_2, dtype), step)
+        # convert_to_tensor, not cast: cast makes a Python float float32 first, which in float64
+        # would put 1e-5 of float32 rounding into 1 - beta_2.
+        bias_correction_1 = 1 - ops.power(ops.convert_to_tensor(self.beta_1, dtype), step)
+        bias_correction_2 = 1 - ops.power(ops.convert_to_tensor(self.beta_2, dtype), step)
 
         # `_get_variable_index` is how Keras' Optimizer docstring tells custom optimisers to find
         # a variable's slots (it resolves tf.distribute's per-replica copies); tests guard it.
