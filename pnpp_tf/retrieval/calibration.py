@@ -231,8 +231,12 @@ def calibrate(query_embeddings, query_labels, gallery_embeddings=None, gallery_l
 
 
 def _roc(same, other, points=_ROC_POINTS):
-    """The ROC at about 1.25 `points` thresholds, spaced evenly in log FAR from 1 / (other-class
-    pairs) to 1 and a quarter of them evenly in FAR, and at none: {"threshold", "false_accept_rate", "true_accept_rate"} lists, FAR falling."""
+    """The ROC at about 1.25 `points` thresholds: spaced evenly in log FAR from 1 / (other-class
+    pairs) to 1, a quarter of them evenly in FAR, and the one accepting none.
+
+    Returns:
+        {"threshold", "false_accept_rate", "true_accept_rate"}: lists, thresholds rising.
+    """
     if not same[0] or not other[0]:
         return {"threshold": [], "false_accept_rate": [], "true_accept_rate": []}
     # Log-spaced where a threshold is chosen, and some evenly spaced ones for the lenient end.
