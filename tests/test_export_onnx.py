@@ -29,14 +29,15 @@ MIN_MEAN_COSINE = parity.MIN_MEAN_COSINE["onnx"]
 
 
 def hub_embedder(tmp_path, family):
-    """A tiny random-weight KerasHub preset of `family`, built into an embedder."""
+    """An embedder on a tiny local KerasHub preset of `family`, with random weights."""
     pytest.importorskip("keras_hub", reason="keras-hub is not installed: pip install -e '.[hub]'",
                         exc_type=ImportError)
     import hub_presets  # pylint: disable=import-outside-toplevel - it imports keras_hub
 
     preset, _ = hub_presets.save_preset(tmp_path / family, family)
     pooling = "max" if family == "resnet" else "cls"
-    return build_embedder("keras_hub", hub_presets.IMAGE_SIZE, 8, pooling, weights="imagenet", backbone_preset=preset)
+    # Random weights from the preset's architecture: nothing loaded, nothing downloaded.
+    return build_embedder("keras_hub", hub_presets.IMAGE_SIZE, 8, pooling, weights="none", backbone_preset=preset)
 
 
 def to_onnx(embedder, props=None):

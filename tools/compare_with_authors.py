@@ -28,7 +28,6 @@ run it was in).
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from authors_patches import parse_authors_log, prepare_authors_copy  # noqa: E402
+from machine import machine_info, write_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDES = ("authors", "pnpp_tf")
@@ -75,13 +75,12 @@ def main(argv=None):
                 runs.extend(json.load(f)["runs"])
     else:
         runs = train_all(args)
-    report = {"runs": runs, "curves": aggregate(runs), "machine": machine(), "argv": sys.argv[1:] if argv is None
+    report = {"runs": runs, "curves": aggregate(runs), "machine": machine_info(), "argv": sys.argv[1:] if argv is None
               else list(argv)}
     report["comparison"] = compare(report["curves"])
     print(format_table(report["curves"], report["comparison"]))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report)
         print(f"wrote {args.json}")
 
 
@@ -114,8 +113,7 @@ def train_all(args):
             print(json.dumps(run), flush=True)
             runs.append(run)
             if args.json:  # so far: an interrupted comparison keeps the runs it finished
-                with open(args.json, "w", encoding="utf-8") as f:
-                    json.dump({"runs": runs, "partial": True}, f, indent=1)
+                write_json(args.json, {"runs": runs, "partial": True})
     return runs
 
 
@@ -224,19 +222,6 @@ def format_table(curves, comparison=None):
         gaps = ", ".join(f"{100 * r['gap']:+.1f}{'' if r['within_reference_range'] else '*'}" for r in rows)
         lines.append(f"{label} − authors (points; * = outside the authors' seed range): {gaps}")
     return "\n".join(lines)
-
-
-def machine():
-    info = {"python": platform.python_version(), "cpus": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return info
 
 
 if __name__ == "__main__":

@@ -103,9 +103,7 @@ def build_pair(args, torch_side):
     from pnpp_tf.modeling.model import ProxyNCAModel, build_embedder
     from pnpp_tf.modeling.torchvision_resnet import expected_state_dict_shapes, load_torchvision_state_dict
 
-    state = torch_side.build(num_classes=args.num_classes, embedding_dim=args.embedding_dim, lr=args.lr,
-                             proxy_lr=args.proxy_lr, clip_value=args.clip_value, temperature=RECIPE["temperature"],
-                             weights=args.weights, seed=args.seed, dtype=args.dtype)
+    state = torch_side.build(**_loop_settings(args), weights=args.weights, dtype=args.dtype)
     keras.utils.set_random_seed(args.seed)
     keras.config.set_dtype_policy(args.dtype)
     # The optimisers' learning rates are floatx variables: 4e-3 rounded to float32 would differ
@@ -134,9 +132,14 @@ def build_pair(args, torch_side):
 
 def build_control(args, torch_side, start):
     """The control loop "control" in the child, from the reference's initial state `start`."""
-    torch_side.build("control", num_classes=args.num_classes, embedding_dim=args.embedding_dim, lr=args.lr,
-                     proxy_lr=args.proxy_lr, clip_value=args.clip_value, temperature=RECIPE["temperature"],
-                     state_dict=start, seed=args.seed, dtype="float64", channels_last=args.dtype == "float64")
+    torch_side.build("control", **_loop_settings(args), state_dict=start, dtype="float64",
+                     channels_last=args.dtype == "float64")
+
+
+def _loop_settings(args):
+    """The `build_reference` arguments the reference and the control share."""
+    return dict(num_classes=args.num_classes, embedding_dim=args.embedding_dim, lr=args.lr, proxy_lr=args.proxy_lr,
+                clip_value=args.clip_value, temperature=RECIPE["temperature"], seed=args.seed)
 
 
 def _to_torch_layout(array):
@@ -178,6 +181,11 @@ def compile_phase(model, args, warmup):
 
     model.compile(optimizer=TorchAdam(args.lr), proxy_optimizer=TorchAdam(args.proxy_lr), freeze_backbone=warmup,
                   clip_value=args.clip_value, jit_compile=False)
+
+
+def largest_change(ours, theirs, start):
+    """`largest` of the two states' changes since `start`."""
+    return largest({k: ours[k] - start[k] for k in ours}, {k: theirs[k] - start[k] for k in theirs})
 
 
 def largest(ours, theirs):
@@ -225,7 +233,7 @@ def run(args, torch_side):
         gradient = largest({k: variables[k][1](g) for k, g in gradients.items()}, their_gradients)
         weight = largest(ours, theirs)
         # A tensor that neither loop changed (the backbone's in the warm-up) differs by 0.
-        update = largest({k: ours[k] - start[k] for k in ours}, {k: theirs[k] - start[k] for k in theirs})
+        update = largest_change(ours, theirs, start)
         rows.append({"phase": "warm-up" if warmup else "main", "step": step + 1, "loss_theirs": their_loss,
                      "loss_ours": our_loss, "loss_rel_diff": abs(our_loss - their_loss) / abs(their_loss),
                      "tape_loss_rel_diff": abs(tape_loss - their_loss) / abs(their_loss),
@@ -245,7 +253,7 @@ def control_row(torch_side, images, labels, their_loss, their_gradients, theirs,
     gradient = largest(torch_side.get("last_gradients", name="control"), their_gradients)
     control = torch_side.call("state", name="control")
     weight = largest(control, theirs)
-    update = largest({k: control[k] - start[k] for k in control}, {k: theirs[k] - start[k] for k in theirs})
+    update = largest_change(control, theirs, start)
     return {"control_loss_rel_diff": abs(control_loss - their_loss) / abs(their_loss),
             "control_gradient_rel_diff": gradient[0], "control_gradient_worst": gradient[1],
             "control_weight_rel_diff": weight[0], "control_weight_worst": weight[1],
