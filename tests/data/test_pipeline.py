@@ -38,6 +38,41 @@ def test_images_of_a_class_cycle_before_repeating():
     assert sorted(seen) == list(range(12)) and set(seen.values()) == {1}
 
 
+def class_groups(sampler, labels, epochs):
+    """Every class's groups of images over `epochs`, in batch order: {class: [group, ...]}."""
+    groups = collections.defaultdict(list)
+    for epoch in epochs:
+        for batch in sampler.epoch_batches(epoch):
+            for c in dict.fromkeys(labels[batch].tolist()):
+                groups[c].append(batch[labels[batch] == c].tolist())
+    return groups
+
+
+def test_no_batch_repeats_an_image_of_a_class_with_enough_images():
+    # 4 images a class per batch; classes of 4..9 images (the few-images regime of small benchmarks).
+    sizes = [4, 5, 6, 7, 8, 9]
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(sizes)])
+    sampler = pipeline.ClassBalancedSampler(labels, batch_size=8, classes_per_batch=2, seed=5)
+    for c, groups in class_groups(sampler, labels, range(30)).items():
+        for group in groups:
+            assert len(set(group)) == 4, (c, group)
+        # A pass through a class's queue holds len // 4 disjoint groups (the rest are left out),
+        # and passes carry over from one epoch to the next, as in the authors' sampler.
+        per_pass = sizes[c] // 4
+        for start in range(0, len(groups) - per_pass + 1, per_pass):
+            seen = [i for group in groups[start:start + per_pass] for i in group]
+            assert len(set(seen)) == len(seen), (c, start, groups)
+
+
+def test_any_epoch_is_regenerated_alike_in_any_order():
+    labels = imbalanced_labels()
+    in_order = pipeline.ClassBalancedSampler(labels, 8, 4, seed=1)
+    expected = [in_order.epoch_batches(e) for e in range(6)]
+    shuffled = pipeline.ClassBalancedSampler(labels, 8, 4, seed=1)
+    for e in (5, 2, 3, 0, 4, 1, 5):
+        np.testing.assert_array_equal(shuffled.epoch_batches(e), expected[e])
+
+
 def test_small_classes_are_sampled_with_replacement():
     labels = np.array([0, 1, 1, 1, 1, 1])
     sampler = pipeline.ClassBalancedSampler(labels, batch_size=6, classes_per_batch=2, seed=0)
