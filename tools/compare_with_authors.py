@@ -28,13 +28,14 @@ run it was in).
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from authors_patches import parse_authors_log, prepare_authors_copy  # noqa: E402
+from authors_patches import list_classes, parse_authors_log, prepare_authors_copy  # noqa: E402
 from machine import machine_info, write_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,9 @@ def main(argv=None):
     parser.add_argument("--data_dir", default=os.path.join(REPO, "data", "glyphs"),
                         help="Folder dataset: train/<class>/<image> and test/<class>/<image>.")
     parser.add_argument("--work_dir", required=True, help="Scratch directory: the patched copy, model dirs, logs.")
+    parser.add_argument("--images_per_class", default="", help="e.g. 4,5: train and test both sides on a subset "
+                        "of --data_dir with 4 images in the first class, 5 in the second, and so on (chosen "
+                        "at random, seed 0), laid out as symbolic links under <work_dir>/subset.")
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds; each side trains once per seed.")
     parser.add_argument("--sides", default="authors,pnpp_tf", help="Which sides to run: authors, pnpp_tf or both.")
     parser.add_argument("--epochs", type=int, default=3, help="Main epochs after the warm-up.")
@@ -92,6 +96,10 @@ def train_all(args):
     if "authors" in sides and not args.authors_dir:
         raise SystemExit("--authors_dir is needed for the authors' side.")
     os.makedirs(args.work_dir, exist_ok=True)
+    if args.images_per_class:
+        counts = [int(n) for n in args.images_per_class.split(",")]
+        args.data_dir = link_subset(args.data_dir, os.path.join(args.work_dir, "subset"), counts)
+        print(f"subset of {counts} images a class in {args.data_dir}", flush=True)
     recipe = dict(epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
                   classes_per_batch=args.classes_per_batch, embedding_dim=args.embedding_dim, lr=args.lr,
                   proxy_lr=args.proxy_lr, image_size=args.image_size)
@@ -115,6 +123,35 @@ def train_all(args):
             if args.json:  # so far: an interrupted comparison keeps the runs it finished
                 write_json(args.json, {"runs": runs, "partial": True})
     return runs
+
+
+def link_subset(data_dir, out_dir, counts, seed=0):
+    """Lays out a subset of a folder dataset as symbolic links: in each split, the i-th class
+    (sorted by name) keeps counts[i % len(counts)] of its images (all, if it has fewer), chosen
+    with `random.Random(seed)`. Returns out_dir; an existing subset must be the same one."""
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--images_per_class={counts}: give positive counts, e.g. 4,5.")
+    rng = random.Random(seed)
+    wanted = {}
+    for split in sorted(os.listdir(data_dir)):
+        split_dir = os.path.join(data_dir, split)
+        if not os.path.isdir(split_dir):
+            continue
+        for i, name in enumerate(list_classes(split_dir)):
+            images = sorted(os.listdir(os.path.join(split_dir, name)))
+            keep = sorted(rng.sample(images, min(len(images), counts[i % len(counts)])))
+            for image in keep:
+                wanted[os.path.join(split, name, image)] = os.path.abspath(os.path.join(split_dir, name, image))
+    if os.path.isdir(out_dir):
+        existing = {os.path.relpath(os.path.join(root, name), out_dir): os.readlink(os.path.join(root, name))
+                    for root, _, names in os.walk(out_dir) for name in names}
+        if existing != wanted:
+            raise SystemExit(f"{out_dir} holds a different subset: remove it.")
+        return out_dir
+    for relative, target in wanted.items():
+        os.makedirs(os.path.dirname(os.path.join(out_dir, relative)), exist_ok=True)
+        os.symlink(target, os.path.join(out_dir, relative))
+    return out_dir
 
 
 def run_authors(args, prepared, seed):

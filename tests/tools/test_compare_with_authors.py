@@ -184,3 +184,25 @@ def test_runs_the_sides_seed_by_seed_and_keeps_finished_runs(tmp_path, monkeypat
     assert kept["runs"][1]["recall_at_1"] == [0.01, 0.11]
     with pytest.raises(SystemExit, match="--authors_dir"):
         compare_with_authors.main(["--sides=authors", f"--work_dir={tmp_path}"])
+
+
+def test_a_subset_keeps_the_given_images_a_class_alternately_and_is_reproducible(tmp_path):
+    data = tmp_path / "data"
+    for split, classes in (("train", 3), ("test", 2)):
+        for c in range(classes):
+            (data / split / f"c{c}").mkdir(parents=True)
+            for i in range(6 if c else 3):  # the first class has fewer images than asked
+                (data / split / f"c{c}" / f"{i}.png").write_bytes(b"")
+    out = compare_with_authors.link_subset(str(data), str(tmp_path / "subset"), [4, 5])
+    kept = {split: {c: sorted(os.listdir(os.path.join(out, split, c))) for c in sorted(os.listdir(os.path.join(out, split)))}
+            for split in ("train", "test")}
+    assert {split: [len(v) for v in classes.values()] for split, classes in kept.items()} == {
+        "train": [3, 5, 4], "test": [3, 5]}
+    for split, classes in kept.items():
+        for c, names in classes.items():
+            for name in names:
+                assert os.readlink(os.path.join(out, split, c, name)) == str(data / split / c / name)
+    # The same call again finds the same links; a different subset in the same place is refused.
+    assert compare_with_authors.link_subset(str(data), str(tmp_path / "subset"), [4, 5]) == out
+    with pytest.raises(SystemExit, match="remove"):
+        compare_with_authors.link_subset(str(data), str(tmp_path / "subset"), [5, 4])
