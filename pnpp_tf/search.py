@@ -69,7 +69,9 @@ class Searcher:
             raise UserError(f"--model takes {self.embedder.image_size} px images but the index was built "
                             f"with {meta['image_size']} px crops: it is another model.")
         self.backend = backend
-        self._options = {"rescore": rescore or None} if isinstance(self.index, Catalogue) else {}
+        # Keyword arguments of every `index.search` call (a Catalogue's re-scoring; nothing for a
+        # single-file index); the search service passes them too.
+        self.search_options = {"rescore": rescore or None} if isinstance(self.index, Catalogue) else {}
 
     @classmethod
     def from_config(cls, config):
@@ -90,7 +92,7 @@ class Searcher:
             answers = {}
             if found.paths:
                 distances, items, self.used = self.index.search(found.embeddings, k, backend=self.backend,
-                                                                **self._options)
+                                                                **self.search_options)
                 answers = {path: (distances[row], items[row]) for row, path in enumerate(found.paths)}
             failed = dict(found.skipped)
             for path in chunk:

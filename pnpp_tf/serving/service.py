@@ -52,7 +52,7 @@ def make_app(searcher, max_upload_bytes=DEFAULT_MAX_UPLOAD_BYTES, max_pixels=DEF
     root = os.path.realpath(index.manifest.get("images_root") or "/nonexistent")
     bound = min(len(index), max_k)
     failures = failures_lib.Failures(index, max_failure_queries)
-    rescore = getattr(searcher, "_options", {})
+    rescore = searcher.search_options
     app = FastAPI(title="pnpp_tf search", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.searcher = searcher
 
