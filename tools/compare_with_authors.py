@@ -222,8 +222,9 @@ def aggregate(runs):
 
 
 def compare(curves, reference="authors"):
-    """For every other label, per point: its mean minus the reference's mean, and whether its mean
-    lies within the reference's seed range [min, max]."""
+    """For every other label, per point: its mean minus the reference's mean, whether its mean
+    lies within the reference's seed range [min, max], and Welch's t of the two means (the gap
+    over its standard error; None with fewer than two seeds a side or no spread)."""
     if reference not in curves:
         return {}
     ref = curves[reference]["epochs"]
@@ -233,9 +234,11 @@ def compare(curves, reference="authors"):
             continue
         rows = []
         for mine, theirs in zip(curve["epochs"], ref):
+            error = (mine["std"] ** 2 / mine["n"] + theirs["std"] ** 2 / theirs["n"]) ** 0.5
+            welch_t = (mine["mean"] - theirs["mean"]) / error if min(mine["n"], theirs["n"]) > 1 and error else None
             rows.append({"gap": mine["mean"] - theirs["mean"],
                          "within_reference_range": theirs["min"] <= mine["mean"] <= theirs["max"],
-                         "reference_std": theirs["std"]})
+                         "reference_std": theirs["std"], "welch_t": welch_t})
         result[label] = rows
     return result
 
@@ -258,6 +261,8 @@ def format_table(curves, comparison=None):
     for label, rows in (comparison or {}).items():
         gaps = ", ".join(f"{100 * r['gap']:+.1f}{'' if r['within_reference_range'] else '*'}" for r in rows)
         lines.append(f"{label} − authors (points; * = outside the authors' seed range): {gaps}")
+        ts = ", ".join("" if r["welch_t"] is None else f"{r['welch_t']:+.1f}" for r in rows)
+        lines.append(f"{label} − authors, Welch's t (|t| > 2: a gap beyond the seeds' spread): {ts}")
     return "\n".join(lines)
 
 

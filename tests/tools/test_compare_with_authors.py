@@ -56,9 +56,12 @@ def test_aggregates_seeds_per_point_and_compares_with_the_authors_range():
     rows = compare_with_authors.compare(curves)["pnpp_tf"]
     assert [r["within_reference_range"] for r in rows] == [True, False]
     assert rows[1]["gap"] == pytest.approx(0.32 - 0.23)
+    # Welch: (0.32 - 0.23) / sqrt(0.02² / 3 + 0.03² / 3).
+    assert rows[1]["welch_t"] == pytest.approx(0.09 / (0.0013 / 3) ** 0.5)
     table = compare_with_authors.format_table(curves, compare_with_authors.compare(curves))
     assert "| warm-up | 12.0 ± 2.0 [10.0, 14.0] | 12.0 ± 1.0 [11.0, 13.0] |" in table
     assert "+0.0, +9.0*" in table
+    assert "Welch's t (|t| > 2: a gap beyond the seeds' spread): +0.0, +4.3" in table
 
 
 def test_refuses_to_aggregate_curves_of_different_lengths():
