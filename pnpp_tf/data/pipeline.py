@@ -93,7 +93,7 @@ class ClassBalancedSampler:
     images than a batch takes. An epoch has `len(labels) // batch_size` batches (at least one).
     The queues carry over from one epoch to the next, as in the authors' sampler, yet batches
     depend only on (seed, epoch): any epoch can be regenerated, e.g. when resuming, by replaying
-    the sampling of the epochs before it (60 ms an epoch at SOP's size; consecutive epochs replay nothing).
+    the sampling of the epochs before it (about 80 ms an epoch at SOP's size; consecutive epochs replay nothing).
 
     Args:
         labels: integer label of every training image.
