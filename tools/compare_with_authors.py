@@ -37,6 +37,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from authors_patches import list_classes, parse_authors_log, prepare_authors_copy  # noqa: E402
 from machine import machine_info, write_json  # noqa: E402
+from parity_with_reference import RECIPE  # noqa: E402 (imports neither TensorFlow nor torch)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDES = ("authors", "pnpp_tf")
@@ -60,8 +61,8 @@ def main(argv=None):
     parser.add_argument("--embedding_dim", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--classes_per_batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=4e-3)
-    parser.add_argument("--proxy_lr", type=float, default=4e2)
+    parser.add_argument("--lr", type=float, default=RECIPE["lr"])
+    parser.add_argument("--proxy_lr", type=float, default=RECIPE["proxy_lr"])
     parser.add_argument("--torch_python", default=sys.executable, help="Python that runs the authors' code.")
     parser.add_argument("--tf_python", default=sys.executable, help="Python that runs pnpp_tf.")
     parser.add_argument("--pnpp_tf_flags", default="", help="Extra flags for pnpp_tf.train (space-separated), "
